@@ -1,0 +1,155 @@
+"""Fidelity: how far a runtime's outputs are from the reference, and the verdict for a tolerance."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from kdeploy.profiles import Tolerance
+
+
+@dataclass
+class OutputMetrics:
+    max_abs_err: float
+    mean_abs_err: float
+    max_rel_err: float
+    norm_err: float  # max abs error / reference range (max - min)
+    cosine_min: float
+    top1_agreement: float | None
+    finite: bool
+
+
+@dataclass
+class FidelityResult:
+    """One output of one runtime against one reference, with its verdict (truthy when passed)."""
+
+    runtime: str
+    reference: str
+    output: str
+    precision: str
+    samples: int
+    max_abs_err: float
+    mean_abs_err: float
+    max_rel_err: float
+    norm_err: float
+    cosine_min: float
+    top1_agreement: float | None
+    passed: bool
+    detail: str
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def output_kind(kind: str, ref: np.ndarray) -> str:
+    """Resolves "unknown" kinds (SavedModel inputs) from the reference values."""
+    if kind != "unknown":
+        return kind
+    if ref.ndim == 2 and ref.shape[1] > 1 and np.all(ref >= 0) and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3):
+        return "multiclass"
+    return "regression"
+
+
+def metrics(ref: np.ndarray, got: np.ndarray, kind: str) -> OutputMetrics:
+    """Error metrics of `got` against `ref` (same shape, batch first)."""
+    if ref.shape != got.shape:
+        raise ValueError(f"output shape {got.shape} differs from reference {ref.shape}")
+    ref64 = ref.astype(np.float64)
+    got64 = got.astype(np.float64)
+    finite = bool(np.all(np.isfinite(got64)) and np.all(np.isfinite(ref64)))
+    if not finite:
+        nan = float("nan")
+        return OutputMetrics(nan, nan, nan, nan, nan, None, False)
+    d = np.abs(got64 - ref64)
+    rng = float(ref64.max() - ref64.min()) if ref64.size else 0.0
+    max_abs = float(d.max()) if d.size else 0.0
+    top1 = None
+    if kind == "multiclass":
+        top1 = float(np.mean(ref64.reshape(len(ref64), -1).argmax(1) == got64.reshape(len(got64), -1).argmax(1)))
+    elif kind == "binary":
+        top1 = float(np.mean((ref64 > 0.5) == (got64 > 0.5)))
+    return OutputMetrics(
+        max_abs_err=max_abs,
+        mean_abs_err=float(d.mean()) if d.size else 0.0,
+        max_rel_err=float((d / (np.abs(ref64) + 1e-8)).max()) if d.size else 0.0,
+        norm_err=max_abs / rng if rng > 0 else max_abs,
+        cosine_min=cosine_min(ref64, got64),
+        top1_agreement=top1,
+        finite=True,
+    )
+
+
+def cosine_min(ref: np.ndarray, got: np.ndarray) -> float:
+    """Minimum per-sample cosine similarity; for one value per sample, the cosine over the batch."""
+    a = ref.reshape(len(ref), -1)
+    b = got.reshape(len(got), -1)
+    if a.shape[1] == 1:
+        a, b = a.T, b.T
+    na = np.linalg.norm(a, axis=1)
+    nb = np.linalg.norm(b, axis=1)
+    dot = np.sum(a * b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))
+    return float(np.clip(cos, -1.0, 1.0).min()) if cos.size else 1.0
+
+
+def judge(m: OutputMetrics, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> tuple[bool, str]:
+    """Verdict and a line saying how far off each criterion is, and what the limit was."""
+    if not m.finite:
+        bad = int(np.size(got) - np.count_nonzero(np.isfinite(got)))
+        return False, f"non-finite outputs: {bad} NaN/Inf value(s) (reference has {int(np.size(ref) - np.count_nonzero(np.isfinite(ref)))})"
+    parts: list[str] = []
+    ok = True
+    if tol.atol is not None or tol.rtol is not None:
+        atol, rtol = tol.atol or 0.0, tol.rtol or 0.0
+        excess = np.abs(got.astype(np.float64) - ref) - (atol + rtol * np.abs(ref.astype(np.float64)))
+        good = bool(np.all(excess <= 0))
+        ok &= good
+        parts.append(f"max_abs={m.max_abs_err:.2e} (atol {atol:g} + rtol {rtol:g}·|ref|: {'ok' if good else 'exceeded'})")
+    for value, limit, name, higher_is_better in (
+        (m.norm_err, tol.max_norm_err, "norm_err", False),
+        (m.cosine_min, tol.min_cosine, "cosine_min", True),
+        (m.top1_agreement, tol.min_top1, "top1", True),
+    ):
+        if limit is None or value is None:
+            continue
+        good = value >= limit if higher_is_better else value <= limit
+        ok &= good
+        parts.append(f"{name}={value:.5g} ({'>=' if higher_is_better else '<='} {limit:g}{'' if good else ' FAILED'})")
+    if not parts:
+        parts.append(f"max_abs={m.max_abs_err:.2e} (no criterion set)")
+    return bool(ok), ", ".join(parts)
+
+
+def compare(
+    ref_outputs: list[np.ndarray],
+    got_outputs: list[np.ndarray],
+    *,
+    names: list[str],
+    kinds: list[str],
+    tol: Tolerance,
+    runtime: str,
+    reference: str,
+    precision: str,
+) -> list[FidelityResult]:
+    """One FidelityResult per output."""
+    results = []
+    for ref, got, name, kind in zip(ref_outputs, got_outputs, names, kinds):
+        got = np.asarray(got).reshape(ref.shape) if np.size(got) == np.size(ref) else np.asarray(got)
+        if got.shape != ref.shape:
+            results.append(FidelityResult(runtime, reference, name, precision, len(ref), *([float("nan")] * 5), None,
+                                          False, f"output shape {got.shape} differs from reference {ref.shape}"))
+            continue
+        m = metrics(ref, got, output_kind(kind, ref))
+        passed, detail = judge(m, ref, got, tol)
+        results.append(FidelityResult(
+            runtime=runtime, reference=reference, output=name, precision=precision, samples=len(ref),
+            max_abs_err=m.max_abs_err, mean_abs_err=m.mean_abs_err, max_rel_err=m.max_rel_err,
+            norm_err=m.norm_err, cosine_min=m.cosine_min, top1_agreement=m.top1_agreement,
+            passed=passed, detail=detail,
+        ))
+    return results

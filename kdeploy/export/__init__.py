@@ -1,0 +1,43 @@
+"""Exporters: each writes one artifact file and returns an `Artifact` describing it."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Artifact:
+    """One exported file, how to feed it, and what it is.
+
+    `io` maps the model's inputs to the artifact's tensor names and lists the artifact's output
+    names in model output order, so every runner feeds and reads it the same way.
+    """
+
+    format: str  # "tflite" | "onnx"
+    path: Path
+    precision: str
+    source: str  # how it was produced, e.g. "tflite-converter", "tf2onnx(tflite)"
+    io: dict = field(default_factory=dict)
+    size_bytes: int = 0
+    gzip_bytes: int = 0
+    sha256: str = ""
+
+    def measure(self) -> "Artifact":
+        data = self.path.read_bytes()
+        self.size_bytes = len(data)
+        self.gzip_bytes = len(gzip.compress(data, compresslevel=9, mtime=0))
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        return self
+
+
+def first_error_line(e: BaseException, limit: int = 300) -> str:
+    """The most telling line of a converter exception (they are often pages long)."""
+    text = str(e) or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if "error:" in ln.lower() or "not supported" in ln.lower():
+            return ln[:limit]
+    return (lines[0] if lines else type(e).__name__)[:limit]

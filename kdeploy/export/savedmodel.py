@@ -1,0 +1,101 @@
+"""The reference SavedModel: exported once, then every TFLite recipe converts from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdeploy.errors import ConversionError
+from kdeploy.export import first_error_line
+from kdeploy.loading import LoadedModel
+
+RNN_CLASSES = ("LSTM", "GRU", "SimpleRNN")
+
+
+def conversion_model(model: LoadedModel, probe_feeds: dict[str, np.ndarray]) -> tuple[Any, list[tuple[str, str, str]]]:
+    """The Keras model to convert: the original, or a verified copy with recurrent layers unrolled.
+
+    Non-unrolled LSTM/GRU layers lower to TensorList/While ops that LiteRT's builtin op set cannot
+    run; with static time steps, `unroll=True` gives builtin ops only. The copy is trusted only if
+    its outputs equal the original's on `probe_feeds` (max abs diff <= 1e-5).
+
+    Returns:
+        (keras model, findings as (severity, code, message)).
+    """
+    import keras
+
+    m = model.keras_model
+    rnns = [l for l in _all_layers(m) if _is_rolled_rnn(l)]
+    if not rnns:
+        return m, []
+
+    def clone_fn(layer):
+        cfg = layer.get_config()
+        if _is_rolled_rnn(layer):
+            cfg = _unrolled_config(layer, cfg)
+        return layer.__class__.from_config(cfg)
+
+    try:
+        clone = keras.models.clone_model(m, clone_function=clone_fn)
+        clone.set_weights(m.get_weights())
+    except Exception as e:
+        return m, [("warning", "rnn-unroll-failed", f"could not unroll recurrent layers for conversion: {first_error_line(e)}")]
+    args = [probe_feeds[t.name] for t in model.inputs]
+    a = model.predict(probe_feeds)
+    b = clone(args if len(args) > 1 else args[0], training=False)
+    b = b if isinstance(b, (list, tuple)) else [b]
+    diff = max(float(np.max(np.abs(x - np.asarray(y)))) for x, y in zip(a, b))
+    names = ", ".join(f"{l.name} ({type(l).__name__})" for l in rnns)
+    if diff > 1e-5:
+        return m, [("warning", "rnn-unroll-mismatch", f"unrolled copy of {names} differs by {diff:.2e} (> 1e-5); converting the original")]
+    return clone, [("info", "rnn-unrolled", f"recurrent layer(s) {names} unrolled for conversion (static time steps); max abs diff vs original {diff:.1e}")]
+
+
+def _all_layers(m: Any) -> list:
+    out = []
+    for l in m.layers:
+        out.append(l)
+        if hasattr(l, "layers") and l is not m:
+            out.extend(_all_layers(l))
+        inner = getattr(l, "forward_layer", None)
+        if inner is not None:
+            out.append(inner)
+    return out
+
+
+def _is_rolled_rnn(layer: Any) -> bool:
+    if type(layer).__name__ in RNN_CLASSES:
+        return not getattr(layer, "unroll", False)
+    if type(layer).__name__ == "Bidirectional":
+        return _is_rolled_rnn(layer.forward_layer)
+    return False
+
+
+def _unrolled_config(layer: Any, cfg: dict) -> dict:
+    cfg = dict(cfg)
+    if type(layer).__name__ == "Bidirectional":
+        inner = dict(cfg["layer"])
+        inner["config"] = {**inner["config"], "unroll": True}
+        cfg["layer"] = inner
+        if cfg.get("backward_layer"):
+            back = dict(cfg["backward_layer"])
+            back["config"] = {**back["config"], "unroll": True}
+            cfg["backward_layer"] = back
+    else:
+        cfg["unroll"] = True
+    return cfg
+
+
+def export_savedmodel(keras_model: Any, model: LoadedModel, out_dir: Path) -> Path:
+    """Writes the serving SavedModel (signature inputs named after the model inputs)."""
+    import tensorflow as tf
+
+    specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in model.inputs]
+    signature = [specs] if len(specs) > 1 else specs
+    try:
+        keras_model.export(str(out_dir), format="tf_saved_model", input_signature=signature, verbose=False)
+    except Exception as e:
+        raise ConversionError(f"SavedModel export failed: {first_error_line(e)}") from e
+    return out_dir

@@ -1,0 +1,100 @@
+"""TFLite (LiteRT) post-training quantization recipes, converted from the reference SavedModel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kdeploy.errors import ConversionError
+from kdeploy.export import Artifact, first_error_line
+
+
+def _fp32(c, rep):
+    pass
+
+
+def _dynamic(c, rep):
+    import tensorflow as tf
+
+    c.optimizations = [tf.lite.Optimize.DEFAULT]
+
+
+def _fp16(c, rep):
+    import tensorflow as tf
+
+    c.optimizations = [tf.lite.Optimize.DEFAULT]
+    c.target_spec.supported_types = [tf.float16]
+
+
+def _int8(c, rep):
+    import tensorflow as tf
+
+    c.optimizations = [tf.lite.Optimize.DEFAULT]
+    c.representative_dataset = rep
+    c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+
+
+def _int16x8(c, rep):
+    import tensorflow as tf
+
+    c.optimizations = [tf.lite.Optimize.DEFAULT]
+    c.representative_dataset = rep
+    c.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+
+
+# precision -> (converter settings, needs calibration). One line per recipe.
+RECIPES: dict[str, tuple[Callable, bool]] = {
+    "fp32": (_fp32, False),
+    "dynamic": (_dynamic, False),
+    "fp16": (_fp16, False),
+    "int8": (_int8, True),
+    "int16x8": (_int16x8, True),
+}
+
+
+def convert(
+    saved_model_dir: Path,
+    precision: str,
+    out_path: Path,
+    calibration: dict[str, np.ndarray] | None,
+    input_names: list[str],
+    signature_outputs: list[str],
+) -> Artifact:
+    """Converts the SavedModel with one recipe and writes `out_path`.
+
+    Args:
+        calibration: model input name -> (N, ...) arrays, fed one sample at a time to calibrate.
+        input_names: the serving signature's input keys (the model input names).
+        signature_outputs: the serving signature's output keys, in model output order.
+
+    Raises:
+        ConversionError: the converter refused the model with this recipe.
+    """
+    import tensorflow as tf
+
+    configure, needs_cal = RECIPES[precision]
+    if needs_cal and not calibration:
+        raise ConversionError(f"{precision} needs calibration data")
+
+    def representative():
+        n = len(next(iter(calibration.values())))
+        for i in range(n):
+            yield {k: v[i : i + 1] for k, v in calibration.items()}
+
+    try:
+        c = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=["serving_default"])
+        configure(c, representative)
+        data = c.convert()
+    except Exception as e:
+        raise ConversionError(f"TFLite {precision} conversion failed: {first_error_line(e)}") from e
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(data)
+    return Artifact(
+        format="tflite",
+        path=out_path,
+        precision=precision,
+        source="tflite-converter",
+        io={"inputs": {k: k for k in input_names}, "outputs": list(signature_outputs)},
+    ).measure()

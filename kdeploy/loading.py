@@ -1,0 +1,314 @@
+"""Safe model loading: Keras 3 `.keras`, legacy `.h5`, SavedModel directories.
+
+Keras files are loaded with Keras 3 `load_model(safe_mode=True)`, which refuses Lambda bytecode
+and arbitrary imports from configs. `.h5` files are never routed through tf_keras (its legacy
+loader executes Lambda bytecode). Code from a model file runs only with `trust_custom_code`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kdeploy.errors import ModelLoadError, UnsafeModelError, UsageError
+
+KERAS_SUFFIXES = (".keras",)
+H5_SUFFIXES = (".h5", ".hdf5")
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int | None, ...]  # batch dimension first, None where dynamic
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve as the reference: signature, kind of each output, a predict function."""
+
+    path: Path
+    format: str  # "keras" | "h5" | "savedmodel"
+    sha256: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    output_kinds: list[str]  # per output: "multiclass" | "binary" | "multilabel" | "regression"
+    keras_model: Any = None  # Keras 3 model, when the file was a Keras model
+    saved_model: Any = None  # tf.saved_model.load result, for SavedModel directories
+    signature_outputs: list[str] = field(default_factory=list)  # SavedModel signature output keys, model order
+    keras_version: str | None = None
+    params: int | None = None
+    findings: list[tuple[str, str, str]] = field(default_factory=list)  # (severity, code, message)
+
+    def predict(self, feeds: dict[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+        """Reference outputs (inference mode), in model output order."""
+        import tensorflow as tf
+
+        n = len(next(iter(feeds.values())))
+        chunks: list[list[np.ndarray]] = []
+        for start in range(0, n, batch_size):
+            part = {k: v[start : start + batch_size] for k, v in feeds.items()}
+            if self.keras_model is not None:
+                args = [tf.constant(part[t.name]) for t in self.inputs]
+                out = self.keras_model(args if len(args) > 1 else args[0], training=False)
+                if isinstance(out, dict):  # functional model built with dict outputs
+                    out = [out[t.name] for t in self.outputs]
+                elif not isinstance(out, (list, tuple)):
+                    out = [out]
+            else:
+                fn = self.saved_model.signatures["serving_default"]
+                res = fn(**{k: tf.constant(v) for k, v in part.items()})
+                out = [res[k] for k in self.signature_outputs]
+            chunks.append([np.asarray(o) for o in out])
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.outputs))]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    else:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    """Returns "keras", "h5" or "savedmodel" for a path, or raises ModelLoadError saying why not."""
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path} (expected a .keras or .h5 file or a SavedModel directory)")
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file():
+            return "savedmodel"
+        raise ModelLoadError(f"directory {path} is not a SavedModel (no saved_model.pb inside)")
+    suffix = path.suffix.lower()
+    if suffix not in KERAS_SUFFIXES + H5_SUFFIXES:
+        raise ModelLoadError(
+            f"unsupported model file extension '{suffix or '(none)'}' for {path}; "
+            "allowed: .keras, .h5, .hdf5, or a SavedModel directory"
+        )
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"model file {path} is empty (0 bytes)")
+    head = path.read_bytes()[:8]
+    if suffix in KERAS_SUFFIXES:
+        if not zipfile.is_zipfile(path):
+            kind = "an HDF5 file" if head == HDF5_MAGIC else "not a zip archive"
+            raise ModelLoadError(f"{path} is {kind}; a .keras model is a zip archive with config.json")
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ModelLoadError(f"{path} is a corrupt .keras archive: {e}") from None
+        if bad is not None:
+            raise ModelLoadError(f"{path} is a corrupt .keras archive: bad CRC in entry '{bad}'")
+        if "config.json" not in names:
+            raise ModelLoadError(f"{path} is not a Keras model archive: no config.json (entries: {names[:5]})")
+        return "keras"
+    if head != HDF5_MAGIC:
+        raise ModelLoadError(f"{path} is not an HDF5 file (first bytes {head!r}); a .h5 model is HDF5")
+    return "h5"
+
+
+def load_custom_objects(module_path: str | Path) -> dict[str, Any]:
+    """Imports a user's Python file and returns its public classes and functions by name.
+
+    This runs the user's code: only reached with --custom-objects (an explicit trust decision).
+    """
+    module_path = Path(module_path)
+    if not module_path.is_file() or module_path.suffix != ".py":
+        raise UsageError(f"--custom-objects must be a .py file (received {module_path})")
+    spec = importlib.util.spec_from_file_location(f"kdeploy_custom_{module_path.stem}", module_path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # the user's module: report, do not crash
+        raise UsageError(f"--custom-objects {module_path} failed to import: {type(e).__name__}: {e}") from None
+    explicit = getattr(mod, "CUSTOM_OBJECTS", None)
+    if isinstance(explicit, dict):
+        return dict(explicit)
+    return {k: v for k, v in vars(mod).items() if not k.startswith("_") and callable(v)}
+
+
+def load_model(
+    path: str | Path,
+    *,
+    trust_custom_code: bool = False,
+    custom_objects: dict[str, Any] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> LoadedModel:
+    """Loads a model safely and derives its signature.
+
+    Args:
+        path: `.keras`/`.h5` file or SavedModel directory.
+        trust_custom_code: allow Lambda layers / code from the file (Keras safe_mode off).
+        custom_objects: classes the user chose to trust (from --custom-objects).
+        input_shapes: per-input non-batch shapes for inputs with dynamic non-batch dimensions.
+
+    Raises:
+        ModelLoadError / UnsafeModelError: not a model, corrupt, or would run untrusted code.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    sha = file_sha256(path)
+    if fmt == "savedmodel":
+        model = _load_savedmodel(path, sha)
+    else:
+        model = _load_keras(path, fmt, sha, trust_custom_code, custom_objects)
+    model.inputs = _resolve_input_shapes(model.inputs, input_shapes or {})
+    return model
+
+
+_UNSAFE_PATTERNS = ("safe_mode", "Lambda", "lambda", "arbitrary code", "unsafe")
+
+
+def _load_keras(path: Path, fmt: str, sha: str, trust: bool, custom_objects: dict | None) -> LoadedModel:
+    import keras
+
+    try:
+        m = keras.saving.load_model(path, compile=False, safe_mode=not trust, custom_objects=custom_objects)
+    except Exception as e:  # Keras raises ValueError/TypeError/OSError/... for bad files
+        msg = " ".join(str(e).split())
+        if not trust and any(p in msg for p in _UNSAFE_PATTERNS):
+            raise UnsafeModelError(
+                f"refused to load {path}: it needs code execution ({msg[:300]}); "
+                "pass --trust-custom-code only if you trust this file"
+            ) from None
+        if "Unknown layer" in msg or "Could not locate class" in msg or "custom" in msg.lower():
+            raise ModelLoadError(
+                f"cannot load {path}: it uses a class Keras does not know ({msg[:300]}); "
+                "pass --custom-objects module.py with that class if you trust it"
+            ) from None
+        raise ModelLoadError(f"cannot load {path} as a Keras model: {type(e).__name__}: {msg[:400]}") from None
+    if isinstance(m, keras.Model) is False:
+        raise ModelLoadError(f"{path} did not load as a Keras model (got {type(m).__name__})")
+    inputs = [
+        TensorInfo(_tensor_name(t, i, "input"), tuple(t.shape), str(t.dtype)) for i, t in enumerate(m.inputs)
+    ]
+    out_names = _output_names(m)
+    outputs = [TensorInfo(n, tuple(t.shape), str(t.dtype)) for n, t in zip(out_names, m.outputs)]
+    return LoadedModel(
+        path=path,
+        format=fmt,
+        sha256=sha,
+        inputs=inputs,
+        outputs=outputs,
+        output_kinds=[_keras_output_kind(m, t) for t in m.outputs],
+        keras_model=m,
+        signature_outputs=[f"output_{i}" for i in range(len(outputs))],
+        keras_version=keras.__version__,
+        params=int(m.count_params()),
+    )
+
+
+def _tensor_name(t: Any, i: int, prefix: str) -> str:
+    name = getattr(t, "name", None) or f"{prefix}_{i}"
+    return re.sub(r":\d+$", "", name)
+
+
+def _output_names(m: Any) -> list[str]:
+    names = list(getattr(m, "output_names", None) or [])
+    if len(names) != len(m.outputs) or len(set(names)) != len(names):
+        names = [f"output_{i}" for i in range(len(m.outputs))]
+    return names
+
+
+def _keras_output_kind(m: Any, tensor: Any) -> str:
+    hist = getattr(tensor, "_keras_history", None)
+    layer = hist[0] if hist else None
+    act = None
+    if layer is not None:
+        cls = type(layer).__name__
+        if cls == "Softmax":
+            act = "softmax"
+        elif cls == "Activation" or hasattr(layer, "activation"):
+            a = getattr(layer, "activation", None)
+            act = getattr(a, "__name__", None) or (a if isinstance(a, str) else None)
+    width = tensor.shape[-1] if len(tensor.shape) >= 2 else 1
+    if act == "softmax" and (width or 0) > 1:
+        return "multiclass"
+    if act == "sigmoid":
+        return "binary" if width == 1 else "multilabel"
+    return "regression"
+
+
+def _load_savedmodel(path: Path, sha: str) -> LoadedModel:
+    import tensorflow as tf
+
+    try:
+        sm = tf.saved_model.load(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load SavedModel {path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    sigs = getattr(sm, "signatures", {})
+    if "serving_default" not in sigs:
+        raise ModelLoadError(
+            f"SavedModel {path} has no 'serving_default' signature (has: {list(sigs)}); export it with a serving signature"
+        )
+    fn = sigs["serving_default"]
+    in_specs = fn.structured_input_signature[1]
+    out_specs = fn.structured_outputs
+    out_keys = sorted(out_specs, key=_natural_key)
+    inputs = [TensorInfo(k, tuple(s.shape), s.dtype.name) for k, s in sorted(in_specs.items())]
+    outputs = [TensorInfo(k, tuple(out_specs[k].shape), out_specs[k].dtype.name) for k in out_keys]
+    params = sum(int(np.prod(v.shape)) for v in getattr(sm, "variables", []) if v.trainable) or None
+    return LoadedModel(
+        path=path,
+        format="savedmodel",
+        sha256=sha,
+        inputs=inputs,
+        outputs=outputs,
+        output_kinds=["unknown"] * len(outputs),
+        saved_model=sm,
+        signature_outputs=out_keys,
+        params=params,
+    )
+
+
+def _natural_key(s: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+
+
+def _resolve_input_shapes(inputs: list[TensorInfo], overrides: dict[str, tuple[int, ...]]) -> list[TensorInfo]:
+    names = [t.name for t in inputs]
+    unknown = [k for k in overrides if k not in names]
+    if unknown:
+        raise UsageError(f"--input-shape names unknown input(s) {unknown}; model inputs: {names}")
+    out = []
+    for t in inputs:
+        if t.name in overrides:
+            shape = (t.shape[0],) + tuple(overrides[t.name])
+            if len(shape) != len(t.shape) or any(a is not None and a != b for a, b in zip(t.shape[1:], shape[1:])):
+                raise UsageError(
+                    f"--input-shape {t.name}={','.join(map(str, shape[1:]))} does not fit the model's input shape "
+                    f"{_fmt_shape(t.shape)}"
+                )
+            t = TensorInfo(t.name, shape, t.dtype)
+        if any(d is None for d in t.shape[1:]):
+            raise UsageError(
+                f"input '{t.name}' has dynamic non-batch dimensions {_fmt_shape(t.shape)}; "
+                f"pass --input-shape {t.name}=D1,D2,... (non-batch dims) to fix them for conversion"
+            )
+        if t.dtype not in ("float32", "float16", "float64", "int32", "int64", "uint8", "int8", "bool"):
+            raise UsageError(f"input '{t.name}' has dtype {t.dtype}; supported: float, integer and bool inputs")
+        out.append(t)
+    return out
+
+
+def _fmt_shape(shape: tuple) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"

@@ -1,0 +1,148 @@
+"""Target profiles: which runtimes and precisions a target allows, its budgets and tolerances.
+
+Profiles are TOML files validated with pydantic; unknown keys are errors that name the file
+and the key. Built-in profiles live in the repository's `profiles/` folder (shipped inside the
+wheel as `kdeploy/_builtin_profiles`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdeploy.errors import ProfileError
+
+Runtime = Literal["litert", "onnxruntime"]
+Precision = Literal["fp32", "dynamic", "fp16", "int8", "int16x8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "dynamic", "fp16", "int8", "int16x8")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tolerance(_Strict):
+    """How close a candidate's outputs must be to the reference. Unset criteria are not checked."""
+
+    atol: float | None = Field(None, ge=0, description="Absolute tolerance, as in numpy.allclose.")
+    rtol: float | None = Field(None, ge=0, description="Relative tolerance (with atol), as in numpy.allclose.")
+    max_norm_err: float | None = Field(
+        None, ge=0, description="Max abs error divided by the reference output's range (max - min)."
+    )
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="Minimum cosine similarity (cosine_min).")
+    min_top1: float | None = Field(None, ge=0, le=1, description="Minimum top-1 agreement, classifier outputs only.")
+
+
+class Budgets(_Strict):
+    """Resource budgets; unset budgets are not checked."""
+
+    max_size_bytes: int | None = Field(None, gt=0, description="Deployable artifact size in bytes.")
+    max_gzip_bytes: int | None = Field(None, gt=0, description="Artifact size after gzip, in bytes.")
+    max_latency_ms: float | None = Field(None, gt=0, description="Latency limit at `latency_percentile`.")
+    latency_percentile: Literal["p50", "p90", "p99"] = Field("p90", description="Percentile the latency budget applies to.")
+    max_memory_mb: float | None = Field(None, gt=0, description="Peak resident memory of load + inference, MiB.")
+
+
+class TargetProfile(_Strict):
+    """A deployment target. See profiles/*.toml for the built-in ones."""
+
+    name: str = Field(description="Profile name, used with --target.")
+    description: str = Field("", description="One line for `kdeploy targets`.")
+    runtimes: list[Runtime] = Field(
+        min_length=1, description="Runtimes the artifact is deployed on; a candidate must run and agree on each."
+    )
+    crosscheck_runtimes: list[Runtime] = Field(
+        default_factory=list,
+        description="Extra runtimes run where an artifact for them exists; their verdicts gate too.",
+    )
+    precisions: list[Precision] = Field(min_length=1, description="Post-training precisions this target allows.")
+    onnx_quantization: bool = Field(False, description="Also try onnxruntime dynamic int8 quantization of the ONNX model.")
+    threads: list[int] = Field([1], min_length=1, description="Thread counts to measure latency with.")
+    batch_sizes: list[int] = Field([1], min_length=1, description="Batch sizes to measure latency with.")
+    objective: Literal["size", "latency"] = Field("size", description="What selection minimizes among passing candidates.")
+    calibration_samples: int = Field(64, ge=1, le=10000, description="Samples used to calibrate int8/int16x8.")
+    budgets: Budgets = Field(default_factory=Budgets)
+    tolerances: dict[Precision, Tolerance] = Field(description="Fidelity tolerance per precision.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TargetProfile":
+        missing = [p for p in self.precisions if p not in self.tolerances]
+        if missing:
+            raise ValueError(f"tolerances missing for allowed precision(s) {missing}")
+        if any(t < 1 for t in self.threads) or any(b < 1 for b in self.batch_sizes):
+            raise ValueError("threads and batch_sizes must be >= 1")
+        return self
+
+
+def builtin_dirs() -> list[Path]:
+    pkg = Path(__file__).resolve().parent
+    return [d for d in (pkg / "_builtin_profiles", pkg.parent / "profiles") if d.is_dir()]
+
+
+def builtin_names() -> list[str]:
+    names: set[str] = set()
+    for d in builtin_dirs():
+        names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def load_profile_file(path: str | Path) -> TargetProfile:
+    """Reads and validates one profile file.
+
+    Raises:
+        ProfileError: unreadable file, bad TOML, unknown key or invalid value (names file and key).
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProfileError(f"profile file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"cannot read profile {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"profile {path} is not valid TOML: {e}") from None
+    try:
+        return TargetProfile.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(err["loc"])
+            msg = f"unknown key '{key}' (allowed: {', '.join(allowed)})"
+        else:
+            msg = f"key '{key}': {err['msg']} (received {err.get('input')!r})"
+        more = f" [+{e.error_count() - 1} more problem(s)]" if e.error_count() > 1 else ""
+        raise ProfileError(f"invalid profile {path}: {msg}{more}") from None
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = TargetProfile
+    for part in loc[:-1]:
+        if part == "budgets":
+            model = Budgets
+        elif part == "tolerances" or part in PRECISIONS:
+            model = Tolerance
+    return sorted(model.model_fields)
+
+
+def resolve_profile(target: str | None = None, profile_file: str | Path | None = None) -> TargetProfile:
+    """Returns the profile for `--target NAME` or `--profile FILE` (exactly one of them).
+
+    Raises:
+        ProfileError: both or neither given, unknown target name, or an invalid file.
+    """
+    if (target is None) == (profile_file is None):
+        raise ProfileError(
+            "give exactly one of --target NAME or --profile FILE "
+            f"(received target={target!r}, profile={profile_file!r}); built-in targets: {', '.join(builtin_names())}"
+        )
+    if profile_file is not None:
+        return load_profile_file(profile_file)
+    for d in builtin_dirs():
+        p = d / f"{target}.toml"
+        if p.is_file():
+            return load_profile_file(p)
+    raise ProfileError(f"unknown target '{target}'; allowed: {', '.join(builtin_names())} (or --profile FILE)")

@@ -1,0 +1,187 @@
+"""Report data model. The JSON form is a public contract: extend it, never rename fields."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+SCHEMA_VERSION = "1.0"
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Finding(_M):
+    severity: Literal["info", "warning", "error"]
+    code: str
+    message: str
+
+
+class TensorSpecOut(_M):
+    name: str
+    shape: list[int | None]
+    dtype: str
+
+
+class ModelInfo(_M):
+    path: str
+    sha256: str
+    format: str
+    keras_version: str | None
+    params: int | None
+    inputs: list[TensorSpecOut]
+    outputs: list[TensorSpecOut]
+    output_kinds: list[str]
+
+
+class ArtifactOut(_M):
+    format: str
+    path: str = Field(description="Relative to the report's folder.")
+    precision: str
+    source: str
+    size_bytes: int
+    gzip_bytes: int
+    sha256: str
+
+
+class FidelityOut(_M):
+    runtime: str
+    reference: str
+    output: str
+    precision: str
+    samples: int
+    max_abs_err: float | None
+    mean_abs_err: float | None
+    max_rel_err: float | None
+    norm_err: float | None
+    cosine_min: float | None
+    top1_agreement: float | None
+    passed: bool
+    detail: str
+
+
+class LatencyOut(_M):
+    runtime: str
+    threads: int
+    batch: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    cv: float
+    samples: int
+    warmup: int
+    throughput_items_s: float | None = None
+
+
+class Check(_M):
+    name: str
+    value: Any
+    limit: Any
+    passed: bool
+    detail: str = ""
+
+
+class Candidate(_M):
+    name: str
+    recipe: dict[str, Any]
+    passed: bool
+    artifacts: list[ArtifactOut] = []
+    fidelity: list[FidelityOut] = []
+    latency: list[LatencyOut] = []
+    cold: dict[str, dict[str, float]] = Field(default_factory=dict, description="runtime -> load_ms, first_inference_ms")
+    memory: dict[str, dict[str, float]] = Field(default_factory=dict, description="runtime -> memory figures (MiB)")
+    checks: list[Check] = []
+    errors: list[str] = []
+
+
+class Report(_M):
+    """What `kdeploy optimize` found. `save()` writes it and publishes the artifacts atomically."""
+
+    schema_version: str = SCHEMA_VERSION
+    tool: dict[str, str]
+    ready: bool
+    selected: str | None
+    selection: dict[str, Any]
+    model: ModelInfo
+    target: dict[str, Any]
+    host: dict[str, Any]
+    data: dict[str, Any]
+    reference_artifacts: list[dict[str, Any]] = []
+    candidates: list[Candidate]
+    findings: list[Finding]
+    command: list[str] = []
+    seed: int
+    duration_s: float
+
+    _staging: Path | None = PrivateAttr(default=None)
+
+    def candidate(self, name: str) -> Candidate:
+        return next(c for c in self.candidates if c.name == name)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def save(self, out: str | Path, formats: tuple[str, ...] = ("json", "md")) -> Path:
+        """Writes the report files next to the artifacts and moves the whole folder to `out`.
+
+        The folder appears at `out` complete or not at all: everything is written in a staging
+        folder beside `out`, then renamed into place (replacing an earlier kdeploy output there).
+        """
+        from kdeploy.report.render import write_formats
+
+        out = Path(out)
+        staging = self._staging
+        if staging is None or not staging.is_dir():
+            raise FileNotFoundError("this report's artifacts are gone (staging folder missing)")
+        write_formats(self, staging, formats)
+        publish(staging, out)
+        self._staging = None
+        return out
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuses an `--out` that is a file, not writable, or a folder kdeploy did not write."""
+    from kdeploy.errors import UsageError
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; allowed: a new folder or an earlier kdeploy output folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise UsageError(f"--out {out} is a non-empty folder that kdeploy did not write (no report.json); refusing to overwrite it")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: parent folder {parent} is not writable")
+
+
+def make_staging(out: Path | None) -> Path:
+    parent = out.resolve().parent if out is not None else None
+    return Path(tempfile.mkdtemp(prefix=f".{out.name if out else 'kdeploy'}.partial-", dir=parent))
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Moves `staging` to `out` with renames (same filesystem), replacing an earlier output."""
+    out = out.resolve()
+    if staging.resolve().parent != out.parent:
+        # Staged elsewhere (e.g. Python API without `out`): copy beside `out` first, then rename.
+        beside = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        shutil.rmtree(beside)
+        shutil.copytree(staging, beside)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging = beside
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
