@@ -15,7 +15,9 @@ class OutputMetrics:
     mean_abs_err: float
     max_rel_err: float
     norm_err: float  # max abs error / reference range (max - min)
+    mean_norm_err: float  # mean abs error / reference range
     cosine_min: float
+    cosine_mean: float
     top1_agreement: float | None
     finite: bool
 
@@ -33,7 +35,9 @@ class FidelityResult:
     mean_abs_err: float
     max_rel_err: float
     norm_err: float
+    mean_norm_err: float
     cosine_min: float
+    cosine_mean: float
     top1_agreement: float | None
     passed: bool
     detail: str
@@ -63,10 +67,12 @@ def metrics(ref: np.ndarray, got: np.ndarray, kind: str) -> OutputMetrics:
     finite = bool(np.all(np.isfinite(got64)) and np.all(np.isfinite(ref64)))
     if not finite:
         nan = float("nan")
-        return OutputMetrics(nan, nan, nan, nan, nan, None, False)
+        return OutputMetrics(nan, nan, nan, nan, nan, nan, nan, None, False)
     d = np.abs(got64 - ref64)
     rng = float(ref64.max() - ref64.min()) if ref64.size else 0.0
     max_abs = float(d.max()) if d.size else 0.0
+    mean_abs = float(d.mean()) if d.size else 0.0
+    cos = cosines(ref64, got64)
     top1 = None
     if kind == "multiclass":
         top1 = float(np.mean(ref64.reshape(len(ref64), -1).argmax(1) == got64.reshape(len(got64), -1).argmax(1)))
@@ -74,17 +80,19 @@ def metrics(ref: np.ndarray, got: np.ndarray, kind: str) -> OutputMetrics:
         top1 = float(np.mean((ref64 > 0.5) == (got64 > 0.5)))
     return OutputMetrics(
         max_abs_err=max_abs,
-        mean_abs_err=float(d.mean()) if d.size else 0.0,
+        mean_abs_err=mean_abs,
         max_rel_err=float((d / (np.abs(ref64) + 1e-8)).max()) if d.size else 0.0,
         norm_err=max_abs / rng if rng > 0 else max_abs,
-        cosine_min=cosine_min(ref64, got64),
+        mean_norm_err=mean_abs / rng if rng > 0 else mean_abs,
+        cosine_min=float(cos.min()) if cos.size else 1.0,
+        cosine_mean=float(cos.mean()) if cos.size else 1.0,
         top1_agreement=top1,
         finite=True,
     )
 
 
-def cosine_min(ref: np.ndarray, got: np.ndarray) -> float:
-    """Minimum per-sample cosine similarity; for one value per sample, the cosine over the batch."""
+def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per-sample cosine similarities; for one value per sample, the one cosine over the batch."""
     a = ref.reshape(len(ref), -1)
     b = got.reshape(len(got), -1)
     if a.shape[1] == 1:
@@ -94,7 +102,7 @@ def cosine_min(ref: np.ndarray, got: np.ndarray) -> float:
     dot = np.sum(a * b, axis=1)
     both_zero = (na == 0) & (nb == 0)
     cos = np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))
-    return float(np.clip(cos, -1.0, 1.0).min()) if cos.size else 1.0
+    return np.clip(cos, -1.0, 1.0)
 
 
 def judge(m: OutputMetrics, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> tuple[bool, str]:
@@ -112,7 +120,9 @@ def judge(m: OutputMetrics, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
         parts.append(f"max_abs={m.max_abs_err:.2e} (atol {atol:g} + rtol {rtol:g}·|ref|: {'ok' if good else 'exceeded'})")
     for value, limit, name, higher_is_better in (
         (m.norm_err, tol.max_norm_err, "norm_err", False),
+        (m.mean_norm_err, tol.max_mean_norm_err, "mean_norm_err", False),
         (m.cosine_min, tol.min_cosine, "cosine_min", True),
+        (m.cosine_mean, tol.min_cosine_mean, "cosine_mean", True),
         (m.top1_agreement, tol.min_top1, "top1", True),
     ):
         if limit is None or value is None:
@@ -141,7 +151,7 @@ def compare(
     for ref, got, name, kind in zip(ref_outputs, got_outputs, names, kinds):
         got = np.asarray(got).reshape(ref.shape) if np.size(got) == np.size(ref) else np.asarray(got)
         if got.shape != ref.shape:
-            results.append(FidelityResult(runtime, reference, name, precision, len(ref), *([float("nan")] * 5), None,
+            results.append(FidelityResult(runtime, reference, name, precision, len(ref), *([float("nan")] * 7), None,
                                           False, f"output shape {got.shape} differs from reference {ref.shape}"))
             continue
         m = metrics(ref, got, output_kind(kind, ref))
@@ -149,7 +159,8 @@ def compare(
         results.append(FidelityResult(
             runtime=runtime, reference=reference, output=name, precision=precision, samples=len(ref),
             max_abs_err=m.max_abs_err, mean_abs_err=m.mean_abs_err, max_rel_err=m.max_rel_err,
-            norm_err=m.norm_err, cosine_min=m.cosine_min, top1_agreement=m.top1_agreement,
+            norm_err=m.norm_err, mean_norm_err=m.mean_norm_err, cosine_min=m.cosine_min,
+            cosine_mean=m.cosine_mean, top1_agreement=m.top1_agreement,
             passed=passed, detail=detail,
         ))
     return results

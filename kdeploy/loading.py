@@ -60,18 +60,29 @@ class LoadedModel:
         for start in range(0, n, batch_size):
             part = {k: v[start : start + batch_size] for k, v in feeds.items()}
             if self.keras_model is not None:
-                args = [tf.constant(part[t.name]) for t in self.inputs]
-                out = self.keras_model(args if len(args) > 1 else args[0], training=False)
-                if isinstance(out, dict):  # functional model built with dict outputs
-                    out = [out[t.name] for t in self.outputs]
-                elif not isinstance(out, (list, tuple)):
-                    out = [out]
+                out = call_keras(self.keras_model, [tf.constant(part[t.name]) for t in self.inputs], self)
             else:
                 fn = self.saved_model.signatures["serving_default"]
                 res = fn(**{k: tf.constant(v) for k, v in part.items()})
                 out = [res[k] for k in self.signature_outputs]
             chunks.append([np.asarray(o) for o in out])
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.outputs))]
+
+
+def call_keras(keras_model: Any, args: list, model: "LoadedModel") -> list:
+    """Calls a Keras model in inference mode with inputs in model order; outputs in model order.
+
+    Models built with dict inputs/outputs get dicts (keyed by input/output name), others lists.
+    """
+    struct = getattr(keras_model, "_inputs_struct", None)
+    if isinstance(struct, dict):
+        x = {t.name: a for t, a in zip(model.inputs, args)}
+    else:
+        x = list(args) if len(args) > 1 else args[0]
+    out = keras_model(x, training=False)
+    if isinstance(out, dict):  # functional model built with dict outputs
+        return [out[t.name] for t in model.outputs]
+    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 def file_sha256(path: Path) -> str:

@@ -32,7 +32,11 @@ class Tolerance(_Strict):
     max_norm_err: float | None = Field(
         None, ge=0, description="Max abs error divided by the reference output's range (max - min)."
     )
-    min_cosine: float | None = Field(None, ge=-1, le=1, description="Minimum cosine similarity (cosine_min).")
+    max_mean_norm_err: float | None = Field(
+        None, ge=0, description="Mean abs error divided by the reference output's range."
+    )
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="Minimum per-sample cosine similarity (cosine_min).")
+    min_cosine_mean: float | None = Field(None, ge=-1, le=1, description="Minimum mean per-sample cosine similarity.")
     min_top1: float | None = Field(None, ge=0, le=1, description="Minimum top-1 agreement, classifier outputs only.")
 
 
@@ -44,6 +48,16 @@ class Budgets(_Strict):
     max_latency_ms: float | None = Field(None, gt=0, description="Latency limit at `latency_percentile`.")
     latency_percentile: Literal["p50", "p90", "p99"] = Field("p90", description="Percentile the latency budget applies to.")
     max_memory_mb: float | None = Field(None, gt=0, description="Peak resident memory of load + inference, MiB.")
+
+
+class Timing(_Strict):
+    """How latency is measured (in a child process per runtime)."""
+
+    warmup: int = Field(5, ge=0, le=10000, description="Untimed runs before timing starts.")
+    min_iters: int = Field(50, ge=1, le=100000, description="Timed runs at least.")
+    min_seconds: float = Field(0.5, ge=0, le=600, description="Time spent timing at least, seconds.")
+    max_iters: int = Field(2000, ge=1, le=1000000, description="Timed runs at most.")
+    timeout_s: float = Field(600, gt=0, description="A runtime child process taking longer is killed and fails.")
 
 
 class TargetProfile(_Strict):
@@ -62,9 +76,22 @@ class TargetProfile(_Strict):
     onnx_quantization: bool = Field(False, description="Also try onnxruntime dynamic int8 quantization of the ONNX model.")
     threads: list[int] = Field([1], min_length=1, description="Thread counts to measure latency with.")
     batch_sizes: list[int] = Field([1], min_length=1, description="Batch sizes to measure latency with.")
-    objective: Literal["size", "latency"] = Field("size", description="What selection minimizes among passing candidates.")
+    objective: Literal["size", "gzip_size", "latency"] = Field(
+        "size", description="What selection minimizes among passing candidates (then the other of size/latency)."
+    )
+    tie_tolerance: float = Field(
+        0.05, ge=0, le=1, description="Candidates within this fraction of the best figure are treated as equal."
+    )
+    latency_tie_ms: float = Field(
+        0.05, ge=0, description="Latency differences below this many ms are treated as equal (host timer noise)."
+    )
+    prefer: list[Precision] = Field(
+        ["fp32", "fp16", "int16x8", "dynamic", "int8"],
+        description="Precision order that decides between candidates whose measured figures are equal.",
+    )
     calibration_samples: int = Field(64, ge=1, le=10000, description="Samples used to calibrate int8/int16x8.")
     budgets: Budgets = Field(default_factory=Budgets)
+    timing: Timing = Field(default_factory=Timing)
     tolerances: dict[Precision, Tolerance] = Field(description="Fidelity tolerance per precision.")
 
     @model_validator(mode="after")
@@ -123,6 +150,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
     for part in loc[:-1]:
         if part == "budgets":
             model = Budgets
+        elif part == "timing":
+            model = Timing
         elif part == "tolerances" or part in PRECISIONS:
             model = Tolerance
     return sorted(model.model_fields)

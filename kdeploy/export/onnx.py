@@ -11,7 +11,7 @@ from typing import Any
 
 from kdeploy.errors import ConversionError
 from kdeploy.export import Artifact, first_error_line
-from kdeploy.loading import LoadedModel
+from kdeploy.loading import LoadedModel, call_keras
 
 OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx were verified on here.
 
@@ -23,26 +23,37 @@ def _quiet():
         yield
 
 
-def from_keras(keras_model: Any, model: LoadedModel, out_path: Path) -> Artifact:
+def from_model(model: LoadedModel, keras_model: Any, out_path: Path) -> Artifact:
     """fp32 ONNX through `tf2onnx.convert.from_function` with an explicit input signature.
 
-    `from_function` is used rather than `from_keras`, which fails on some Keras 3 models.
+    `from_function` is used rather than `from_keras`, which fails on some Keras 3 models
+    (see STACK.md). `keras_model` is the model to convert (None: the loaded SavedModel's
+    serving signature).
     """
     import tensorflow as tf
     import tf2onnx
 
     specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in model.inputs]
+    if keras_model is not None:
+        def call(args):
+            return call_keras(keras_model, args, model)
+    else:
+        sig = model.saved_model.signatures["serving_default"]
+
+        def call(args):
+            res = sig(**{t.name: a for t, a in zip(model.inputs, args)})
+            return [res[k] for k in model.signature_outputs]
 
     @tf.function(input_signature=specs)
     def serve(*args):
-        out = keras_model(list(args) if len(args) > 1 else args[0], training=False)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+        return call(list(args))
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _quiet():
             proto, _ = tf2onnx.convert.from_function(serve, input_signature=specs, opset=OPSET, output_path=str(out_path))
     except Exception as e:
+        out_path.unlink(missing_ok=True)
         raise ConversionError(f"ONNX fp32 conversion (tf2onnx) failed: {first_error_line(e)}") from e
     return Artifact(
         format="onnx",

@@ -9,7 +9,7 @@ import numpy as np
 
 from kdeploy.errors import ConversionError
 from kdeploy.export import first_error_line
-from kdeploy.loading import LoadedModel
+from kdeploy.loading import LoadedModel, call_keras
 
 RNN_CLASSES = ("LSTM", "GRU", "SimpleRNN")
 
@@ -42,10 +42,8 @@ def conversion_model(model: LoadedModel, probe_feeds: dict[str, np.ndarray]) -> 
         clone.set_weights(m.get_weights())
     except Exception as e:
         return m, [("warning", "rnn-unroll-failed", f"could not unroll recurrent layers for conversion: {first_error_line(e)}")]
-    args = [probe_feeds[t.name] for t in model.inputs]
     a = model.predict(probe_feeds)
-    b = clone(args if len(args) > 1 else args[0], training=False)
-    b = b if isinstance(b, (list, tuple)) else [b]
+    b = call_keras(clone, [probe_feeds[t.name] for t in model.inputs], model)
     diff = max(float(np.max(np.abs(x - np.asarray(y)))) for x, y in zip(a, b))
     names = ", ".join(f"{l.name} ({type(l).__name__})" for l in rnns)
     if diff > 1e-5:
@@ -88,14 +86,35 @@ def _unrolled_config(layer: Any, cfg: dict) -> dict:
     return cfg
 
 
-def export_savedmodel(keras_model: Any, model: LoadedModel, out_dir: Path) -> Path:
-    """Writes the serving SavedModel (signature inputs named after the model inputs)."""
+def export_savedmodel(keras_model: Any, model: LoadedModel, out_dir: Path) -> list[str]:
+    """Writes the serving SavedModel (signature inputs named after the model inputs).
+
+    Returns:
+        the serving signature's output keys, in model output order.
+    """
     import tensorflow as tf
 
     specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in model.inputs]
-    signature = [specs] if len(specs) > 1 else specs
+    if isinstance(getattr(keras_model, "_inputs_struct", None), dict):
+        signature = [{t.name: s for t, s in zip(model.inputs, specs)}]
+    else:
+        signature = [specs] if len(specs) > 1 else specs
     try:
         keras_model.export(str(out_dir), format="tf_saved_model", input_signature=signature, verbose=False)
     except Exception as e:
         raise ConversionError(f"SavedModel export failed: {first_error_line(e)}") from e
-    return out_dir
+    return signature_output_keys(out_dir, model)
+
+
+def signature_output_keys(saved_model_dir: Path, model: LoadedModel) -> list[str]:
+    """Output keys of the serving signature in model output order (named outputs, else output_i)."""
+    import tensorflow as tf
+
+    keys = list(tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"].structured_outputs)
+    names = [t.name for t in model.outputs]
+    if set(names) <= set(keys):
+        return names
+    wanted = [f"output_{i}" for i in range(len(names))]
+    if set(wanted) <= set(keys):
+        return wanted
+    raise ConversionError(f"cannot map SavedModel signature outputs {keys} to model outputs {names}")

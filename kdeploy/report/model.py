@@ -61,7 +61,9 @@ class FidelityOut(_M):
     mean_abs_err: float | None
     max_rel_err: float | None
     norm_err: float | None
+    mean_norm_err: float | None = None
     cosine_min: float | None
+    cosine_mean: float | None = None
     top1_agreement: float | None
     passed: bool
     detail: str
@@ -182,6 +184,9 @@ def publish(staging: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(staging, 0o777 & ~mask)  # mkdtemp made it private; the output folder is an ordinary one
     os.rename(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -5,13 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def write_formats(report, folder: Path, formats) -> list[Path]:
-    writers = {"json": ("report.json", lambda r: r.to_json() + "\n"), "md": ("report.md", markdown)}
-    bad = [f for f in formats if f not in writers]
+def _writers() -> dict:
+    # format -> (file name, renderer). One line per format.
+    return {
+        "json": ("report.json", lambda r: r.to_json() + "\n"),
+        "md": ("report.md", markdown),
+    }
+
+
+def validate_formats(formats) -> None:
+    """Raises UsageError naming unknown report formats and the allowed ones."""
+    bad = [f for f in formats if f not in _writers()]
     if bad:
         from kdeploy.errors import UsageError
 
-        raise UsageError(f"unknown report format(s) {bad}; allowed: {', '.join(writers)}")
+        raise UsageError(f"unknown report format(s) {bad}; allowed: {', '.join(_writers())}")
+
+
+def write_formats(report, folder: Path, formats) -> list[Path]:
+    validate_formats(formats)
+    writers = _writers()
     written = []
     for f in dict.fromkeys(["json", *formats]):  # report.json is always written: it is the contract
         name, render = writers[f]

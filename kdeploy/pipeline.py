@@ -1,0 +1,636 @@
+"""Orchestration: load → data → export/optimize → run on runtimes → compare → measure → select.
+
+Library code: no printing. Progress goes through the `progress(stage, detail)` callback.
+`optimize` builds candidates from a model; `check` gates artifacts built elsewhere. Both end in
+`evaluate`, so an artifact is judged the same way whichever command produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from kdeploy import __version__
+from kdeploy.compare import FidelityResult, compare
+from kdeploy.data import Dataset, load_data, split, synthetic_data
+from kdeploy.errors import ConversionError, UsageError
+from kdeploy.export import Artifact
+from kdeploy.loading import LoadedModel, file_sha256, load_custom_objects, load_model
+from kdeploy.profiles import TargetProfile, Tolerance, resolve_profile
+from kdeploy.report.model import (
+    ArtifactOut,
+    Candidate,
+    Check,
+    FidelityOut,
+    Finding,
+    LatencyOut,
+    ModelInfo,
+    Report,
+    TensorSpecOut,
+    check_out_dir,
+    make_staging,
+)
+from kdeploy.runtimes import RUNTIME_FORMATS
+from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
+
+Progress = Callable[[str, str], None]
+SYNTHETIC_SAMPLES = 128
+FIDELITY_BATCH = 64
+ORT_DYNAMIC = "ort-dynamic"
+FORMAT_RUNTIME = {fmt: rt for rt, fmt in RUNTIME_FORMATS.items()}
+LIBRARIES = ("tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx",
+             "onnxruntime", "ai-edge-litert", "numpy")
+
+
+def _noop(stage: str, detail: str = "") -> None:
+    pass
+
+
+@dataclass
+class Build:
+    """A candidate before evaluation: its recipe and the artifacts it produced."""
+
+    name: str
+    precision: str
+    recipe: dict[str, Any]
+    artifacts: list[Artifact] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What one run knows: the model, target, data split, reference outputs and where to write."""
+
+    model: LoadedModel
+    profile: TargetProfile
+    data: Dataset
+    calibration: Dataset
+    validation: Dataset
+    reference: list[np.ndarray]
+    staging: Path
+    work: Path
+    seed: int
+    progress: Progress
+    findings: list[Finding] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
+
+    def finding(self, severity: str, code: str, message: str) -> None:
+        self.findings.append(Finding(severity=severity, code=code, message=message))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+def optimize(
+    model: str | Path,
+    *,
+    target: str | None = None,
+    profile: str | Path | None = None,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    formats: Sequence[str] = ("json", "md"),
+    seed: int = 0,
+    trust_custom_code: bool = False,
+    custom_objects: str | Path | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    progress: Progress | None = None,
+    command: list[str] | None = None,
+) -> Report:
+    """Builds every candidate the target allows, checks and measures them, selects the best.
+
+    Args:
+        model: `.keras` / `.h5` file or SavedModel directory.
+        target: built-in target name (or give `profile`).
+        profile: path of a user profile file (TOML).
+        data: `.npz` / `.npy` / `.csv` inputs; synthetic inputs when None.
+        out: folder to write the report and artifacts to (atomically); None keeps them in a
+            staging folder until `Report.save(out)`.
+        formats: report formats to write besides `report.json`.
+        seed: seed for the data split and synthetic inputs.
+        trust_custom_code: allow code from the model file (Lambda layers).
+        custom_objects: a `.py` file whose classes the user trusts.
+        input_shapes: non-batch shapes for inputs with dynamic dimensions.
+        progress: callback `(stage, detail)`.
+
+    Returns:
+        The Report (saved to `out` when given).
+
+    Raises:
+        UsageError: bad model, profile, data or options (exit 2).
+        KdeployError: internal or converter failure (exit 3).
+    """
+    progress = progress or _noop
+    started = time.perf_counter()
+    ctx, out_path = _prepare(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects,
+                             input_shapes, progress)
+    try:
+        builds, reference_artifacts = build_candidates(ctx)
+        candidates = evaluate(ctx, builds)
+        report = _make_report(ctx, candidates, reference_artifacts, command, started)
+        report._staging = ctx.staging
+        if out_path is not None:
+            progress("report", str(out_path))
+            report.save(out_path, tuple(formats))
+        return report
+    except BaseException:
+        shutil.rmtree(ctx.staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+
+
+def check(
+    model: str | Path,
+    artifacts: Sequence[str | Path],
+    *,
+    target: str | None = None,
+    profile: str | Path | None = None,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    formats: Sequence[str] = ("json", "md"),
+    seed: int = 0,
+    precision: str | None = None,
+    trust_custom_code: bool = False,
+    custom_objects: str | Path | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    progress: Progress | None = None,
+    command: list[str] | None = None,
+) -> Report:
+    """Gates artifacts built elsewhere (`.tflite`, `.onnx`) against the reference model; no optimization.
+
+    Each artifact becomes one candidate named after its file; `precision` (else detected from the
+    artifact) picks the tolerance.
+    """
+    progress = progress or _noop
+    started = time.perf_counter()
+    paths = [Path(a) for a in artifacts]
+    for p in paths:
+        if not p.is_file() or p.suffix.lower() not in (".tflite", ".onnx"):
+            raise UsageError(f"artifact {p}: not found or not a .tflite/.onnx file (allowed: .tflite, .onnx)")
+    ctx, out_path = _prepare(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects,
+                             input_shapes, progress)
+    try:
+        builds = []
+        for i, p in enumerate(paths):
+            dest = ctx.staging / "artifacts" / f"{i}-{p.name}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dest)
+            art = external_artifact(dest, ctx.model, precision)
+            if art.precision not in ctx.profile.tolerances:
+                raise UsageError(
+                    f"artifact {p.name} has precision {art.precision}, which target {ctx.profile.name} gives no "
+                    f"tolerance for (allowed: {', '.join(ctx.profile.tolerances)})"
+                )
+            builds.append(Build(p.stem if p.stem not in [b.name for b in builds] else f"{p.stem}-{i}", art.precision,
+                                {"precision": art.precision, "source": str(p)}, [art]))
+        candidates = evaluate(ctx, builds)
+        report = _make_report(ctx, candidates, [], command, started)
+        report._staging = ctx.staging
+        if out_path is not None:
+            report.save(out_path, tuple(formats))
+        return report
+    except BaseException:
+        shutil.rmtree(ctx.staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+def _prepare(model, target, profile, data, out, formats, seed, trust, custom_objects, input_shapes, progress):
+    """Validates everything cheap first (profile, --out, formats, data file) before loading the model."""
+    from kdeploy.report.render import validate_formats
+
+    prof = resolve_profile(target, profile)
+    validate_formats(formats)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        check_out_dir(out_path)
+    if data is not None and not Path(data).is_file():
+        raise UsageError(f"data file not found: {data} (allowed: .npz, .npy, .csv)")
+    custom = load_custom_objects(custom_objects) if custom_objects else None
+    progress("load", str(model))
+    m = load_model(model, trust_custom_code=trust, custom_objects=custom, input_shapes=input_shapes)
+    ds = load_data(data, m.inputs) if data is not None else synthetic_data(m.inputs, SYNTHETIC_SAMPLES, seed)
+    cal, val = split(ds, prof.calibration_samples, seed)
+    progress("reference", f"Keras outputs on {len(val)} validation samples")
+    reference = m.predict(val.inputs)
+    staging = make_staging(out_path)
+    work = Path(tempfile.mkdtemp(prefix="kdeploy-work-"))
+    ctx = Context(m, prof, ds, cal, val, reference, staging, work, seed, progress)
+    for sev, code, msg in m.findings:
+        ctx.finding(sev, code, msg)
+    if ds.synthetic:
+        ctx.finding("warning", "synthetic-data",
+                    f"no --data given: {len(ds)} synthetic inputs (uniform [0, 1)) were used, so fidelity figures "
+                    "and int8 calibration are not representative of real inputs")
+    bad = [t.name for t, r in zip(m.outputs, reference) if not np.all(np.isfinite(r))]
+    if bad:
+        ctx.finding("error", "reference-non-finite",
+                    f"the Keras model itself produces NaN/Inf on the validation inputs (outputs {bad}); "
+                    "no candidate can be judged against it")
+    return ctx, out_path
+
+
+def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
+    """Exports the reference SavedModel and every recipe the target allows."""
+    from kdeploy.export import onnx as onnx_export
+    from kdeploy.export import tflite
+    from kdeploy.export.savedmodel import conversion_model, export_savedmodel
+
+    m, prof = ctx.model, ctx.profile
+    reference_artifacts: list[dict] = []
+    keras_model = None
+    if m.keras_model is not None:
+        probe = {k: v[:16] for k, v in ctx.validation.inputs.items()}
+        keras_model, found = conversion_model(m, probe)
+        for sev, code, msg in found:
+            ctx.finding(sev, code, msg)
+        sm_dir = ctx.staging / "reference" / "savedmodel"
+        ctx.progress("export", "SavedModel")
+        m.signature_outputs = export_savedmodel(keras_model, m, sm_dir)
+        reference_artifacts.append(_dir_artifact("savedmodel", sm_dir, ctx.staging))
+    else:
+        sm_dir = m.path  # the user's SavedModel is the reference artifact; it is not copied
+    wanted = set(prof.runtimes) | set(prof.crosscheck_runtimes)
+    calibration = ctx.calibration.inputs
+    builds: list[Build] = []
+    onnx_fp32: Artifact | None = None
+    art_dir = ctx.staging / "artifacts"
+    for precision in prof.precisions:
+        b = Build(precision, precision, {"precision": precision, "converter": "tflite"})
+        if precision in ("int8", "int16x8"):
+            b.recipe["calibration_samples"] = len(ctx.calibration)
+        builds.append(b)
+        if "litert" in wanted or "onnxruntime" in wanted:
+            ctx.progress("convert", f"TFLite {precision}")
+            try:
+                tfl = tflite.convert(sm_dir, precision, art_dir / f"{precision}.tflite", calibration,
+                                     [t.name for t in m.inputs], m.signature_outputs)
+                if "litert" in wanted:
+                    b.artifacts.append(tfl)
+            except ConversionError as e:
+                b.errors.append(str(e))
+                continue
+        if "onnxruntime" not in wanted:
+            if "litert" not in wanted:
+                tfl.path.unlink()
+            continue
+        ctx.progress("convert", f"ONNX {precision}")
+        try:
+            if precision == "fp32":
+                onnx_fp32 = onnx_export.from_model(m, keras_model, art_dir / "fp32.onnx")
+                b.artifacts.append(onnx_fp32)
+            else:
+                b.artifacts.append(onnx_export.from_tflite(tfl, art_dir / f"{precision}.onnx"))
+                b.recipe["onnx"] = "tf2onnx from the same .tflite"
+        except ConversionError as e:
+            _onnx_missing(ctx, b, str(e))
+        if "litert" not in wanted:
+            tfl.path.unlink()
+    if prof.onnx_quantization and "onnxruntime" in wanted:
+        b = Build(ORT_DYNAMIC, "dynamic", {"precision": "dynamic", "converter": "onnxruntime.quantization.quantize_dynamic"})
+        builds.append(b)
+        try:
+            if onnx_fp32 is None:
+                onnx_fp32 = onnx_export.from_model(m, keras_model, ctx.work / "fp32.onnx")
+            ctx.progress("convert", "ONNX Runtime dynamic quantization")
+            b.artifacts.append(onnx_export.quantize_dynamic(onnx_fp32, art_dir / f"{ORT_DYNAMIC}.onnx"))
+        except ConversionError as e:
+            b.errors.append(str(e))
+    if not any(b.artifacts for b in builds):
+        errors = "; ".join(e for b in builds for e in b.errors)
+        raise ConversionError(f"no candidate could be converted for target {prof.name}: {errors}")
+    return builds, reference_artifacts
+
+
+def _onnx_missing(ctx: Context, b: Build, error: str) -> None:
+    if "onnxruntime" in ctx.profile.runtimes:
+        b.errors.append(error)
+    else:
+        ctx.finding("warning", "crosscheck-unavailable",
+                    f"candidate {b.name}: no ONNX artifact, so it is not cross-checked on onnxruntime ({error})")
+
+
+def _dir_artifact(fmt: str, path: Path, base: Path) -> dict:
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return {"format": fmt, "path": str(path.relative_to(base)), "size_bytes": size, "sha256": file_sha256(path)}
+
+
+def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
+    """Runs every artifact on its runtime(s), compares, measures and applies the budgets."""
+    m, prof = ctx.model, ctx.profile
+    feeds_path = ctx.work / "validation.npz"
+    np.savez(feeds_path, **ctx.validation.inputs)
+    fixed_batch = m.inputs[0].shape[0]
+    batches = [b for b in prof.batch_sizes if fixed_batch is None or b == fixed_batch]
+    if fixed_batch is not None and batches != list(prof.batch_sizes):
+        ctx.finding("warning", "fixed-batch",
+                    f"the model has a fixed batch size of {fixed_batch}; batch sizes {prof.batch_sizes} of the "
+                    f"profile were reduced to {batches or [fixed_batch]}")
+        batches = batches or [fixed_batch]
+    names = [t.name for t in m.outputs]
+    candidates = []
+    for b in builds:
+        c = Candidate(name=b.name, recipe=b.recipe, passed=False, errors=list(b.errors))
+        outputs_by_runtime: dict[str, list[np.ndarray]] = {}
+        for art in b.artifacts:
+            runtime = FORMAT_RUNTIME[art.format]
+            primary = runtime in prof.runtimes
+            c.artifacts.append(ArtifactOut(format=art.format, path=str(art.path.relative_to(ctx.staging)),
+                                           precision=art.precision, source=art.source, size_bytes=art.size_bytes,
+                                           gzip_bytes=art.gzip_bytes, sha256=art.sha256))
+            if runtime not in prof.runtimes and runtime not in prof.crosscheck_runtimes:
+                continue
+            ctx.progress("run", f"{b.name} on {runtime}" + (" (fidelity + latency)" if primary else " (cross-check)"))
+            job = {
+                "runtime": runtime,
+                "artifact_path": str(art.path),
+                "io": art.io,
+                "feeds_path": str(feeds_path),
+                "fidelity_threads": 1,
+                "fidelity_batch": fixed_batch or FIDELITY_BATCH,
+                "threads": list(prof.threads) if primary else [],
+                "batch_sizes": batches if primary else [],
+                "timing": prof.timing.model_dump(exclude={"timeout_s"}),
+            }
+            try:
+                outs, result = run_isolated(job, ctx.work / f"{b.name}-{runtime}", timeout_s=prof.timing.timeout_s)
+            except RuntimeFailure as e:
+                c.checks.append(Check(name=f"runs on {runtime}", value="failed", limit="runs", passed=False, detail=str(e)))
+                ctx.finding("error", "runtime-failure", f"candidate {b.name}: {e}")
+                continue
+            outputs_by_runtime[runtime] = outs
+            c.memory[runtime] = result["memory"]
+            c.cold[runtime] = result["cold"]
+            c.latency += [LatencyOut(**row) for row in result["latency"]]
+            tol = prof.tolerances[art.precision]
+            for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=runtime,
+                             reference="keras", precision=art.precision):
+                _add_fidelity(c, f, tol)
+        if "litert" in outputs_by_runtime and "onnxruntime" in outputs_by_runtime:
+            # The two runtimes run the same graph (or, for fp32, two conversions of the same model):
+            # they are held to the candidate's own tolerance against each other.
+            tol = prof.tolerances[b.precision]
+            for f in compare(outputs_by_runtime["litert"], outputs_by_runtime["onnxruntime"], names=names,
+                             kinds=m.output_kinds, tol=tol, runtime="onnxruntime", reference="litert",
+                             precision=b.precision):
+                _add_fidelity(c, f, tol)
+        _budget_checks(ctx, c, b)
+        c.passed = bool(c.checks) and all(k.passed for k in c.checks) and not c.errors
+        candidates.append(c)
+    _select(ctx, candidates)
+    return candidates
+
+
+def _add_fidelity(c: Candidate, f: FidelityResult, tol: Tolerance) -> None:
+    c.fidelity.append(FidelityOut(**{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                                     for k, v in f.to_dict().items()}))
+    value = {"max_abs_err": f.max_abs_err, "cosine_min": f.cosine_min}
+    if f.top1_agreement is not None:
+        value["top1_agreement"] = f.top1_agreement
+    value = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in value.items()}
+    c.checks.append(Check(name=f"fidelity {f.runtime} vs {f.reference} [{f.output}]", value=value,
+                          limit=tol.model_dump(exclude_none=True), passed=f.passed, detail=f.detail))
+
+
+def primary_artifact(c: Candidate, prof: TargetProfile) -> ArtifactOut | None:
+    """The artifact that would be deployed: the one for the target's first runtime."""
+    fmt = RUNTIME_FORMATS[prof.runtimes[0]]
+    return next((a for a in c.artifacts if a.format == fmt), None)
+
+
+def budget_latency(c: Candidate, prof: TargetProfile) -> LatencyOut | None:
+    """Latency row the budget applies to: batch 1 (else smallest) on the first runtime, fastest thread count."""
+    pct = prof.budgets.latency_percentile
+    rows = [l for l in c.latency if l.runtime == prof.runtimes[0]]
+    if not rows:
+        return None
+    batch = min(l.batch for l in rows)
+    return min((l for l in rows if l.batch == batch), key=lambda l: getattr(l, f"{pct}_ms"))
+
+
+def _budget_checks(ctx: Context, c: Candidate, b: Build) -> None:
+    prof, bud = ctx.profile, ctx.profile.budgets
+    for rt in prof.runtimes:
+        if not any(a.format == RUNTIME_FORMATS[rt] for a in c.artifacts):
+            c.checks.append(Check(name=f"artifact for {rt}", value=None, limit=RUNTIME_FORMATS[rt], passed=False,
+                                  detail="; ".join(b.errors) or f"no {RUNTIME_FORMATS[rt]} artifact was built"))
+    art = primary_artifact(c, prof)
+    if art is not None:
+        if bud.max_size_bytes is not None:
+            c.checks.append(Check(name="size_bytes", value=art.size_bytes, limit=bud.max_size_bytes,
+                                  passed=art.size_bytes <= bud.max_size_bytes))
+        if bud.max_gzip_bytes is not None:
+            c.checks.append(Check(name="gzip_bytes", value=art.gzip_bytes, limit=bud.max_gzip_bytes,
+                                  passed=art.gzip_bytes <= bud.max_gzip_bytes))
+    lat = budget_latency(c, prof)
+    if bud.max_latency_ms is not None and lat is not None:
+        pct = bud.latency_percentile
+        v = getattr(lat, f"{pct}_ms")
+        c.checks.append(Check(name=f"latency_{pct}_ms", value=round(v, 4), limit=bud.max_latency_ms,
+                              passed=v <= bud.max_latency_ms,
+                              detail=f"{lat.runtime}, batch {lat.batch}, {lat.threads} thread(s), {lat.samples} samples"))
+    mem = c.memory.get(prof.runtimes[0])
+    if bud.max_memory_mb is not None and mem is not None:
+        v = mem["load_and_infer_mb"]
+        c.checks.append(Check(name="memory_mb", value=round(v, 2), limit=bud.max_memory_mb,
+                              passed=v <= bud.max_memory_mb, detail=f"{prof.runtimes[0]}: peak RSS growth of load + inference"))
+
+
+def _select(ctx: Context, candidates: list[Candidate]) -> None:
+    """Sets ctx.selection: the passing candidate that is best by the profile's objective.
+
+    Figures within the profile's tie tolerance of the best are equal (a 1% size difference or
+    a few microseconds of host latency say nothing about the target); among equals the other
+    figure decides, then the profile's precision preference.
+    """
+    prof = ctx.profile
+    pct = prof.budgets.latency_percentile
+
+    def size(c):
+        a = primary_artifact(c, prof)
+        return (a.gzip_bytes if prof.objective == "gzip_size" else a.size_bytes) if a else float("inf")
+
+    def latency(c):
+        lat = budget_latency(c, prof)
+        return getattr(lat, f"{pct}_ms") if lat else float("inf")
+
+    def near(value, best, is_latency):
+        slack = best * prof.tie_tolerance
+        if is_latency:
+            slack = max(slack, prof.latency_tie_ms)
+        return value <= best + slack
+
+    size_label = "gzip size" if prof.objective == "gzip_size" else "size"
+    first, second = ((latency, True, "latency"), (size, False, size_label)) if prof.objective == "latency" \
+        else ((size, False, size_label), (latency, True, "latency"))
+    passing = [c for c in candidates if c.passed]
+    pool1 = [c for c in passing if near(first[0](c), min(first[0](p) for p in passing), first[1])] if passing else []
+    pool2 = [c for c in pool1 if near(second[0](c), min(second[0](p) for p in pool1), second[1])]
+
+    def rank(c):
+        p = c.recipe.get("precision")
+        return (prof.prefer.index(p) if p in prof.prefer else len(prof.prefer), first[0](c), second[0](c))
+
+    best = min(pool2, key=rank) if pool2 else None
+    reasons = {}
+    for c in candidates:
+        fig = _describe(c, size, latency, pct, size_label)
+        if c is best:
+            why = f"best {first[2]}" if len(pool1) == 1 else (
+                f"{first[2]} equal to {len(pool1) - 1} other(s) within tolerance, best {second[2]}" if len(pool2) == 1
+                else f"{first[2]} and {second[2]} equal to {len(pool2) - 1} other(s) within tolerance; "
+                     f"profile prefers {c.recipe.get('precision')}")
+            reasons[c.name] = f"selected: passes every check; {why} ({fig})"
+        elif c.passed:
+            lost = (f"{first[2]} not within tolerance of the best" if c not in pool1 else
+                    f"{second[2]} not within tolerance of the best" if c not in pool2 else
+                    f"equal figures; profile prefers {best.recipe.get('precision')}")
+            reasons[c.name] = f"passes every check, not selected: {lost} ({fig} vs {_describe(best, size, latency, pct, size_label)})"
+        else:
+            failed = [k.name for k in c.checks if not k.passed] + c.errors
+            reasons[c.name] = "failed: " + ("; ".join(failed) if failed else "nothing could be checked")
+    ctx.selection = {"objective": prof.objective, "tie_tolerance": prof.tie_tolerance,
+                     "latency_tie_ms": prof.latency_tie_ms, "prefer": list(prof.prefer),
+                     "selected": best.name if best else None, "reasons": reasons}
+
+
+def _describe(c: Candidate, size, latency, pct: str, size_label: str) -> str:
+    lat = latency(c)
+    text = f"{size_label} {size(c):,} bytes"
+    return text + (f", {pct} {lat:.3f} ms" if np.isfinite(lat) else "")
+
+
+def external_artifact(path: Path, model: LoadedModel, precision: str | None) -> Artifact:
+    """Describes a `.tflite` / `.onnx` built elsewhere: how to feed it and what precision it is."""
+    names = [t.name for t in model.inputs]
+    out_names = [t.name for t in model.outputs]
+    if path.suffix.lower() == ".tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            it = Interpreter(model_path=str(path))
+            sigs = it.get_signature_list()
+        except Exception as e:
+            raise UsageError(f"artifact {path.name} is not a readable .tflite model: {' '.join(str(e).split())[:200]}") from None
+        if "serving_default" not in sigs:
+            raise UsageError(f"artifact {path.name} has no 'serving_default' signature (has: {list(sigs)}); "
+                             "convert it from a SavedModel or Keras model so it carries one")
+        ins, outs = sigs["serving_default"]["inputs"], sigs["serving_default"]["outputs"]
+        io = {"inputs": _map_names(names, ins, path), "outputs": _map_outputs(out_names, outs, path)}
+        fmt, detected = "tflite", _tflite_precision(it)
+    else:
+        import onnx
+
+        try:
+            proto = onnx.load(str(path))
+        except Exception as e:
+            raise UsageError(f"artifact {path.name} is not a readable .onnx model: {' '.join(str(e).split())[:200]}") from None
+        init = {i.name for i in proto.graph.initializer}
+        ins = [i.name for i in proto.graph.input if i.name not in init]
+        outs = [o.name for o in proto.graph.output]
+        io = {"inputs": _map_names(names, ins, path), "outputs": _map_outputs(out_names, outs, path)}
+        ops = {n.op_type for n in proto.graph.node}
+        fmt = "onnx"
+        detected = ("int8" if ops & {"QLinearConv", "QLinearMatMul"} else
+                    "dynamic" if ops & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DequantizeLinear"} else
+                    "fp16" if any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer) else "fp32")
+    return Artifact(format=fmt, path=path, precision=precision or detected, source="external", io=io).measure()
+
+
+def _map_names(model_names: list[str], artifact_names: list[str], path: Path) -> dict[str, str]:
+    if len(model_names) != len(artifact_names):
+        raise UsageError(f"artifact {path.name} has {len(artifact_names)} input(s) {artifact_names}; "
+                         f"the model has {len(model_names)} {model_names}")
+    by_base = {a.split(":")[0]: a for a in artifact_names}
+    if set(model_names) <= set(by_base):
+        return {n: by_base[n] for n in model_names}
+    if len(model_names) == 1:
+        return {model_names[0]: artifact_names[0]}
+    raise UsageError(f"cannot match artifact {path.name} inputs {artifact_names} to model inputs {model_names}")
+
+
+def _map_outputs(model_names: list[str], artifact_names: list[str], path: Path) -> list[str]:
+    from kdeploy.loading import _natural_key
+
+    if len(model_names) != len(artifact_names):
+        raise UsageError(f"artifact {path.name} has {len(artifact_names)} output(s) {artifact_names}; "
+                         f"the model has {len(model_names)} {model_names}")
+    if set(model_names) <= set(artifact_names):
+        return list(model_names)
+    return sorted(artifact_names, key=_natural_key) if all(a.startswith("output_") for a in artifact_names) else artifact_names
+
+
+def _tflite_precision(it) -> str:
+    details = it.get_tensor_details()
+    types = {np.dtype(d["dtype"]).name for d in details}
+    io_types = {np.dtype(d["dtype"]).name for d in it.get_input_details()}
+    if "int16" in types and "int8" in types:
+        return "int16x8"
+    if io_types & {"int8", "uint8"} or ("int8" in types and "float32" not in types - {"int32"}):
+        return "int8"
+    if "float16" in types:
+        return "fp16"
+    if "int8" in types:
+        return "dynamic"
+    return "fp32"
+
+
+def _host() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
+            "machine": platform.machine(), "python": platform.python_version(), "libraries": versions}
+
+
+def _make_report(ctx: Context, candidates: list[Candidate], reference_artifacts: list[dict],
+                 command: list[str] | None, started: float) -> Report:
+    m = ctx.model
+    selected = ctx.selection["selected"]
+    return Report(
+        tool={"name": "kdeploy", "version": __version__},
+        ready=selected is not None,
+        selected=selected,
+        selection=ctx.selection,
+        model=ModelInfo(
+            path=str(m.path), sha256=m.sha256, format=m.format, keras_version=m.keras_version, params=m.params,
+            inputs=[TensorSpecOut(**t.to_dict()) for t in m.inputs],
+            outputs=[TensorSpecOut(**t.to_dict()) for t in m.outputs], output_kinds=m.output_kinds,
+        ),
+        target=ctx.profile.model_dump(mode="json"),
+        host=_host(),
+        data={"source": ctx.data.source, "synthetic": ctx.data.synthetic, "samples": len(ctx.data),
+              "calibration_samples": len(ctx.calibration), "validation_samples": len(ctx.validation),
+              "split": "disjoint random split (seeded)"},
+        reference_artifacts=reference_artifacts,
+        candidates=candidates,
+        findings=ctx.findings,
+        command=command or [],
+        seed=ctx.seed,
+        duration_s=round(time.perf_counter() - started, 3),
+    )
