@@ -35,6 +35,7 @@ app.add_typer(targets_app, name="targets")
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 _state = {"debug": False}
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any TensorFlow import: no C++ log chatter
 
 TargetOpt = Annotated[Optional[str], typer.Option("--target", "-t", help="Built-in target profile name (see `kdeploy targets`).")]
 ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="A target profile file of your own (TOML).")]
@@ -60,6 +61,9 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     _state["debug"] = debug
+    if debug:
+        os.environ["KDEPLOY_DEBUG"] = "1"
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 
 
 def _guard(fn: Callable[[], int]) -> None:

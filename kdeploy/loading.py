@@ -69,6 +69,15 @@ class LoadedModel:
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.outputs))]
 
 
+def import_frameworks() -> None:
+    """Imports TensorFlow and Keras once, with their start-up log chatter on fd 2 silenced."""
+    from kdeploy.export import native_quiet
+
+    with native_quiet():
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+
+
 def call_keras(keras_model: Any, args: list, model: "LoadedModel") -> list:
     """Calls a Keras model in inference mode with inputs in model order; outputs in model order.
 
@@ -178,6 +187,7 @@ def load_model(
     path = Path(path)
     fmt = detect_format(path)
     sha = file_sha256(path)
+    import_frameworks()
     if fmt == "savedmodel":
         model = _load_savedmodel(path, sha)
     else:

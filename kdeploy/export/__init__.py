@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import os
+import sys
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,3 +46,25 @@ def first_error_line(e: BaseException, limit: int = 300) -> str:
         if "error:" in ln.lower() or "not supported" in ln.lower():
             return ln[:limit]
     return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+@contextlib.contextmanager
+def native_quiet():
+    """Silences what converters print from C++ to file descriptor 2 (and their Python warnings).
+
+    The chatter ("fully_quantize: 0, inference_type: 6 ...") is kept and re-emitted only when
+    KDEPLOY_DEBUG is set; errors still surface as exceptions.
+    """
+    if os.environ.get("KDEPLOY_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

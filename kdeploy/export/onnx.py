@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kdeploy.errors import ConversionError
-from kdeploy.export import Artifact, first_error_line
+from kdeploy.export import Artifact, first_error_line, native_quiet
 from kdeploy.loading import LoadedModel, call_keras
 
 OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx were verified on here.
@@ -19,7 +19,7 @@ OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx 
 @contextlib.contextmanager
 def _quiet():
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), native_quiet():
         yield
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from kdeploy.errors import ConversionError
-from kdeploy.export import first_error_line
+from kdeploy.export import first_error_line, native_quiet
 from kdeploy.loading import LoadedModel, call_keras
 
 RNN_CLASSES = ("LSTM", "GRU", "SimpleRNN")
@@ -100,7 +100,8 @@ def export_savedmodel(keras_model: Any, model: LoadedModel, out_dir: Path) -> li
     else:
         signature = [specs] if len(specs) > 1 else specs
     try:
-        keras_model.export(str(out_dir), format="tf_saved_model", input_signature=signature, verbose=False)
+        with native_quiet():
+            keras_model.export(str(out_dir), format="tf_saved_model", input_signature=signature, verbose=False)
     except Exception as e:
         raise ConversionError(f"SavedModel export failed: {first_error_line(e)}") from e
     return signature_output_keys(out_dir, model)

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from kdeploy.errors import ConversionError
-from kdeploy.export import Artifact, first_error_line
+from kdeploy.export import Artifact, first_error_line, native_quiet
 
 
 def _fp32(c, rep):
@@ -86,7 +86,8 @@ def convert(
     try:
         c = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=["serving_default"])
         configure(c, representative)
-        data = c.convert()
+        with native_quiet():
+            data = c.convert()
     except Exception as e:
         raise ConversionError(f"TFLite {precision} conversion failed: {first_error_line(e)}") from e
     out_path.parent.mkdir(parents=True, exist_ok=True)
