@@ -14,6 +14,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdeploy import __version__
@@ -33,7 +34,7 @@ targets_app = typer.Typer(help="List the built-in target profiles, or show one."
 app.add_typer(targets_app, name="targets")
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 _state = {"debug": False}
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any TensorFlow import: no C++ log chatter
 
@@ -73,7 +74,7 @@ def _guard(fn: Callable[[], int]) -> None:
     except KdeployError as e:
         if _state["debug"]:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted:[/] nothing was written to --out")
@@ -82,7 +83,7 @@ def _guard(fn: Callable[[], int]) -> None:
         if _state["debug"]:
             err.print_exception()
         msg = " ".join(str(e).split())[:400]
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {msg} (run with --debug for the traceback)", soft_wrap=True)
+        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(msg)} (run with --debug for the traceback)", soft_wrap=True)
         raise typer.Exit(EXIT_INTERNAL)
     raise typer.Exit(code)
 
@@ -220,16 +221,18 @@ def _render(report, out_dir: Path) -> None:
     from kdeploy.report.render import candidate_rows
 
     table = Table(title=f"kdeploy · {report.model.path} → {report.target['name']}", title_justify="left")
-    for col in ("candidate", "size", "gzip", "top-1", "cosine min", "max abs err", "p50", "verdict"):
-        table.add_column(col, justify="right" if col not in ("candidate", "verdict") else "left")
+    for col in ("candidate", "size", "gzip", "top-1", "cosine min", "max abs err", "p50"):
+        table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=True)
+    table.add_column("verdict", overflow="fold")
     for r in candidate_rows(report):
         name = f"[bold]{r['name']} ★[/]" if r["selected"] else r["name"]
-        verdict = "[green]pass[/]" if r["passed"] else f"[red]fail[/] {r['why']}"
-        table.add_row(name, r["size"], r["gzip"], r["top1"], r["cosine"], r["max_abs"], r["p50"], verdict)
+        verdict = "[green]pass[/]" if r["passed"] else f"[red]fail[/] {escape(r['why'])}"
+        table.add_row(escape(name) if not r["selected"] else name, r["size"], r["gzip"], r["top1"], r["cosine"],
+                      r["max_abs"], r["p50"], verdict)
     out.print(table)
     for f in report.findings:
         color = {"error": "red", "warning": "yellow"}.get(f.severity, "dim")
-        out.print(f"[{color}]{f.severity}[/] {f.code}: {f.message}", soft_wrap=True)
+        out.print(f"[{color}]{f.severity}[/] {f.code}: {escape(f.message)}", soft_wrap=True)
     if report.ready:
         out.print(f"[bold green]READY[/] selected [bold]{report.selected}[/] · report: {out_dir / 'report.json'}")
     else:

@@ -47,7 +47,8 @@ Progress = Callable[[str, str], None]
 SYNTHETIC_SAMPLES = 128
 FIDELITY_BATCH = 64
 ORT_DYNAMIC = "ort-dynamic"
-FORMAT_RUNTIME = {fmt: rt for rt, fmt in RUNTIME_FORMATS.items()}
+# format -> the first runtime registered for it (tflite -> litert; tflm also runs .tflite files).
+FORMAT_RUNTIME = {fmt: rt for rt, fmt in reversed(list(RUNTIME_FORMATS.items()))}
 LIBRARIES = ("tensorflow", "keras", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx",
              "onnxruntime", "ai-edge-litert", "numpy")
 
@@ -236,12 +237,35 @@ def _prepare(model, target, profile, data, out, formats, seed, trust, custom_obj
         ctx.finding("warning", "synthetic-data",
                     f"no --data given: {len(ds)} synthetic inputs (uniform [0, 1)) were used, so fidelity figures "
                     "and int8 calibration are not representative of real inputs")
+    if not ds.synthetic and {"int8", "int16x8"} & set(prof.precisions):
+        _input_spread_findings(ctx)
     bad = [t.name for t, r in zip(m.outputs, reference) if not np.all(np.isfinite(r))]
     if bad:
         ctx.finding("error", "reference-non-finite",
                     f"the Keras model itself produces NaN/Inf on the validation inputs (outputs {bad}); "
                     "no candidate can be judged against it")
     return ctx, out_path
+
+
+def _input_spread_findings(ctx: Context, limit: float = 1e3) -> None:
+    """Warns when an input's features have ranges orders of magnitude apart.
+
+    Full-integer quantization gives each input tensor one scale, so a feature with a range of
+    0.01 next to one with a range of 4000 is quantized to a handful of levels.
+    """
+    for t in ctx.model.inputs:
+        x = ctx.data.inputs[t.name]
+        if x.dtype.kind != "f" or x.ndim < 2:
+            continue
+        flat = x.reshape(-1, x.shape[-1])
+        ranges = flat.max(axis=0) - flat.min(axis=0)
+        ranges = ranges[ranges > 0]
+        if ranges.size > 1 and ranges.max() / ranges.min() > limit:
+            ctx.finding("warning", "input-scale-spread",
+                        f"input '{t.name}' has features whose ranges differ {ranges.max() / ranges.min():.1e}x "
+                        f"({ranges.min():.3g} to {ranges.max():.3g}); int8/int16x8 quantize the input tensor with "
+                        "one scale, so small-range features lose resolution — normalize inputs before the model "
+                        "if those candidates fail")
 
 
 def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
@@ -268,6 +292,7 @@ def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
     calibration = ctx.calibration.inputs
     builds: list[Build] = []
     onnx_fp32: Artifact | None = None
+    tflite_hashes: dict[str, str] = {}
     art_dir = ctx.staging / "artifacts"
     for precision in prof.precisions:
         b = Build(precision, precision, {"precision": precision, "converter": "tflite"})
@@ -279,11 +304,22 @@ def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
             try:
                 tfl = tflite.convert(sm_dir, precision, art_dir / f"{precision}.tflite", calibration,
                                      [t.name for t in m.inputs], m.signature_outputs)
-                if "litert" in wanted:
-                    b.artifacts.append(tfl)
             except ConversionError as e:
                 b.errors.append(str(e))
                 continue
+            twin = tflite_hashes.get(tfl.sha256)
+            if twin is not None:
+                # e.g. dynamic range on a model whose weight tensors are all below the converter's
+                # size threshold: nothing was quantized. The same bytes are not a second candidate.
+                tfl.path.unlink()
+                builds.remove(b)
+                ctx.finding("info", "identical-artifact",
+                            f"TFLite {precision} came out byte-identical to {twin} (nothing was quantized); "
+                            f"it is not evaluated as a separate candidate")
+                continue
+            tflite_hashes[tfl.sha256] = precision
+            if "litert" in wanted:
+                b.artifacts.append(tfl)
         if "onnxruntime" not in wanted:
             if "litert" not in wanted:
                 tfl.path.unlink()
@@ -291,7 +327,7 @@ def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
         ctx.progress("convert", f"ONNX {precision}")
         try:
             if precision == "fp32":
-                onnx_fp32 = onnx_export.from_model(m, keras_model, art_dir / "fp32.onnx")
+                onnx_fp32 = onnx_export.from_saved_model(sm_dir, m, art_dir / "fp32.onnx")
                 b.artifacts.append(onnx_fp32)
             else:
                 b.artifacts.append(onnx_export.from_tflite(tfl, art_dir / f"{precision}.onnx"))
@@ -305,7 +341,7 @@ def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
         builds.append(b)
         try:
             if onnx_fp32 is None:
-                onnx_fp32 = onnx_export.from_model(m, keras_model, ctx.work / "fp32.onnx")
+                onnx_fp32 = onnx_export.from_saved_model(sm_dir, m, ctx.work / "fp32.onnx")
             ctx.progress("convert", "ONNX Runtime dynamic quantization")
             b.artifacts.append(onnx_export.quantize_dynamic(onnx_fp32, art_dir / f"{ORT_DYNAMIC}.onnx"))
         except ConversionError as e:
@@ -317,6 +353,7 @@ def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
 
 
 def _onnx_missing(ctx: Context, b: Build, error: str) -> None:
+    error = error.replace(str(ctx.staging) + os.sep, "")
     if "onnxruntime" in ctx.profile.runtimes:
         b.errors.append(error)
     else:

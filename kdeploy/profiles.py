@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kdeploy.errors import ProfileError
 
-Runtime = Literal["litert", "onnxruntime"]
+Runtime = Literal["litert", "onnxruntime", "tflm"]
 Precision = Literal["fp32", "dynamic", "fp16", "int8", "int16x8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "dynamic", "fp16", "int8", "int16x8")
 
@@ -48,6 +48,9 @@ class Budgets(_Strict):
     max_latency_ms: float | None = Field(None, gt=0, description="Latency limit at `latency_percentile`.")
     latency_percentile: Literal["p50", "p90", "p99"] = Field("p90", description="Percentile the latency budget applies to.")
     max_memory_mb: float | None = Field(None, gt=0, description="Peak resident memory of load + inference, MiB.")
+    max_arena_bytes: int | None = Field(
+        None, gt=0, description="TFLite Micro tensor arena (RAM on a microcontroller), bytes; measured by the tflm runtime."
+    )
 
 
 class Timing(_Strict):
@@ -58,6 +61,50 @@ class Timing(_Strict):
     min_seconds: float = Field(0.5, ge=0, le=600, description="Time spent timing at least, seconds.")
     max_iters: int = Field(2000, ge=1, le=1000000, description="Timed runs at most.")
     timeout_s: float = Field(600, gt=0, description="A runtime child process taking longer is killed and fails.")
+    noisy_cv: float = Field(
+        0.15, gt=0, description="A latency row whose coefficient of variation (std / mean) exceeds this is flagged noisy."
+    )
+    remeasure_margin: float = Field(
+        0.1, ge=0, le=1,
+        description="A latency budget verdict within this fraction of its limit, or on a noisy row, is re-measured "
+                    "once with twice the iterations and time before it is given.",
+    )
+
+
+class Robustness(_Strict):
+    """Agreement with Keras off the validation distribution: noise, a shifted/scaled input, edge inputs."""
+
+    enabled: bool = Field(True, description="Run the probes on every candidate (on the target's first runtime).")
+    probes: list[Literal["noise", "shift_scale", "edge"]] = Field(
+        ["noise", "shift_scale", "edge"], description="Probes to run; the minimums below apply to each of them."
+    )
+    samples: int = Field(32, ge=1, le=10000, description="Validation samples perturbed by the noise and shift probes.")
+    noise_std: float = Field(0.1, ge=0, description="Gaussian noise std, as a fraction of each input's std over the data.")
+    shift: float = Field(0.25, description="Shift probe: add this many standard deviations of the input...")
+    scale: float = Field(1.25, gt=0, description="...after multiplying the input by this factor.")
+    min_top1: float | None = Field(
+        None, ge=0, le=1, description="Required top-1 agreement with Keras on each probe (classifier outputs); a check."
+    )
+    min_cosine_mean: float | None = Field(
+        None, ge=-1, le=1, description="Required mean cosine similarity with Keras on each probe; a check."
+    )
+
+
+class Device(_Strict):
+    """Nominal peak figures of the real target device, for an analytic (roofline) latency lower bound."""
+
+    name: str = Field(description="What the figures describe, e.g. 'Cortex-M7 @ 480 MHz'.")
+    peak_gops: dict[Literal["fp32", "fp16", "int8", "int16"], float] = Field(
+        description="Peak arithmetic rate per compute precision, 1e9 operations/s (one MAC = 2 operations)."
+    )
+    memory_bandwidth_gb_s: float | None = Field(None, gt=0, description="Sustained memory bandwidth, 1e9 bytes/s.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> "Device":
+        bad = {k: v for k, v in self.peak_gops.items() if not v > 0}
+        if bad or not self.peak_gops:
+            raise ValueError(f"peak_gops needs at least one entry and every value > 0 (received {dict(self.peak_gops)})")
+        return self
 
 
 class TargetProfile(_Strict):
@@ -92,6 +139,8 @@ class TargetProfile(_Strict):
     calibration_samples: int = Field(64, ge=1, le=10000, description="Samples used to calibrate int8/int16x8.")
     budgets: Budgets = Field(default_factory=Budgets)
     timing: Timing = Field(default_factory=Timing)
+    robustness: Robustness = Field(default_factory=Robustness)
+    device: Device | None = Field(None, description="The real target's peak figures, for an analytic latency estimate.")
     tolerances: dict[Precision, Tolerance] = Field(description="Fidelity tolerance per precision.")
 
     @model_validator(mode="after")
@@ -152,6 +201,10 @@ def _allowed_keys(loc: tuple) -> list[str]:
             model = Budgets
         elif part == "timing":
             model = Timing
+        elif part == "robustness":
+            model = Robustness
+        elif part == "device":
+            model = Device
         elif part == "tolerances" or part in PRECISIONS:
             model = Tolerance
     return sorted(model.model_fields)

@@ -11,7 +11,7 @@ from typing import Any
 
 from kdeploy.errors import ConversionError
 from kdeploy.export import Artifact, first_error_line, native_quiet
-from kdeploy.loading import LoadedModel, call_keras
+from kdeploy.loading import LoadedModel
 
 OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx were verified on here.
 
@@ -23,45 +23,45 @@ def _quiet():
         yield
 
 
-def from_model(model: LoadedModel, keras_model: Any, out_path: Path) -> Artifact:
-    """fp32 ONNX through `tf2onnx.convert.from_function` with an explicit input signature.
+def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path) -> Artifact:
+    """fp32 ONNX from the serving signature of the reference SavedModel (tf2onnx's `--saved-model` route).
 
-    `from_function` is used rather than `from_keras`, which fails on some Keras 3 models
-    (see STACK.md). `keras_model` is the model to convert (None: the loaded SavedModel's
-    serving signature).
+    The SavedModel route freezes everything the graph captures. `from_function` on a Keras 3
+    model turned captured constants (e.g. a Normalization layer's mean) into extra graph inputs,
+    and `from_keras` fails on some Keras 3 models (STACK.md). ONNX names follow the signature keys.
     """
     import tensorflow as tf
-    import tf2onnx
-
-    specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in model.inputs]
-    if keras_model is not None:
-        def call(args):
-            return call_keras(keras_model, args, model)
-    else:
-        sig = model.saved_model.signatures["serving_default"]
-
-        def call(args):
-            res = sig(**{t.name: a for t, a in zip(model.inputs, args)})
-            return [res[k] for k in model.signature_outputs]
-
-    @tf.function(input_signature=specs)
-    def serve(*args):
-        return call(list(args))
+    from tf2onnx import tf_loader
+    from tf2onnx.convert import _convert_common
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _quiet():
-            proto, _ = tf2onnx.convert.from_function(serve, input_signature=specs, opset=OPSET, output_path=str(out_path))
+            graph_def, inputs, outputs, tables, rename = tf_loader.from_saved_model(
+                str(saved_model_dir), None, None, None, ["serving_default"], None, False,
+                return_initialized_tables=True, return_tensors_to_rename=True)
+            with tf.device("/cpu:0"):
+                proto, _ = _convert_common(graph_def, name=str(saved_model_dir), opset=OPSET, input_names=inputs,
+                                           output_names=outputs, tensors_to_rename=rename,
+                                           initialized_tables=tables, output_path=str(out_path))
+        graph_inputs = {i.name for i in proto.graph.input}
+        graph_outputs = {o.name for o in proto.graph.output}
+        missing = [t.name for t in model.inputs if t.name not in graph_inputs]
+        missing += [k for k in model.signature_outputs if k not in graph_outputs]
+        if missing or len(graph_inputs) != len(model.inputs):
+            raise ConversionError(f"ONNX graph names {sorted(graph_inputs)} -> {sorted(graph_outputs)} do not match "
+                                  f"the signature (missing {missing})")
     except Exception as e:
         out_path.unlink(missing_ok=True)
+        if isinstance(e, ConversionError):
+            raise
         raise ConversionError(f"ONNX fp32 conversion (tf2onnx) failed: {first_error_line(e)}") from e
     return Artifact(
         format="onnx",
         path=out_path,
         precision="fp32",
-        source="tf2onnx(function)",
-        io={"inputs": {t.name: i.name for t, i in zip(model.inputs, proto.graph.input)},
-            "outputs": [o.name for o in proto.graph.output]},
+        source="tf2onnx(saved_model)",
+        io={"inputs": {t.name: t.name for t in model.inputs}, "outputs": list(model.signature_outputs)},
     ).measure()
 
 

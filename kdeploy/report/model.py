@@ -82,6 +82,27 @@ class LatencyOut(_M):
     samples: int
     warmup: int
     throughput_items_s: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    noisy: bool = Field(False, description="cv above the profile's timing.noisy_cv: the host was busy or the timer coarse.")
+    remeasured: bool = Field(False, description="Measured again, with twice the iterations, before a budget verdict.")
+    measured_on: str | None = Field(None, description="The host the figure was measured on (not the target device).")
+
+
+class RobustnessOut(_M):
+    """Agreement with Keras on one probe input set (noise, shifted/scaled, edge inputs)."""
+
+    probe: str
+    description: str
+    runtime: str
+    output: str
+    samples: int
+    top1_agreement: float | None
+    cosine_mean: float | None
+    cosine_min: float | None
+    mean_norm_err: float | None
+    max_abs_err: float | None
+    passed: bool | None = Field(None, description="Verdict against the profile's robustness minimums; None when none set.")
 
 
 class Check(_M):
@@ -103,6 +124,11 @@ class Candidate(_M):
     memory: dict[str, dict[str, float]] = Field(default_factory=dict, description="runtime -> memory figures (MiB)")
     checks: list[Check] = []
     errors: list[str] = []
+    compute: dict[str, Any] = Field(default_factory=dict, description="params, MACs, FLOPs per inference and their source")
+    estimate: dict[str, Any] | None = Field(
+        None, description="Analytic lower-bound latency on the profile's device (an estimate, not a measurement)"
+    )
+    robustness: list[RobustnessOut] = []
 
 
 class Report(_M):

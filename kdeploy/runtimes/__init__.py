@@ -9,10 +9,12 @@ def runner_for(runtime: str, artifact, threads: int = 1) -> Runner:
     """Returns the runner of `runtime` for `artifact` (not yet entered)."""
     from kdeploy.runtimes.litert import LiteRTRunner
     from kdeploy.runtimes.onnxrt import OnnxRuntimeRunner
+    from kdeploy.runtimes.tflm import TFLMRunner
 
     registry = {
         "litert": LiteRTRunner,
         "onnxruntime": OnnxRuntimeRunner,
+        "tflm": TFLMRunner,
     }
     return registry[runtime](artifact, threads=threads)
 
@@ -21,4 +23,5 @@ def runner_for(runtime: str, artifact, threads: int = 1) -> Runner:
 RUNTIME_FORMATS: dict[str, str] = {
     "litert": "tflite",
     "onnxruntime": "onnx",
+    "tflm": "tflite",
 }

@@ -9,6 +9,7 @@ from kdeploy.runtimes.base import Runner
 
 class LiteRTRunner(Runner):
     name = "litert"
+    framework = "ai_edge_litert.interpreter"  # imported before the worker's memory baseline
 
     def activate_impl(self) -> None:
         from ai_edge_litert.interpreter import Interpreter

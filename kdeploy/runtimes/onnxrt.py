@@ -9,6 +9,7 @@ from kdeploy.runtimes.base import Runner
 
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
+    framework = "onnxruntime"  # imported before the worker's memory baseline
 
     def activate_impl(self) -> None:
         import onnxruntime as ort

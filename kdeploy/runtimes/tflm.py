@@ -1,0 +1,140 @@
+"""TensorFlow Lite for Microcontrollers runner (`pip install tflite-micro`): the MCU interpreter.
+
+It runs the same `.tflite` file a microcontroller would, with TFLM's kernels, one sample per
+`invoke()` (TFLM does not resize tensors), single-threaded. Its recording allocator reports the
+tensor arena the model needs: the RAM figure of an `mcu` target. TFLM reports problems (an op
+it lacks, a hybrid kernel) by printing from C, so construction and the first `invoke()` run
+with file descriptors 1 and 2 captured, and what was printed becomes the exception message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kdeploy.runtimes.base import Runner
+
+# Host memory handed to TFLM; it records what it actually uses, which is the figure reported.
+MIN_ARENA_BYTES = 4 << 20
+
+
+class TFLMRunner(Runner):
+    name = "tflm"
+    framework = "tflite_micro.python.tflite_micro.runtime"
+    max_threads = 1
+
+    def activate_impl(self) -> None:
+        from tflite_micro.python.tflite_micro import runtime
+
+        from kdeploy.compute import read_tflite
+
+        data = Path(self.artifact.path).read_bytes()
+        graph = read_tflite(data)
+        sig = graph.signature or {"inputs": {}, "outputs": {}}
+        io = self.artifact.io
+        self.in_pos = {m: sig["inputs"].get(s, i) for i, (m, s) in enumerate(io["inputs"].items())}
+        self.out_pos = [sig["outputs"].get(s, i) for i, s in enumerate(io["outputs"])]
+        self.ops = sorted({op.name for op in graph.ops})
+        with capture_fds() as printed:
+            try:
+                self.it = runtime.Interpreter.from_bytes(data, arena_size=max(10 * len(data), MIN_ARENA_BYTES))
+            except Exception as e:
+                raise RuntimeError(self._explain(e, printed)) from None
+        self.in_details = {p: self.it.get_input_details(p) for p in self.in_pos.values()}
+        self.out_details = [self.it.get_output_details(p) for p in self.out_pos]
+        self._checked = False
+
+    def _explain(self, e: Exception, printed) -> str:
+        text = " ".join(" ".join(printed()).split())
+        missing = unsupported_ops(text)
+        head = f"TFLite Micro cannot run this model ({e})"
+        if missing:
+            head += f"; op(s) it does not support here: {', '.join(missing)}"
+        return f"{head}: {text[:300]}" if text else head
+
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        outs: list[list[np.ndarray]] = [[] for _ in self.out_pos]
+        for s in range(n):
+            for model_name, pos in self.in_pos.items():
+                d = self.in_details[pos]
+                x = _quantize(feeds[model_name][s : s + 1], d)
+                self.it.set_input(x.reshape(tuple(d["shape"])), pos)
+            if not self._checked:  # the first invoke is where TFLM reports kernel problems
+                with capture_fds() as printed:
+                    try:
+                        self.it.invoke()
+                    except Exception as e:
+                        raise RuntimeError(self._explain(e, printed)) from None
+                self._checked = True
+            else:
+                self.it.invoke()
+            for k, pos in enumerate(self.out_pos):
+                outs[k].append(_dequantize(self.it.get_output(pos), self.out_details[k]))
+        return [np.concatenate(o) for o in outs]
+
+    def arena_bytes(self) -> int | None:
+        """Tensor arena TFLM allocated for this model (after an `invoke()`), from its recording allocator."""
+        with capture_fds() as printed:
+            self.it.print_allocations()
+        m = re.search(r"Arena allocation total (\d+) bytes", " ".join(printed()))
+        return int(m.group(1)) if m else None
+
+    def deactivate_impl(self) -> None:
+        self.it = None
+
+
+def unsupported_ops(text: str) -> list[str]:
+    """Op names TFLM's messages say it could not find or prepare."""
+    found = re.findall(r"Didn't find op for builtin opcode '([A-Z0-9_]+)'", text)
+    found += re.findall(r"Node ([A-Z0-9_]+) \(number \d+\) failed to (?:prepare|invoke)", text)
+    found += re.findall(r"Failed to get registration from op code ([A-Z0-9_]+)", text)
+    return list(dict.fromkeys(found))
+
+
+@contextlib.contextmanager
+def capture_fds():
+    """Captures what C code writes to file descriptors 1 and 2; yields a function returning the lines so far."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    sink = tempfile.TemporaryFile()
+
+    def lines() -> list[str]:
+        sink.seek(0)
+        return sink.read().decode(errors="replace").splitlines()
+
+    os.dup2(sink.fileno(), 1)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield lines
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        sink.close()
+
+
+def _quantize(x: np.ndarray, d: dict) -> np.ndarray:
+    dtype = np.dtype(d["dtype"])
+    q = d.get("quantization_parameters") or {}
+    scales, zeros = q.get("scales", []), q.get("zero_points", [])
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(x.dtype, np.floating) and len(scales):
+        info = np.iinfo(dtype)
+        return np.clip(np.round(x / scales[0] + zeros[0]), info.min, info.max).astype(dtype)
+    return x.astype(dtype, copy=False)
+
+
+def _dequantize(y: np.ndarray, d: dict) -> np.ndarray:
+    q = d.get("quantization_parameters") or {}
+    scales, zeros = q.get("scales", []), q.get("zero_points", [])
+    if np.issubdtype(y.dtype, np.integer) and len(scales):
+        return (y.astype(np.float32) - zeros[0]) * scales[0]
+    return np.array(y)

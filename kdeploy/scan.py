@@ -1,0 +1,561 @@
+"""Pre-load scan of untrusted model files: read them as data, refuse what would run code.
+
+Nothing here deserializes a model. `.keras` archives are checked entry by entry (names, sizes,
+compression ratios, required members) and their `config.json` is parsed with `json` only; `.h5`
+files give up their `model_config` attribute through h5py, never through a Keras loader;
+SavedModel graphs are parsed as protobuf and their op types listed. The config walk looks for
+what Keras' `safe_mode` guards against and more: Lambda layers, functions serialized as Python
+bytecode, classes from modules outside Keras, custom classes, and non-modeling Keras APIs
+(`get_file`, `load_model`, ...). What a user did not explicitly trust is refused with
+`UnsafeModelError`; everything else becomes findings for the report.
+
+Run it as `scan_model(path, fmt, trust_custom_code=..., custom_names=...)`; it returns the
+findings as `(severity, code, message)` tuples.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from kdeploy.errors import ModelLoadError, UnsafeModelError
+
+KERAS_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp", "keras_rs")  # Keras imports only these
+KERAS_ENTRIES = ("config.json", "metadata.json", "model.weights.h5", "model.weights.npz")
+WEIGHT_ENTRIES = ("model.weights.h5", "model.weights.npz")
+# Class names Keras' own deserializer handles without importing anything.
+SPECIAL_CLASSES = frozenset(
+    {"__keras_tensor__", "__tensor__", "__numpy__", "__bytes__", "__ellipsis__", "__slice__", "__typespec__"}
+)
+# Keras APIs that are not modeling code (Keras 3.15 `NON_MODELING_APIS`, by short name): a
+# config that names them is an attack (CVE-2025-1550 style), whatever the module says.
+NON_MODELING_NAMES = frozenset({
+    "clear_session", "enable_unsafe_deserialization", "load_model", "model_from_json", "save_model",
+    "image_dataset_from_directory", "load_img", "save_img", "text_dataset_from_directory",
+    "deserialize_keras_object", "load_weights", "register_keras_serializable", "save_weights",
+    "serialize_keras_object", "audio_dataset_from_directory", "get_file", "timeseries_dataset_from_array",
+})
+# SavedModel ops that act outside the tensor graph when the serving signature runs.
+SAVEDMODEL_UNSAFE_OPS = frozenset({"WriteFile", "PyFunc", "PyFuncStateless", "EagerPyFunc"})
+SAVEDMODEL_READ_OPS = frozenset({
+    "ReadFile", "MatchingFiles", "ImmutableConst", "TFRecordDataset", "TextLineDataset",
+    "FixedLengthRecordDataset", "LoadAndRemapMatrix",
+})
+_B64 = re.compile(r"^[A-Za-z0-9+/=\s]{24,}$")
+_MARSHAL_CODE = (0x63, 0xE3)  # marshal TYPE_CODE, without / with FLAG_REF: a Python code object
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    """Size limits for archives and configs. The defaults allow any model an edge target could hold."""
+
+    max_entries: int = 10_000
+    max_entry_bytes: int = 8 << 30  # 8 GiB uncompressed per archive entry
+    max_total_bytes: int = 8 << 30  # 8 GiB uncompressed in all
+    max_ratio: float = 100.0  # Keras stores entries uncompressed (ratio ~1); deflated float weights stay < 10
+    ratio_floor_bytes: int = 1 << 20  # entries below 1 MiB are too small to be a bomb
+    max_config_bytes: int = 64 << 20  # config.json / model_config
+    max_depth: int = 200  # nesting of the config
+
+
+@dataclass(frozen=True)
+class Hazard:
+    """One thing in a model file that would run or import code.
+
+    `kind` is "code" (Python bytecode, Lambda), "custom" (a class or function Keras does not
+    provide), "api" (a non-modeling Keras API) or "op" (a SavedModel op acting outside the graph).
+    """
+
+    kind: str
+    where: str  # "layer 'double' (Lambda)"
+    what: str  # what was found, for the message
+    names: tuple[str, ...] = ()  # names a --custom-objects module could provide
+
+    def text(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+@dataclass
+class ScanResult:
+    """What the scan saw: hazards (to refuse or accept) and findings for the report."""
+
+    format: str
+    hazards: list[Hazard] = field(default_factory=list)
+    findings: list[tuple[str, str, str]] = field(default_factory=list)
+    layers: int = 0
+    entries: int = 0
+
+
+def scan_model(
+    path: str | Path,
+    fmt: str,
+    *,
+    trust_custom_code: bool = False,
+    custom_names: Iterable[str] = (),
+    limits: ScanLimits | None = None,
+) -> list[tuple[str, str, str]]:
+    """Scans a model file as data and refuses what the user did not trust.
+
+    Args:
+        path: `.keras` / `.h5` file or SavedModel directory (format already detected).
+        fmt: "keras", "h5" or "savedmodel".
+        trust_custom_code: accept Python code from the file (Lambda layers, bytecode, unsafe ops).
+        custom_names: names of the classes/functions the user provides (`--custom-objects`).
+        limits: size limits; `ScanLimits()` when None.
+
+    Returns:
+        Findings `(severity, code, message)` for the report.
+
+    Raises:
+        UnsafeModelError: the file would run code or import modules it was not trusted to, or
+            its archive is hostile (path traversal, decompression bomb, symlinks, duplicates).
+        ModelLoadError: the file cannot be read as a model (corrupt, truncated, malformed config).
+    """
+    path = Path(path)
+    limits = limits or ScanLimits()
+    result = inspect_model(path, fmt, limits)
+    return enforce(path, result, trust_custom_code=trust_custom_code, custom_names=set(custom_names))
+
+
+def inspect_model(path: Path, fmt: str, limits: ScanLimits) -> ScanResult:
+    """Reads the file as data and lists its hazards; refuses only hostile archives.
+
+    Raises:
+        UnsafeModelError: hostile archive structure (never overridable).
+        ModelLoadError: unreadable or malformed file.
+    """
+    if fmt == "keras":
+        return _inspect_keras(path, limits)
+    if fmt == "h5":
+        return _inspect_h5(path, limits)
+    if fmt == "savedmodel":
+        return _inspect_savedmodel(path, limits)
+    raise ModelLoadError(f"cannot scan model format {fmt!r}; allowed: keras, h5, savedmodel")
+
+
+def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_names: set[str]) -> list[tuple[str, str, str]]:
+    """Applies the trust policy to a scan result.
+
+    Code (Lambda, bytecode), non-modeling APIs and unsafe SavedModel ops need `trust_custom_code`;
+    custom classes need their definition in `custom_names` (or `trust_custom_code`).
+
+    Raises:
+        UnsafeModelError: one line naming the first refused item, how many more, and the way out.
+    """
+    refused: list[Hazard] = []
+    findings = list(result.findings)
+    for h in result.hazards:
+        provided = h.kind == "custom" and any(n in custom_names for n in h.names)
+        if provided:
+            findings.append(("info", "custom-object", f"{h.text()}; provided by --custom-objects"))
+        elif trust_custom_code:
+            findings.append(("warning", "trusted-code", f"{h.text()}; allowed by --trust-custom-code"))
+        else:
+            refused.append(h)
+    if refused:
+        first = refused[0]
+        more = f" [+{len(refused) - 1} more: {'; '.join(h.where for h in refused[1:4])}]" if len(refused) > 1 else ""
+        if first.kind == "custom":
+            way = (f"allowed: Keras built-in classes; pass --custom-objects module.py defining "
+                   f"{' or '.join(repr(n) for n in first.names[:2])} if you trust that code")
+        else:
+            way = "allowed: Keras built-in layers only; pass --trust-custom-code only if you trust this file"
+        raise UnsafeModelError(f"refused to load {path}: {first.text()}{more}; {way}")
+    summary = (f"pre-load scan of the {result.format} file: {result.layers} layer(s)"
+               + (f", {result.entries} archive entries" if result.entries else "")
+               + (f", {len(result.hazards)} item(s) needing trust" if result.hazards else ", no code or custom classes"))
+    findings.insert(0, ("info", "model-scan", summary))
+    return findings
+
+
+# ----------------------------------------------------------------------------------------------
+# .keras archives
+# ----------------------------------------------------------------------------------------------
+def _inspect_keras(path: Path, limits: ScanLimits) -> ScanResult:
+    result = ScanResult("keras")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ModelLoadError(f"{path} is not a readable .keras archive: {_one_line(e)}") from None
+    with zf:
+        infos = zf.infolist()
+        result.entries = len(infos)
+        _check_entries(path, infos, limits)
+        names = [i.filename for i in infos]
+        missing = [n for n in ("config.json",) if n not in names]
+        if missing or not any(w in names for w in WEIGHT_ENTRIES):
+            raise ModelLoadError(
+                f"{path} is not a complete Keras archive: missing "
+                f"{missing[0] if missing else ' or '.join(WEIGHT_ENTRIES)} (entries: {names[:6]}); "
+                "a .keras file holds config.json, metadata.json and model.weights.h5"
+            )
+        if "metadata.json" not in names:
+            result.findings.append(("warning", "archive-metadata-missing",
+                                    f"{path.name} has no metadata.json (Keras writes one); the saving Keras version is unknown"))
+        else:
+            meta = _read_json(path, zf, "metadata.json", limits)
+            version = meta.get("keras_version") if isinstance(meta, dict) else None
+            if isinstance(version, str):
+                result.findings.append(("info", "saved-keras-version", f"{path.name} was saved with Keras {version[:32]}"))
+        extra = [n for n in names if n not in KERAS_ENTRIES and not n.startswith("assets/")]
+        if extra:
+            result.findings.append(("warning", "archive-extra-entries",
+                                    f"{path.name} holds entries Keras does not write and will not read: {extra[:5]}"))
+        bad = _test_crc(path, zf)
+        if bad:
+            raise ModelLoadError(f"{path} is a corrupt .keras archive: {bad}")
+        config = _read_json(path, zf, "config.json", limits)
+        if "model.weights.h5" in names:
+            info = zf.getinfo("model.weights.h5")
+            if info.compress_type == zipfile.ZIP_STORED:  # seekable in place; Keras writes it stored
+                with zf.open(info) as f:
+                    _check_h5_structure(path, f, "model.weights.h5", limits)
+    _walk_config(config, result, limits, legacy=False, path=path)
+    return result
+
+
+def _check_entries(path: Path, infos: list[zipfile.ZipInfo], limits: ScanLimits) -> None:
+    if len(infos) > limits.max_entries:
+        raise UnsafeModelError(f"refused to load {path}: {len(infos)} archive entries (allowed: at most {limits.max_entries})")
+    seen: set[str] = set()
+    total = 0
+    for i in infos:
+        name = i.filename
+        parts = re.split(r"[/\\]", name)
+        if (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts or "\0" in name):
+            raise UnsafeModelError(
+                f"refused to load {path}: archive entry {name!r} points outside the archive "
+                "(absolute path or '..'); allowed: relative names such as config.json"
+            )
+        if name in seen:
+            raise UnsafeModelError(f"refused to load {path}: archive entry {name!r} appears twice; a Keras archive has unique names")
+        seen.add(name)
+        if stat.S_ISLNK(i.external_attr >> 16):
+            raise UnsafeModelError(f"refused to load {path}: archive entry {name!r} is a symbolic link; Keras archives hold none")
+        if i.flag_bits & 0x1:
+            raise ModelLoadError(f"{path}: archive entry {name!r} is encrypted; a .keras archive is not")
+        if i.file_size > limits.max_entry_bytes:
+            raise UnsafeModelError(
+                f"refused to load {path}: entry {name!r} unpacks to {i.file_size:,} bytes "
+                f"(allowed: at most {limits.max_entry_bytes:,})"
+            )
+        if i.file_size > limits.ratio_floor_bytes and i.file_size > limits.max_ratio * max(i.compress_size, 1):
+            raise UnsafeModelError(
+                f"refused to load {path}: entry {name!r} unpacks {i.compress_size:,} bytes to {i.file_size:,} "
+                f"(ratio {i.file_size / max(i.compress_size, 1):.0f}, allowed: at most {limits.max_ratio:.0f}); "
+                "a decompression bomb"
+            )
+        total += i.file_size
+    if total > limits.max_total_bytes:
+        raise UnsafeModelError(
+            f"refused to load {path}: entries unpack to {total:,} bytes in all (allowed: at most {limits.max_total_bytes:,})"
+        )
+
+
+def _test_crc(path: Path, zf: zipfile.ZipFile) -> str | None:
+    try:
+        bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+        return _one_line(e)
+    return f"bad CRC in entry {bad!r}" if bad is not None else None
+
+
+def _read_json(path: Path, zf: zipfile.ZipFile, name: str, limits: ScanLimits) -> Any:
+    info = zf.getinfo(name)
+    if info.file_size > limits.max_config_bytes:
+        raise UnsafeModelError(
+            f"refused to load {path}: {name} is {info.file_size:,} bytes (allowed: at most {limits.max_config_bytes:,})"
+        )
+    try:
+        with zf.open(info) as f:
+            raw = f.read(limits.max_config_bytes + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+        raise ModelLoadError(f"{path} is a corrupt .keras archive: cannot read {name}: {_one_line(e)}") from None
+    return _parse_json(raw, f"{path}:{name}")
+
+
+def _parse_json(raw: bytes | str, where: str) -> Any:
+    """Parses JSON as plain data; duplicate keys are refused (two parsers could disagree on them)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise UnsafeModelError(f"refused to load {where}: key {dup!r} appears twice in one object; allowed: unique keys")
+        return dict(items)
+
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, object_pairs_hook=pairs)
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{where} is not UTF-8 JSON: {_one_line(e)}") from None
+    except RecursionError:
+        raise ModelLoadError(f"{where} is nested too deeply to be a model config") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{where} is not valid JSON: {_one_line(e)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# .h5 files
+# ----------------------------------------------------------------------------------------------
+def _inspect_h5(path: Path, limits: ScanLimits) -> ScanResult:
+    import h5py
+
+    result = ScanResult("h5")
+    try:
+        f = h5py.File(path, "r")
+    except Exception as e:  # h5py raises OSError for most damage, other types for odd files
+        raise ModelLoadError(f"{path} is not a readable HDF5 file: {_one_line(e)}") from None
+    with f:
+        if "model_config" not in f.attrs:
+            raise ModelLoadError(
+                f"{path} holds no model_config (a weights-only .h5?); allowed: a full model saved with model.save()"
+            )
+        try:
+            raw = f.attrs["model_config"]
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot read its model_config attribute: {_one_line(e)}") from None
+        if hasattr(raw, "tobytes") and not isinstance(raw, (bytes, str)):
+            raw = raw.tobytes()
+        if not isinstance(raw, (bytes, str)):
+            raise ModelLoadError(f"{path}: model_config is a {type(raw).__name__}; allowed: a JSON string")
+        if len(raw) > limits.max_config_bytes:
+            raise UnsafeModelError(
+                f"refused to load {path}: model_config is {len(raw):,} bytes (allowed: at most {limits.max_config_bytes:,})"
+            )
+        version = f.attrs.get("keras_version")
+        if isinstance(version, (bytes, str)):
+            version = version.decode("utf-8", "replace") if isinstance(version, bytes) else version
+            result.findings.append(("info", "saved-keras-version", f"{path.name} was saved with Keras {version[:32]}"))
+        _check_h5_structure(path, f, None, limits)
+    config = _parse_json(raw, f"{path}:model_config")
+    _walk_config(config, result, limits, legacy=True, path=path)
+    return result
+
+
+def _check_h5_structure(path: Path, source: Any, inner: str | None, limits: ScanLimits) -> None:
+    """Refuses HDF5 links to other files, external or virtual datasets, and shape bombs."""
+    import h5py
+
+    where = f"{path}:{inner}" if inner else str(path)
+    try:
+        f = source if isinstance(source, h5py.File) else h5py.File(source, "r")
+    except Exception as e:
+        raise ModelLoadError(f"{where} is not a readable HDF5 file: {_one_line(e)}") from None
+    problems: list[str] = []
+    declared = stored = 0
+
+    def visit(name: str, link: Any) -> None:
+        nonlocal declared, stored
+        if isinstance(link, h5py.ExternalLink):
+            problems.append(f"'{name}' is a link to another file ({link.filename})")
+            return
+        if isinstance(link, h5py.SoftLink):
+            return  # resolves inside this file
+        obj = f.get(name)
+        if isinstance(obj, h5py.Dataset):
+            if obj.external:
+                problems.append(f"dataset '{name}' stores its data in another file")
+            elif obj.is_virtual:
+                problems.append(f"dataset '{name}' is virtual (maps other files)")
+            else:
+                declared += int(obj.size) * obj.dtype.itemsize
+                stored += int(obj.id.get_storage_size())
+
+    try:
+        f.visit_links(visit)
+    except Exception as e:
+        raise ModelLoadError(f"{where} is a corrupt HDF5 file: {_one_line(e)}") from None
+    finally:
+        if f is not source:
+            f.close()
+    if problems:
+        raise UnsafeModelError(f"refused to load {where}: {problems[0]}; allowed: self-contained HDF5 weights")
+    if declared > limits.max_total_bytes or (declared > limits.ratio_floor_bytes and declared > limits.max_ratio * 10 * max(stored, 1)):
+        raise UnsafeModelError(
+            f"refused to load {where}: datasets declare {declared:,} bytes but store {stored:,} "
+            f"(allowed: at most {limits.max_total_bytes:,} bytes, expansion at most {limits.max_ratio * 10:.0f}x)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# SavedModel directories
+# ----------------------------------------------------------------------------------------------
+def _inspect_savedmodel(path: Path, limits: ScanLimits) -> ScanResult:
+    result = ScanResult("savedmodel")
+    pb = path / "saved_model.pb"
+    size = pb.stat().st_size
+    if size > max(limits.max_config_bytes, 2 << 30):
+        raise UnsafeModelError(f"refused to load {path}: saved_model.pb is {size:,} bytes (allowed: at most 2 GiB)")
+    links = [p for p in path.rglob("*") if p.is_symlink()]
+    outside = [p for p in links if not p.resolve().is_relative_to(path.resolve())]
+    if outside:
+        raise UnsafeModelError(
+            f"refused to load {path}: {outside[0].relative_to(path)} is a symbolic link to "
+            f"{outside[0].resolve()} outside the SavedModel; allowed: files inside the directory"
+        )
+    from kdeploy.export import native_quiet
+
+    with native_quiet():
+        from tensorflow.core.protobuf import saved_model_pb2
+        from google.protobuf.message import DecodeError
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString(pb.read_bytes())
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{pb} is not a SavedModel protobuf: {_one_line(e)}") from None
+    ops: dict[str, list[str]] = {}
+    for mg in proto.meta_graphs:
+        for n in mg.graph_def.node:
+            ops.setdefault(n.op, []).append(n.name)
+        for fn in mg.graph_def.library.function:
+            for n in fn.node_def:
+                ops.setdefault(n.op, []).append(f"{fn.signature.name}/{n.name}")
+    result.layers = 0
+    for op in sorted(SAVEDMODEL_UNSAFE_OPS & set(ops)):
+        result.hazards.append(Hazard("op", f"op {ops[op][0]!r} ({op})",
+                                     "acts outside the tensor graph (writes files or calls Python) when the model runs"))
+    reads = sorted(SAVEDMODEL_READ_OPS & set(ops))
+    if reads:
+        result.findings.append(("warning", "savedmodel-reads-files",
+                                f"the SavedModel graph reads files when it runs (ops {reads}); check what it reads"))
+    assets = [p for p in (path / "assets").rglob("*") if p.is_file()] if (path / "assets").is_dir() else []
+    result.findings.append((
+        "info", "savedmodel-not-fully-inspected",
+        f"a SavedModel is a TensorFlow program: kdeploy checked its {len(ops)} op types for file writes and Python "
+        f"calls, but cannot vouch for op attributes, restore functions or its {len(assets)} asset file(s)",
+    ))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The config walk
+# ----------------------------------------------------------------------------------------------
+def _walk_config(config: Any, result: ScanResult, limits: ScanLimits, *, legacy: bool, path: Path) -> None:
+    """Walks a Keras config (as plain data) and records hazards, each named by its layer.
+
+    `legacy` configs (`.h5`) name layers by class only (no `module`); Keras resolves those names
+    among its own layers, so an unknown name there is a custom class.
+    """
+    if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
+        raise ModelLoadError(f"{path}: the model config is not a Keras object (no class_name at the top level)")
+    known = _keras_class_names() if legacy else frozenset()
+    # (node, where: enclosing layer description, is_layer, depth)
+    stack: list[tuple[Any, str, bool, int]] = [(config, "model", True, 0)]
+    while stack:
+        node, where, is_layer, depth = stack.pop()
+        if depth > limits.max_depth:
+            raise ModelLoadError(f"{path}: the model config is nested deeper than {limits.max_depth} levels")
+        if isinstance(node, list):
+            stack.extend((v, where, False, depth + 1) for v in node)
+            continue
+        if isinstance(node, str):
+            if _is_bytecode(node):
+                result.hazards.append(Hazard("code", where, "holds Python bytecode (a serialized function)"))
+            continue
+        if not isinstance(node, dict):
+            continue
+        cls = node.get("class_name")
+        if isinstance(cls, str):
+            inner = node.get("config")
+            name = inner.get("name") if isinstance(inner, dict) and isinstance(inner.get("name"), str) else None
+            if is_layer:
+                result.layers += depth > 0  # the model itself is not counted
+                where = f"layer {name!r} ({cls})" if name else f"{cls} object"
+            _check_object(node, cls, where, legacy, known, result)
+        for key, value in node.items():
+            if isinstance(value, (dict, list, str)):
+                child_is_layer = (key == "layers" and isinstance(value, list)) or key in ("layer", "backward_layer")
+                if key == "layers" and isinstance(value, list):
+                    stack.extend((v, where, True, depth + 2) for v in value)
+                else:
+                    stack.append((value, where, child_is_layer, depth + 1))
+
+
+def _check_object(node: dict, cls: str, where: str, legacy: bool, known: frozenset, result: ScanResult) -> None:
+    module = node.get("module")
+    registered = node.get("registered_name")
+    inner = node.get("config")
+    hazards = result.hazards
+    if cls in ("Lambda", "TFOpLambda", "SlicingOpLambda") or cls.endswith(">Lambda"):
+        if cls == "Lambda" or cls.endswith(">Lambda"):
+            hazards.append(Hazard("code", where, "is a Lambda layer: Python code stored in the model file"))
+        else:
+            hazards.append(Hazard("custom", where, f"is a tf_keras {cls} layer, which Keras 3 cannot load", (cls,)))
+        return
+    if cls == "__lambda__" or (isinstance(inner, dict) and inner.get("function_type") == "lambda"):
+        hazards.append(Hazard("code", where, "holds a Python lambda serialized as bytecode"))
+        return
+    if cls in SPECIAL_CLASSES and cls != "__typespec__":
+        return
+    short = inner if cls == "function" and isinstance(inner, str) else cls
+    if short.split(">")[-1] in NON_MODELING_NAMES:
+        hazards.append(Hazard("api", where, f"names the non-modeling API {module or ''}.{short} (loading it runs file or network I/O)"))
+        return
+    if cls == "function":
+        if module == "builtins":
+            return  # a Keras built-in function (relu, mse, ...) named by string
+        provided = tuple(n for n in (registered, inner if isinstance(inner, str) else None) if isinstance(n, str))
+        if not _keras_module(module):
+            hazards.append(Hazard("custom", where, f"calls function {(registered or inner)!r} from module {module!r}, which is not Keras", provided))
+        return
+    if "module" in node:
+        if module is None:
+            names = tuple(dict.fromkeys(n for n in (registered, cls) if isinstance(n, str)))
+            hazards.append(Hazard("custom", where, f"uses custom class {(registered or cls)!r}, which is not part of Keras", names))
+        elif not _keras_module(module):
+            names = tuple(dict.fromkeys(n for n in (registered, cls) if isinstance(n, str)))
+            hazards.append(Hazard("custom", where, f"uses class {cls!r} from module {module!r}, which is not Keras", names))
+        elif isinstance(registered, str) and ">" in registered:
+            hazards.append(Hazard("custom", where, f"claims Keras module {module!r} but registers custom name {registered!r}", (registered, cls)))
+        return
+    # No module key: a legacy (.h5) object resolved by class name among Keras' own, or a custom one.
+    if legacy and (">" in cls or (known and cls not in known and _looks_like_layer(node))):
+        hazards.append(Hazard("custom", where, f"uses custom class {cls!r}, which is not part of Keras", (cls, cls.split(">")[-1])))
+    elif not legacy and _looks_like_layer(node):
+        hazards.append(Hazard("custom", where, f"uses class {cls!r} without a module, which Keras resolves only from custom objects", (cls,)))
+
+
+def _looks_like_layer(node: dict) -> bool:
+    return isinstance(node.get("config"), dict) and ("name" in node["config"] or "inbound_nodes" in node)
+
+
+def _keras_module(module: Any) -> bool:
+    return isinstance(module, str) and module.split(".", 1)[0] in KERAS_PACKAGES
+
+
+def _is_bytecode(s: str) -> bool:
+    """True for base64 text that decodes to a marshalled Python code object (Keras' func_dump)."""
+    if len(s) < 24 or not _B64.match(s):
+        return False
+    try:
+        raw = base64.b64decode("".join(s.split()), validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            raw = base64.decodebytes(s.encode("ascii"))
+        except (binascii.Error, ValueError):
+            return False
+    return len(raw) >= 16 and raw[0] in _MARSHAL_CODE
+
+
+def _keras_class_names() -> frozenset:
+    """Class names a legacy `.h5` config may use without a module: Keras' layers and models."""
+    from kdeploy.export import native_quiet
+
+    with native_quiet():
+        import keras
+
+    names = {n for n in dir(keras.layers) if n[:1].isupper()}
+    return frozenset(names | {"Functional", "Sequential", "Model"})
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
