@@ -8,7 +8,9 @@ No ML framework is imported at module level, so `--help`, `--version` and `targe
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -42,12 +44,15 @@ TargetOpt = Annotated[Optional[str], typer.Option("--target", "-t", help="Built-
 ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="A target profile file of your own (TOML).")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Inputs: .npz (arrays named after model inputs, or x; labels y), .npy or .csv.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the report and artifacts (written atomically).")]
-FormatOpt = Annotated[str, typer.Option("--format", help="Report formats, comma-separated: json,md (json is always written).")]
+FormatOpt = Annotated[str, typer.Option("--format", help="Report formats, comma-separated: json,md,html,junit (json is always written).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the data split and synthetic inputs.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-custom-code", help="Allow code from the model file (Lambda layers). Only for files you trust.")]
 CustomOpt = Annotated[Optional[Path], typer.Option("--custom-objects", help="A .py file whose classes/functions the model needs (trusted code).")]
 ShapeOpt = Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=D1,D2,... non-batch shape for an input with dynamic dimensions (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report JSON to stdout instead of the table.")]
+MlflowUriOpt = Annotated[Optional[str], typer.Option("--mlflow-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking and registry URI (e.g. sqlite:///mlflow.db) for a models:/ or runs:/ MODEL.")]
+MlflowExpOpt = Annotated[Optional[str], typer.Option("--mlflow-experiment", help="MLflow experiment for the gate run (default: the model's source run's).")]
 
 
 def _version(value: bool) -> None:
@@ -67,33 +72,99 @@ def _main(
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so it unwinds (and cleans up) exactly like Ctrl-C."""
+
+
+_signalled: list[int] = []  # signals received during the current command
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum: int, frame) -> None:
+    # The first signal starts the unwinding; later ones are ignored so the cleanup of staging
+    # folders cannot itself be interrupted halfway (SIGKILL still ends the process at once).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _signalled.append(signum)
+    raise _interrupt(signum)
+
+
+def _checkpoint() -> None:
+    """Raises again for a signal whose exception a library swallowed.
+
+    tf2onnx wraps op conversion and constant folding in bare `except:` clauses, so a Ctrl-C or
+    SIGTERM that lands there is logged and dropped; the next stage boundary re-raises it.
+    """
+    if _signalled:
+        raise _interrupt(_signalled[0])
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM and SIGINT raise inside the command body (main thread only); returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    # A signal the parent chose to ignore (e.g. SIGINT for `kdeploy ... &` in a script) stays ignored.
+    return {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(s) is not signal.SIG_IGN}
+
+
 def _guard(fn: Callable[[], int]) -> None:
-    """Runs a command body; maps domain errors to exit codes with a one-line message."""
+    """Runs a command body; maps domain errors to exit codes with a one-line message.
+
+    Ctrl-C (SIGINT) and SIGTERM take the same path: the exception unwinds through the pipeline,
+    which removes its staging folder, so `--out` is left as it was (exit 130, or 143 for SIGTERM).
+    """
+    _signalled.clear()
+    previous = _install_signal_handlers()
     try:
-        code = fn()
+        code = _run_guarded(fn)
+        if _signalled and code in (EXIT_READY, EXIT_NOT_READY):  # swallowed, and no checkpoint came after it
+            err.print("[bold red]interrupted:[/] the signal came too late to stop the run; --out is complete")
+            code = 143 if _signalled[0] == signal.SIGTERM else 130
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _signalled.clear()
+    raise typer.Exit(code)
+
+
+def _run_guarded(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
     except KdeployError as e:
         if _state["debug"]:
             err.print_exception()
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted:[/] nothing was written to --out")
-        raise typer.Exit(130)
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        err.print(f"[bold red]{what}:[/] nothing was written to --out")
+        return 143 if isinstance(e, _Terminated) else 130
     except Exception as e:  # a bug or an environment failure: one line, traceback with --debug
         if _state["debug"]:
             err.print_exception()
         msg = " ".join(str(e).split())[:400]
         err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(msg)} (run with --debug for the traceback)", soft_wrap=True)
-        raise typer.Exit(EXIT_INTERNAL)
-    raise typer.Exit(code)
+        return EXIT_INTERNAL
 
 
 def _progress(quiet: bool):
-    if quiet or os.environ.get("CI") == "true" and not sys.stderr.isatty():
-        return None
+    """Stage lines with elapsed time on stderr; none with --quiet or in CI (CI=true, stderr not a terminal).
+
+    Every stage boundary is also a signal checkpoint (see `_checkpoint`), quiet or not.
+    """
+    silent = quiet or os.environ.get("CI") == "true" and not sys.stderr.isatty()
+    import time
+
+    started = time.perf_counter()
 
     def show(stage: str, detail: str = "") -> None:
-        err.print(f"[dim]{stage:>9}[/] {detail}")
+        _checkpoint()
+        if not silent:
+            err.print(f"[dim]{time.perf_counter() - started:6.1f}s {stage:>9}[/] {escape(detail)}", soft_wrap=True)
 
     return show
 
@@ -118,7 +189,7 @@ def _formats(value: str) -> tuple[str, ...]:
 
 @app.command()
 def optimize(
-    model: Annotated[Path, typer.Argument(help="Keras 3 .keras, legacy .h5, or SavedModel directory.")],
+    model: Annotated[str, typer.Argument(help="Keras 3 .keras, legacy .h5, SavedModel directory, or an MLflow URI models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH.")],
     target: TargetOpt = None,
     profile: ProfileOpt = None,
     data: DataOpt = None,
@@ -129,19 +200,41 @@ def optimize(
     custom_objects: CustomOpt = None,
     input_shape: ShapeOpt = None,
     quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    mlflow_uri: MlflowUriOpt = None,
+    mlflow_experiment: MlflowExpOpt = None,
 ) -> None:
     """Build every candidate the target allows, check and measure them, select the best, gate.
 
+    With an MLflow URI as MODEL, the verdict is logged to an MLflow run and set as tags (and, when
+    ready, the alias deploy-ready-<target>) on the model version.
     Exit codes: 0 ready, 1 not ready, 2 bad input or usage, 3 internal or converter failure.
     """
 
     def body() -> int:
-        from kdeploy.pipeline import optimize as run
+        import kdeploy
 
-        report = run(model, target=target, profile=profile, data=data, out=out_dir, formats=_formats(format),
-                     seed=seed, trust_custom_code=trust_custom_code, custom_objects=custom_objects,
-                     input_shapes=_shapes(input_shape), progress=_progress(quiet), command=_command())
-        _render(report, out_dir)
+        registry = kdeploy.is_registry_uri(model)
+        if not registry and mlflow_experiment is not None:
+            raise UsageError(f"--mlflow-experiment needs an MLflow URI as MODEL (models:/NAME/VERSION or runs:/...); "
+                             f"received {model!r}")
+        report = kdeploy.optimize(
+            model, target=target, profile=profile, data=data, out=out_dir, formats=_formats(format), seed=seed,
+            trust_custom_code=trust_custom_code, custom_objects=custom_objects, input_shapes=_shapes(input_shape),
+            progress=_progress(quiet), command=_command(),
+            **({"mlflow_uri": mlflow_uri, "mlflow_experiment": mlflow_experiment} if registry else {}))
+        if json_out:
+            sys.stdout.write(report.to_json() + "\n")
+            from kdeploy.report.render import append_step_summary
+
+            append_step_summary(report)
+        else:
+            _render(report, out_dir)
+        rec = getattr(report, "_mlflow", None)
+        if rec is not None:
+            alias = (f"alias {rec.alias} set" if rec.alias_set else f"alias {rec.alias} removed" if rec.alias_removed
+                     else "no alias change" if rec.alias else "no model version to tag")
+            err.print(f"mlflow: run {rec.run_id} logged; {alias}", soft_wrap=True)
         return EXIT_READY if report.ready else EXIT_NOT_READY
 
     _guard(body)
@@ -213,6 +306,78 @@ def targets_show(name: Annotated[str, typer.Argument(help="Target name.")]) -> N
     _guard(body)
 
 
+@app.command()
+def diff(
+    old: Annotated[Path, typer.Argument(help="Baseline report.json (or its output folder).")],
+    new: Annotated[Path, typer.Argument(help="The report.json to gate (or its output folder).")],
+    max_size_increase: Annotated[float, typer.Option("--max-size-increase", help="Allowed relative size (and gzip size) increase.")] = 0.05,
+    max_latency_increase: Annotated[float, typer.Option("--max-latency-increase", help="Allowed relative latency increase at the profile percentile.")] = 0.10,
+    min_latency_delta_ms: Annotated[Optional[float], typer.Option("--min-latency-delta-ms", help="Latency increases below this are timer noise (default: the profile's latency_tie_ms).")] = None,
+    max_top1_drop: Annotated[float, typer.Option("--max-top1-drop", help="Allowed absolute drop of top-1 agreement with Keras.")] = 0.01,
+    max_cosine_drop: Annotated[float, typer.Option("--max-cosine-drop", help="Allowed absolute drop of cosine similarity with Keras.")] = 0.005,
+    show_all: Annotated[bool, typer.Option("--all", help="Show every compared figure, not only the selected candidate and regressions.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Regressions between two reports of the same target (release gate).
+
+    Exit codes: 0 no regression, 1 a regression, 2 bad input.
+    """
+
+    def body() -> int:
+        from pydantic import ValidationError
+
+        from kdeploy.diff import Thresholds, diff_reports
+
+        try:
+            th = Thresholds(max_size_increase=max_size_increase, max_latency_increase=max_latency_increase,
+                            min_latency_delta_ms=min_latency_delta_ms, max_top1_drop=max_top1_drop,
+                            max_cosine_drop=max_cosine_drop)
+        except ValidationError as e:
+            er = e.errors()[0]
+            raise UsageError(f"--{er['loc'][0].replace('_', '-')} {er.get('input')!r}: {er['msg']}") from None
+        res = diff_reports(old, new, th, old_name=str(old), new_name=str(new))
+        if json_out:
+            import json
+
+            sys.stdout.write(json.dumps(res.to_dict(), indent=2, default=str) + "\n")
+            return EXIT_NOT_READY if res.regressions else EXIT_READY
+        table = Table(title=f"kdeploy diff · {res.target}: {old} → {new}", title_justify="left")
+        for col in ("scope", "metric", "old", "new", "change", "limit", "verdict"):
+            table.add_column(col, justify="right" if col in ("old", "new", "change") else "left")
+        shown = [r for r in res.rows if show_all or r.regression or r.scope in ("report", "selected")]
+        for r in shown:
+            verdict = "[red]REGRESSION[/]" if r.regression else "[green]ok[/]"
+            table.add_row(escape(r.scope), escape(r.metric), escape(str(r.old)), escape(str(r.new)), escape(r.change),
+                          escape(r.limit), verdict + (f" {escape(r.note)}" if r.note else ""))
+        out.print(table)
+        if len(shown) < len(res.rows):
+            out.print(f"[dim]{len(res.rows) - len(shown)} other compared figures within limits (--all shows them)[/]")
+        for note in res.notes:
+            out.print(f"[yellow]note[/] {escape(note)}", soft_wrap=True)
+        n = len(res.regressions)
+        out.print(f"[bold red]{n} REGRESSION(S)[/]" if n else "[bold green]NO REGRESSION[/]")
+        return EXIT_NOT_READY if n else EXIT_READY
+
+    _guard(body)
+
+
+@app.command()
+def schema(
+    name: Annotated[str, typer.Argument(help="report or profile.")],
+) -> None:
+    """Print the JSON Schema of report.json (`report`) or of a target profile (`profile`)."""
+
+    def body() -> int:
+        import json
+
+        from kdeploy.report.schema import schema as get
+
+        sys.stdout.write(json.dumps(get(name), indent=2) + "\n")
+        return 0
+
+    _guard(body)
+
+
 def _command() -> list[str]:
     return ["kdeploy", *sys.argv[1:]]
 
@@ -237,6 +402,9 @@ def _render(report, out_dir: Path) -> None:
         out.print(f"[bold green]READY[/] selected [bold]{report.selected}[/] · report: {out_dir / 'report.json'}")
     else:
         out.print(f"[bold red]NOT READY[/] no candidate passed every check · report: {out_dir / 'report.json'}")
+    from kdeploy.report.render import append_step_summary
+
+    append_step_summary(report)
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +49,14 @@ def load_data(path: str | Path, inputs: list[TensorInfo]) -> Dataset:
         if suffix == ".npz":
             arrays, labels = _read_npz(path, inputs)
         elif suffix == ".npy":
-            arrays = {_single(inputs, path).name: np.load(path, allow_pickle=False)}
+            arrays = {_single(inputs, path).name: _array(np.load(path, allow_pickle=False), path, "its content")}
         else:
             arrays = {_single(inputs, path).name: _read_csv(path)}
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"cannot read data file {path}: {' '.join(str(e).split())[:200]}") from None
+    except _READ_ERRORS as e:  # damaged files surface as any of these from numpy, zipfile, zlib, csv
+        raise DataError(f"cannot read data file {path} as {suffix}: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}") from None
     checked = {t.name: _check_array(arrays[t.name], t, path) for t in inputs}
     counts = {len(a) for a in checked.values()}
     if len(counts) != 1:
@@ -64,6 +67,18 @@ def load_data(path: str | Path, inputs: list[TensorInfo]) -> Dataset:
     if labels:
         labels = {k: v for k, v in labels.items() if len(v) == n}
     return Dataset(checked, labels or None, synthetic=False, source=str(path))
+
+
+_READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, IndexError, TypeError, zlib.error,
+                struct.error, csv.Error, MemoryError, OverflowError, NotImplementedError, RuntimeError)
+
+
+def _array(value: object, path: Path, what: str) -> np.ndarray:
+    """The value numpy read, if it is an array (a .npz member that is not .npy comes back as bytes)."""
+    if not isinstance(value, np.ndarray):
+        raise DataError(f"{what} in {path.name} is not a NumPy array (got {type(value).__name__}); "
+                        "allowed: arrays saved with numpy.save / numpy.savez")
+    return value
 
 
 def _single(inputs: list[TensorInfo], path: Path) -> TensorInfo:
@@ -81,13 +96,14 @@ def _read_npz(path: Path, inputs: list[TensorInfo]) -> tuple[dict[str, np.ndarra
         arrays: dict[str, np.ndarray] = {}
         for i, t in enumerate(inputs):
             if t.name in keys:
-                arrays[t.name] = z[t.name]
+                arrays[t.name] = _array(z[t.name], path, f"array '{t.name}'")
             elif len(inputs) == 1 and "x" in keys:
-                arrays[t.name] = z["x"]
+                arrays[t.name] = _array(z["x"], path, "array 'x'")
             else:
                 wanted = f"'{t.name}'" + (" or 'x'" if len(inputs) == 1 else "")
                 raise DataError(f"{path} has no array for model input {wanted} (arrays: {keys})")
         labels = {k: z[k] for k in keys if k == "y" or k.startswith("y_")}
+        labels = {k: v for k, v in labels.items() if isinstance(v, np.ndarray) and v.ndim >= 1}
     return arrays, labels
 
 
@@ -100,6 +116,8 @@ def _read_csv(path: Path) -> np.ndarray:
         [float(c) for c in rows[0]]
     except ValueError:
         rows = rows[1:]  # header row
+    if not rows:
+        raise DataError(f"CSV data file {path} has a header row but no data rows; allowed: one row per sample")
     widths = {len(r) for r in rows}
     if len(widths) != 1:
         raise DataError(f"CSV rows in {path} have different lengths {sorted(widths)}; all rows need the same columns")

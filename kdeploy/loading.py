@@ -1,8 +1,11 @@
 """Safe model loading: Keras 3 `.keras`, legacy `.h5`, SavedModel directories.
 
-Keras files are loaded with Keras 3 `load_model(safe_mode=True)`, which refuses Lambda bytecode
-and arbitrary imports from configs. `.h5` files are never routed through tf_keras (its legacy
-loader executes Lambda bytecode). Code from a model file runs only with `trust_custom_code`.
+Before anything deserializes a file, `kdeploy.scan` reads it as data (zip entries, `config.json`,
+the `.h5` `model_config` attribute, SavedModel op types) and refuses Lambda layers, bytecode,
+custom classes and hostile archives the user did not trust. Keras files are then loaded with Keras 3
+`load_model(safe_mode=True)` as a second line of defence. `.h5` files are never routed through
+tf_keras (its legacy loader executes Lambda bytecode). Code from a model file runs only with
+`trust_custom_code`; custom classes only from the user's own `--custom-objects` module.
 """
 
 from __future__ import annotations
@@ -122,27 +125,30 @@ def detect_format(path: Path) -> str:
             f"unsupported model file extension '{suffix or '(none)'}' for {path}; "
             "allowed: .keras, .h5, .hdf5, or a SavedModel directory"
         )
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model file {path}: {e.strerror or e}") from None
     if size == 0:
-        raise ModelLoadError(f"model file {path} is empty (0 bytes)")
-    head = path.read_bytes()[:8]
+        raise ModelLoadError(f"model file {path} is empty (0 bytes); allowed: a .keras zip archive or an HDF5 .h5 file")
     if suffix in KERAS_SUFFIXES:
+        if head == HDF5_MAGIC:
+            raise ModelLoadError(f"{path} is an HDF5 file named .keras; rename it to .h5 (a .keras model is a zip archive)")
         if not zipfile.is_zipfile(path):
-            kind = "an HDF5 file" if head == HDF5_MAGIC else "not a zip archive"
-            raise ModelLoadError(f"{path} is {kind}; a .keras model is a zip archive with config.json")
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise ModelLoadError(f"{path} is a corrupt .keras archive: {e}") from None
-        if bad is not None:
-            raise ModelLoadError(f"{path} is a corrupt .keras archive: bad CRC in entry '{bad}'")
-        if "config.json" not in names:
-            raise ModelLoadError(f"{path} is not a Keras model archive: no config.json (entries: {names[:5]})")
-        return "keras"
+            if head[:4] == b"PK\x03\x04":
+                raise ModelLoadError(
+                    f"{path} is a truncated or damaged zip archive ({size:,} bytes, no central directory); "
+                    "a .keras model is a complete zip archive with config.json"
+                )
+            raise ModelLoadError(
+                f"{path} is not a zip archive (first bytes {head!r}); a .keras model is a zip archive with config.json"
+            )
+        return "keras"  # entries, sizes, CRCs and config are checked by kdeploy.scan before loading
     if head != HDF5_MAGIC:
-        raise ModelLoadError(f"{path} is not an HDF5 file (first bytes {head!r}); a .h5 model is HDF5")
+        kind = "a zip archive (a .keras model?)" if head[:4] == b"PK\x03\x04" else f"not HDF5 (first bytes {head!r})"
+        raise ModelLoadError(f"{path} is {kind}; a .h5 model is an HDF5 file")
     return "h5"
 
 
@@ -172,6 +178,7 @@ def load_model(
     trust_custom_code: bool = False,
     custom_objects: dict[str, Any] | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
 ) -> LoadedModel:
     """Loads a model safely and derives its signature.
 
@@ -180,20 +187,41 @@ def load_model(
         trust_custom_code: allow Lambda layers / code from the file (Keras safe_mode off).
         custom_objects: classes the user chose to trust (from --custom-objects).
         input_shapes: per-input non-batch shapes for inputs with dynamic non-batch dimensions.
+        seed: seeds Keras' random state before loading, so state the model creates on load
+            (e.g. a Dropout layer's seed generator) and so every export is the same each run.
+
+    Returns:
+        The LoadedModel; `findings` holds the pre-load scan's findings (`kdeploy.scan`).
 
     Raises:
-        ModelLoadError / UnsafeModelError: not a model, corrupt, or would run untrusted code.
+        ModelLoadError: not a model, truncated or corrupt.
+        UnsafeModelError: the file would run code or import classes the user did not trust
+            (found by the pre-load scan, before any deserialization), or is a hostile archive.
+        UsageError: `input_shapes` do not fit, or an input dtype kdeploy cannot feed.
     """
+    from kdeploy.scan import scan_model
+
     path = Path(path)
     fmt = detect_format(path)
+    # Read as data before anything deserializes it: refuses code the user did not trust.
+    findings = scan_model(path, fmt, trust_custom_code=trust_custom_code, custom_names=set(custom_objects or {}))
     sha = file_sha256(path)
     import_frameworks()
+    _seed_frameworks(seed)
     if fmt == "savedmodel":
         model = _load_savedmodel(path, sha)
     else:
         model = _load_keras(path, fmt, sha, trust_custom_code, custom_objects)
+    model.findings = findings + model.findings
     model.inputs = _resolve_input_shapes(model.inputs, input_shapes or {})
     return model
+
+
+def _seed_frameworks(seed: int) -> None:
+    """Seeds Python, NumPy, TensorFlow and Keras: seed generators created on load get fixed state."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
 
 
 _UNSAFE_PATTERNS = ("safe_mode", "Lambda", "lambda", "arbitrary code", "unsafe")

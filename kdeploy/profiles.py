@@ -60,9 +60,18 @@ class Timing(_Strict):
     min_iters: int = Field(50, ge=1, le=100000, description="Timed runs at least.")
     min_seconds: float = Field(0.5, ge=0, le=600, description="Time spent timing at least, seconds.")
     max_iters: int = Field(2000, ge=1, le=1000000, description="Timed runs at most.")
+    max_seconds: float = Field(
+        5.0, gt=0, le=3600,
+        description="Timing stops after this many seconds even below min_iters (a slow candidate; at least 5 runs).",
+    )
     timeout_s: float = Field(600, gt=0, description="A runtime child process taking longer is killed and fails.")
     noisy_cv: float = Field(
         0.15, gt=0, description="A latency row whose coefficient of variation (std / mean) exceeds this is flagged noisy."
+    )
+    confirm_spread: float = Field(
+        1.5, ge=1,
+        description="Passing candidates within this factor of the fastest latency are timed again round-robin in "
+                    "one process (at most 4), so host load affects them alike; 1 turns this off.",
     )
     remeasure_margin: float = Field(
         0.1, ge=0, le=1,
@@ -107,6 +116,67 @@ class Device(_Strict):
         return self
 
 
+# Pruned/clustered models compute a (slightly) different function, so they are held to a tolerance
+# of their own: agreement with the original model on the validation inputs, not fp32 kernel noise.
+_TFMOT_TOLERANCE = {"max_mean_norm_err": 0.05, "min_cosine_mean": 0.98, "min_top1": 0.97}
+TfmotPrecision = Literal["fp32", "dynamic", "fp16", "int8"]
+
+
+def tfmot_precisions(prof: "TargetProfile", section: "Pruning | Clustering") -> list[str]:
+    """The precisions a pruning/clustering section converts to: its own list, else fp32 and int8 where allowed."""
+    if section.precisions is not None:
+        return list(section.precisions)
+    return [p for p in ("fp32", "int8") if p in prof.precisions] or list(prof.precisions[:1])
+
+
+class FineTune(_Strict):
+    """How pruned/clustered models are fine-tuned (TFMOT needs training steps to apply its masks)."""
+
+    targets: Literal["auto", "labels", "distill"] = Field(
+        "auto", description="Train on the labels in --data ('y' / 'y_<output>'), or distill from the original "
+                            "model's outputs; auto: labels when every output has them, else distill.")
+    loss: Literal["auto", "sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy",
+                  "mse", "mae", "kl_divergence"] = Field(
+        "auto", description="Loss for every output; auto: from the output kind and the targets.")
+    batch_size: int = Field(16, ge=1, le=65536, description="Fine-tuning batch size.")
+    timeout_s: float = Field(1800, gt=0, description="The TFMOT child process taking longer is killed (recipes skipped).")
+
+
+class Pruning(_Strict):
+    """Magnitude pruning (TFMOT prune_low_magnitude, PolynomialDecay) after a verified Keras 3 → tf_keras bridge."""
+
+    sparsities: list[float] = Field(
+        default_factory=list, description="Target sparsities, each in (0, 1); one candidate each. Empty: off.")
+    structured_2x4: bool = Field(False, description="Also prune with 2:4 structured sparsity (2 zeros in every 4).")
+    epochs: int = Field(16, ge=1, le=1000, description="Fine-tuning epochs (the sparsity ramps up over the first half).")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam learning rate for fine-tuning.")
+    min_layer_weights: int = Field(
+        256, ge=0, description="Layers with fewer kernel weights are left dense (pruning them saves nothing).")
+    sparse_encoding: bool = Field(
+        True, description="Also convert with Optimize.EXPERIMENTAL_SPARSITY; kept as an extra candidate when smaller.")
+    precisions: list[TfmotPrecision] | None = Field(
+        None, description="Precisions each pruned model is converted to (allowed by `precisions`); "
+                          "unset: fp32 and int8 where allowed.")
+    tolerance: Tolerance = Field(
+        default_factory=lambda: Tolerance(**_TFMOT_TOLERANCE),
+        description="Fidelity tolerance of pruned candidates against the original model.")
+
+
+class Clustering(_Strict):
+    """Weight clustering (TFMOT cluster_weights, k-means++) after a verified Keras 3 → tf_keras bridge."""
+
+    clusters: list[int] = Field(default_factory=list, description="Numbers of clusters, each >= 2; one candidate each. Empty: off.")
+    epochs: int = Field(4, ge=0, le=1000, description="Fine-tuning epochs (0: cluster without training).")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Adam learning rate for fine-tuning.")
+    min_layer_weights: int = Field(256, ge=0, description="Layers with fewer kernel weights are not clustered.")
+    precisions: list[TfmotPrecision] | None = Field(
+        None, description="Precisions each clustered model is converted to (allowed by `precisions`); "
+                          "unset: fp32 and int8 where allowed.")
+    tolerance: Tolerance = Field(
+        default_factory=lambda: Tolerance(**_TFMOT_TOLERANCE),
+        description="Fidelity tolerance of clustered candidates against the original model.")
+
+
 class TargetProfile(_Strict):
     """A deployment target. See profiles/*.toml for the built-in ones."""
 
@@ -141,6 +211,9 @@ class TargetProfile(_Strict):
     timing: Timing = Field(default_factory=Timing)
     robustness: Robustness = Field(default_factory=Robustness)
     device: Device | None = Field(None, description="The real target's peak figures, for an analytic latency estimate.")
+    pruning: Pruning = Field(default_factory=Pruning, description="TFMOT pruning recipes (off unless sparsities or structured_2x4).")
+    clustering: Clustering = Field(default_factory=Clustering, description="TFMOT weight clustering recipes (off unless clusters).")
+    finetune: FineTune = Field(default_factory=FineTune, description="Fine-tuning shared by pruning and clustering.")
     tolerances: dict[Precision, Tolerance] = Field(description="Fidelity tolerance per precision.")
 
     @model_validator(mode="after")
@@ -150,6 +223,13 @@ class TargetProfile(_Strict):
             raise ValueError(f"tolerances missing for allowed precision(s) {missing}")
         if any(t < 1 for t in self.threads) or any(b < 1 for b in self.batch_sizes):
             raise ValueError("threads and batch_sizes must be >= 1")
+        bad = [x for x in self.pruning.sparsities if not 0 < x < 1] + [k for k in self.clustering.clusters if k < 2]
+        if bad:
+            raise ValueError(f"pruning.sparsities must be in (0, 1) and clustering.clusters >= 2 (received {bad})")
+        for section in ("pruning", "clustering"):
+            extra = [p for p in getattr(self, section).precisions or [] if p not in self.precisions]
+            if extra:
+                raise ValueError(f"{section}.precisions {extra} are not in precisions {list(self.precisions)}")
         return self
 
 
@@ -175,23 +255,36 @@ def load_profile_file(path: str | Path) -> TargetProfile:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ProfileError(f"profile file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"cannot read profile {path}: {e}") from None
+        raise ProfileError(f"profile file not found: {path} (allowed: a TOML file, see `kdeploy targets show NAME`)") from None
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"cannot read profile {path}: not UTF-8 text (byte {e.start}); allowed: a TOML file") from None
+    except OSError as e:
+        raise ProfileError(f"cannot read profile {path}: {e.strerror or type(e).__name__}; allowed: a readable TOML file") from None
     except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"profile {path} is not valid TOML: {e}") from None
+        raise ProfileError(f"profile {path} is not valid TOML: {_one_line(e)}") from None
     try:
         return TargetProfile.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"])
+        text = _one_line(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(err["loc"])
             msg = f"unknown key '{key}' (allowed: {', '.join(allowed)})"
+        elif not key:  # a whole-profile check: the message names the keys, the input is the whole file
+            msg = text
         else:
-            msg = f"key '{key}': {err['msg']} (received {err.get('input')!r})"
+            received = repr(err.get("input"))
+            received = received if len(received) <= 80 else received[:77] + "..."
+            msg = f"key '{key}': {text} (received {received})"
         more = f" [+{e.error_count() - 1} more problem(s)]" if e.error_count() > 1 else ""
         raise ProfileError(f"invalid profile {path}: {msg}{more}") from None
+    except (TypeError, ValueError, KeyError) as e:  # a validator that failed outside pydantic's wrapping
+        raise ProfileError(f"invalid profile {path}: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _one_line(e: object) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -205,7 +298,13 @@ def _allowed_keys(loc: tuple) -> list[str]:
             model = Robustness
         elif part == "device":
             model = Device
-        elif part == "tolerances" or part in PRECISIONS:
+        elif part == "pruning":
+            model = Pruning
+        elif part == "clustering":
+            model = Clustering
+        elif part == "finetune":
+            model = FineTune
+        elif part in ("tolerances", "tolerance") or part in PRECISIONS:
             model = Tolerance
     return sorted(model.model_fields)
 

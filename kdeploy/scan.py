@@ -79,7 +79,7 @@ class Hazard:
     names: tuple[str, ...] = ()  # names a --custom-objects module could provide
 
     def text(self) -> str:
-        return f"{self.where}: {self.what}"
+        return f"{self.where} {self.what}"
 
 
 @dataclass
@@ -151,7 +151,9 @@ def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_n
     """
     refused: list[Hazard] = []
     findings = list(result.findings)
-    for h in result.hazards:
+    # One entry per place and kind: a Lambda layer also holds bytecode, reported once.
+    hazards = list({(h.kind, h.where): h for h in reversed(result.hazards)}.values())[::-1]
+    for h in hazards:
         provided = h.kind == "custom" and any(n in custom_names for n in h.names)
         if provided:
             findings.append(("info", "custom-object", f"{h.text()}; provided by --custom-objects"))
@@ -168,9 +170,10 @@ def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_n
         else:
             way = "allowed: Keras built-in layers only; pass --trust-custom-code only if you trust this file"
         raise UnsafeModelError(f"refused to load {path}: {first.text()}{more}; {way}")
-    summary = (f"pre-load scan of the {result.format} file: {result.layers} layer(s)"
+    summary = (f"pre-load scan of the {result.format} model"
+               + (f": {result.layers} layer(s)" if result.format != "savedmodel" else "")
                + (f", {result.entries} archive entries" if result.entries else "")
-               + (f", {len(result.hazards)} item(s) needing trust" if result.hazards else ", no code or custom classes"))
+               + (f", {len(hazards)} item(s) needing trust" if hazards else ", no code or custom classes found"))
     findings.insert(0, ("info", "model-scan", summary))
     return findings
 
@@ -370,7 +373,7 @@ def _check_h5_structure(path: Path, source: Any, inner: str | None, limits: Scan
                 stored += int(obj.id.get_storage_size())
 
     try:
-        f.visit_links(visit)
+        f.visititems_links(visit)
     except Exception as e:
         raise ModelLoadError(f"{where} is a corrupt HDF5 file: {_one_line(e)}") from None
     finally:
@@ -392,7 +395,7 @@ def _inspect_savedmodel(path: Path, limits: ScanLimits) -> ScanResult:
     result = ScanResult("savedmodel")
     pb = path / "saved_model.pb"
     size = pb.stat().st_size
-    if size > max(limits.max_config_bytes, 2 << 30):
+    if size > 2 << 30:  # protobuf's own limit
         raise UnsafeModelError(f"refused to load {path}: saved_model.pb is {size:,} bytes (allowed: at most 2 GiB)")
     links = [p for p in path.rglob("*") if p.is_symlink()]
     outside = [p for p in links if not p.resolve().is_relative_to(path.resolve())]
@@ -419,7 +422,6 @@ def _inspect_savedmodel(path: Path, limits: ScanLimits) -> ScanResult:
         for fn in mg.graph_def.library.function:
             for n in fn.node_def:
                 ops.setdefault(n.op, []).append(f"{fn.signature.name}/{n.name}")
-    result.layers = 0
     for op in sorted(SAVEDMODEL_UNSAFE_OPS & set(ops)):
         result.hazards.append(Hazard("op", f"op {ops[op][0]!r} ({op})",
                                      "acts outside the tensor graph (writes files or calls Python) when the model runs"))
@@ -454,8 +456,8 @@ def _walk_config(config: Any, result: ScanResult, limits: ScanLimits, *, legacy:
         node, where, is_layer, depth = stack.pop()
         if depth > limits.max_depth:
             raise ModelLoadError(f"{path}: the model config is nested deeper than {limits.max_depth} levels")
-        if isinstance(node, list):
-            stack.extend((v, where, False, depth + 1) for v in node)
+        if isinstance(node, list):  # pushed reversed: hazards come out in document order
+            stack.extend((v, where, False, depth + 1) for v in reversed(node))
             continue
         if isinstance(node, str):
             if _is_bytecode(node):
@@ -471,13 +473,11 @@ def _walk_config(config: Any, result: ScanResult, limits: ScanLimits, *, legacy:
                 result.layers += depth > 0  # the model itself is not counted
                 where = f"layer {name!r} ({cls})" if name else f"{cls} object"
             _check_object(node, cls, where, legacy, known, result)
-        for key, value in node.items():
-            if isinstance(value, (dict, list, str)):
-                child_is_layer = (key == "layers" and isinstance(value, list)) or key in ("layer", "backward_layer")
-                if key == "layers" and isinstance(value, list):
-                    stack.extend((v, where, True, depth + 2) for v in value)
-                else:
-                    stack.append((value, where, child_is_layer, depth + 1))
+        for key, value in reversed(node.items()):
+            if key == "layers" and isinstance(value, list):
+                stack.extend((v, where, True, depth + 2) for v in reversed(value))
+            elif isinstance(value, (dict, list, str)):
+                stack.append((value, where, key in ("layer", "backward_layer"), depth + 1))
 
 
 def _check_object(node: dict, cls: str, where: str, legacy: bool, known: frozenset, result: ScanResult) -> None:
@@ -487,7 +487,7 @@ def _check_object(node: dict, cls: str, where: str, legacy: bool, known: frozens
     hazards = result.hazards
     if cls in ("Lambda", "TFOpLambda", "SlicingOpLambda") or cls.endswith(">Lambda"):
         if cls == "Lambda" or cls.endswith(">Lambda"):
-            hazards.append(Hazard("code", where, "is a Lambda layer: Python code stored in the model file"))
+            hazards.append(Hazard("code", where, "is a Lambda layer (Python code stored in the model file)"))
         else:
             hazards.append(Hazard("custom", where, f"is a tf_keras {cls} layer, which Keras 3 cannot load", (cls,)))
         return
@@ -502,7 +502,9 @@ def _check_object(node: dict, cls: str, where: str, legacy: bool, known: frozens
         return
     if cls == "function":
         if module == "builtins":
-            return  # a Keras built-in function (relu, mse, ...) named by string
+            if isinstance(inner, str) and ">" in inner:  # a registered custom function ("package>name")
+                hazards.append(Hazard("custom", where, f"calls custom function {inner!r}, which is not part of Keras", (inner,)))
+            return  # otherwise a Keras built-in function (relu, mse, ...) named by string
         provided = tuple(n for n in (registered, inner if isinstance(inner, str) else None) if isinstance(n, str))
         if not _keras_module(module):
             hazards.append(Hazard("custom", where, f"calls function {(registered or inner)!r} from module {module!r}, which is not Keras", provided))

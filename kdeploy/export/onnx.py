@@ -11,6 +11,7 @@ from typing import Any
 
 from kdeploy.errors import ConversionError
 from kdeploy.export import Artifact, first_error_line, native_quiet
+from kdeploy.export.canonical import canonicalize_onnx
 from kdeploy.loading import LoadedModel
 
 OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx were verified on here.
@@ -51,6 +52,7 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path) 
         if missing or len(graph_inputs) != len(model.inputs):
             raise ConversionError(f"ONNX graph names {sorted(graph_inputs)} -> {sorted(graph_outputs)} do not match "
                                   f"the signature (missing {missing})")
+        canonicalize_onnx(out_path)  # same model, same bytes (tf2onnx's generated names vary per process)
     except Exception as e:
         out_path.unlink(missing_ok=True)
         if isinstance(e, ConversionError):
@@ -77,6 +79,7 @@ def from_tflite(tflite: Artifact, out_path: Path) -> Artifact:
     try:
         with _quiet():
             tf2onnx.convert.from_tflite(str(tflite.path), opset=OPSET, output_path=str(out_path))
+        canonicalize_onnx(out_path)  # same model, same bytes (tf2onnx's generated names vary per process)
         _check_loads(out_path)
     except Exception as e:
         out_path.unlink(missing_ok=True)

@@ -61,6 +61,7 @@ def convert(
     calibration: dict[str, np.ndarray] | None,
     input_names: list[str],
     signature_outputs: list[str],
+    sparse: bool = False,
 ) -> Artifact:
     """Converts the SavedModel with one recipe and writes `out_path`.
 
@@ -68,6 +69,8 @@ def convert(
         calibration: model input name -> (N, ...) arrays, fed one sample at a time to calibrate.
         input_names: the serving signature's input keys (the model input names).
         signature_outputs: the serving signature's output keys, in model output order.
+        sparse: also apply `Optimize.EXPERIMENTAL_SPARSITY` (sparse-encoded weight tensors for
+            pruned models; smaller fp32 files, while int8 files can grow).
 
     Raises:
         ConversionError: the converter refused the model with this recipe.
@@ -86,6 +89,8 @@ def convert(
     try:
         c = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=["serving_default"])
         configure(c, representative)
+        if sparse:
+            c.optimizations = [*c.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
         with native_quiet():
             data = c.convert()
     except Exception as e:
@@ -96,6 +101,6 @@ def convert(
         format="tflite",
         path=out_path,
         precision=precision,
-        source="tflite-converter",
+        source="tflite-converter(sparsity)" if sparse else "tflite-converter",
         io={"inputs": {k: k for k in input_names}, "outputs": list(signature_outputs)},
     ).measure()

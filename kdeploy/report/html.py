@@ -236,7 +236,7 @@ def size_plot(rd: dict, colors: dict[str, str]) -> str:
         color = colors.get(name, "#777")
         svg.text(left - 8, y + row_h / 2 + 4, f"{name} · {a.get('format')}", anchor="end", size=12)
         raw, gz = a["size_bytes"], a.get("gzip_bytes")
-        svg.rect(sx(0), y + 5, sx(raw) - sx(0), 11, color, 0.95, title=f"{name} {a.get('format')}: {raw:,} bytes")
+        svg.rect(sx(0), y + 5, sx(raw) - sx(0), 11, color, 1.0, title=f"{name} {a.get('format')}: {raw:,} bytes")
         if gz is not None:
             svg.rect(sx(0), y + 17, sx(gz) - sx(0), 11, color, 0.4, title=f"{name} {a.get('format')} gzip: {gz:,} bytes")
         svg.text(width - right + 8, y + row_h / 2 + 4,
@@ -416,6 +416,11 @@ def _value_html(v: Any) -> str:
     if isinstance(v, list):
         if all(not isinstance(x, (dict, list)) for x in v):
             return _e(", ".join(fmt_value(x) for x in v))
+        if all(isinstance(x, dict) and not any(isinstance(y, (dict, list)) for y in x.values()) for x in v):
+            keys = list(dict.fromkeys(k for x in v for k in x))
+            head = "".join(f"<th>{_e(k)}</th>" for k in keys)
+            body = "".join("<tr>" + "".join(f"<td>{_e(fmt_value(x.get(k)))}</td>" for k in keys) + "</tr>" for x in v)
+            return f"<table><tr>{head}</tr>{body}</table>"
         return f"<pre>{_e(json.dumps(v, indent=2, default=str))}</pre>"
     return _e(fmt_value(v))
 

@@ -87,6 +87,9 @@ class LatencyOut(_M):
     noisy: bool = Field(False, description="cv above the profile's timing.noisy_cv: the host was busy or the timer coarse.")
     remeasured: bool = Field(False, description="Measured again, with twice the iterations, before a budget verdict.")
     measured_on: str | None = Field(None, description="The host the figure was measured on (not the target device).")
+    interleaved_with: list[str] | None = Field(
+        None, description="Candidates timed round-robin with this one in one process, so host load hit them alike."
+    )
 
 
 class RobustnessOut(_M):
@@ -103,6 +106,7 @@ class RobustnessOut(_M):
     mean_norm_err: float | None
     max_abs_err: float | None
     passed: bool | None = Field(None, description="Verdict against the profile's robustness minimums; None when none set.")
+    detail: str = ""
 
 
 class Check(_M):
@@ -129,6 +133,11 @@ class Candidate(_M):
         None, description="Analytic lower-bound latency on the profile's device (an estimate, not a measurement)"
     )
     robustness: list[RobustnessOut] = []
+    optimization: dict[str, Any] | None = Field(
+        None, description="Pruning/clustering candidates: technique, bridge check (max_abs_diff vs atol), fine-tuning "
+                          "(targets, loss, epochs, loss_first/last), per-layer figures, and `tflite`: sparsity and unique "
+                          "weight values counted in the exported .tflite weight buffers",
+    )
 
 
 class Report(_M):
@@ -149,8 +158,14 @@ class Report(_M):
     command: list[str] = []
     seed: int
     duration_s: float
+    reproducibility: dict[str, Any] = Field(
+        default_factory=dict,
+        description="How to re-run this exactly (shell command, working directory, seed, input hashes) and which "
+                    "outputs are byte-identical across runs and which are not (with the reason)",
+    )
 
     _staging: Path | None = PrivateAttr(default=None)
+    _mlflow: Any = PrivateAttr(default=None)  # kdeploy.registry.GateRecord when gated from an MLflow URI
 
     def candidate(self, name: str) -> Candidate:
         return next(c for c in self.candidates if c.name == name)
@@ -187,8 +202,11 @@ def check_out_dir(out: Path) -> None:
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"--out {out}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: parent folder {parent} is not writable")
+    try:  # os.access is not enough: root passes it on read-only or pseudo filesystems (e.g. /sys)
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.probe-", dir=parent).cleanup()
+    except OSError as e:
+        raise UsageError(f"--out {out}: parent folder {parent} is not writable ({e.strerror or e}); "
+                         "allowed: a folder in a writable location") from None
 
 
 def make_staging(out: Path | None) -> Path:

@@ -1,8 +1,21 @@
-"""Report renderings: JSON and Markdown (HTML and JUnit are registered the same way)."""
+"""Report renderings, one registry line per format: JSON, Markdown, HTML, JUnit XML."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+
+def _html(report) -> str:
+    from kdeploy.report.html import render
+
+    return render(report)
+
+
+def _junit(report) -> str:
+    from kdeploy.report.junit import render
+
+    return render(report)
 
 
 def _writers() -> dict:
@@ -10,7 +23,14 @@ def _writers() -> dict:
     return {
         "json": ("report.json", lambda r: r.to_json() + "\n"),
         "md": ("report.md", markdown),
+        "html": ("report.html", _html),
+        "junit": ("report.junit.xml", _junit),
     }
+
+
+def file_name(fmt: str) -> str:
+    """The file a report format is written to (e.g. `html` -> `report.html`)."""
+    return _writers()[fmt][0]
 
 
 def validate_formats(formats) -> None:
@@ -53,7 +73,7 @@ def candidate_rows(report) -> list[dict]:
     rt = report.target["runtimes"][0]
     rows = []
     for c in report.candidates:
-        art = next((a for a in c.artifacts if a.format == {"litert": "tflite", "onnxruntime": "onnx"}[rt]), None)
+        art = next((a for a in c.artifacts if a.format == _runtime_format(rt)), None)
         top1 = [f.top1_agreement for f in c.fidelity if f.reference == "keras" and f.top1_agreement is not None]
         cos = [f.cosine_min for f in c.fidelity if f.reference == "keras" and f.cosine_min is not None]
         errs = [f.max_abs_err for f in c.fidelity if f.reference == "keras" and f.max_abs_err is not None]
@@ -75,31 +95,80 @@ def candidate_rows(report) -> list[dict]:
 
 
 def markdown(report) -> str:
+    """Concise Markdown for a pull request or a CI job summary: verdict, table, what failed.
+
+    Selection reasons and informational findings are folded into `<details>` blocks.
+    """
+    from kdeploy.report.figures import fmt_value
+
     verdict = "READY" if report.ready else "NOT READY"
     m = report.model
+    name = Path(m.path).name
+    facts = f"`{name}` ({m.format}" + (f", {m.params:,} params" if m.params else "") + f", sha256 `{m.sha256[:12]}`)"
+    data = report.data or {}
     lines = [
         f"# kdeploy: {verdict} for `{report.target['name']}`",
         "",
-        f"- Model: `{Path(m.path).name}` ({m.format}, {m.params:,} params, sha256 `{m.sha256[:12]}`)" if m.params else f"- Model: `{Path(m.path).name}` ({m.format})",
-        f"- Selected: **{report.selected}**" if report.selected else "- Selected: none (no candidate passed every check)",
-        f"- Data: {report.data['source']} ({report.data['calibration_samples']} calibration / {report.data['validation_samples']} validation samples)",
-        f"- Host: {report.host.get('cpu', '?')}, {report.host.get('cores', '?')} cores",
+        (f"Selected **{report.selected}** for {facts}." if report.selected else
+         f"No candidate passed every check for {facts}."),
+        f"Data: {data.get('source', '?')} ({data.get('calibration_samples', '?')} calibration / "
+        f"{data.get('validation_samples', '?')} validation samples"
+        + (", **synthetic**" if data.get("synthetic") else "") + f"); host: {report.host.get('cpu', '?')}, "
+        f"{report.host.get('cores', '?')} cores.",
         "",
         "| candidate | size | gzip | top-1 vs Keras | cosine min | max abs err | p50 | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in candidate_rows(report):
-        name = f"**{r['name']}** (selected)" if r["selected"] else r["name"]
+        cell = f"**{r['name']}** ★" if r["selected"] else r["name"]
         verdict_cell = "pass" if r["passed"] else f"FAIL: {r['why']}"
-        lines.append(f"| {name} | {r['size']} | {r['gzip']} | {r['top1']} | {r['cosine']} | {r['max_abs']} | {r['p50']} | {verdict_cell} |")
-    if report.selection.get("reasons"):
-        lines += ["", "## Selection", "", f"Objective: {report.selection.get('objective')}.", ""]
-        lines += [f"- `{k}`: {v}" for k, v in report.selection["reasons"].items()]
+        lines.append(f"| {cell} | {r['size']} | {r['gzip']} | {r['top1']} | {r['cosine']} | {r['max_abs']} | {r['p50']} "
+                     f"| {_md_cell(verdict_cell)} |")
     failed = [(c.name, k) for c in report.candidates for k in c.checks if not k.passed]
     if failed:
-        lines += ["", "## Failed checks", ""]
-        lines += [f"- `{n}` {k.name}: {k.detail or f'{k.value} (limit {k.limit})'}" for n, k in failed[:40]]
-    if report.findings:
-        lines += ["", "## Findings", ""]
-        lines += [f"- **{f.severity}** `{f.code}`: {f.message}" for f in report.findings]
+        lines += ["", "**Failed checks**", ""]
+        lines += [f"- `{n}` {k.name}: {fmt_value(k.value)} vs limit {fmt_value(k.limit)}"
+                  + (f" ({k.detail})" if k.detail else "") for n, k in failed[:12]]
+        if len(failed) > 12:
+            lines.append(f"- … and {len(failed) - 12} more (see report.json)")
+    serious = [f for f in report.findings if f.severity in ("error", "warning")]
+    if serious:
+        lines += ["", "**Findings**", ""]
+        lines += [f"- **{f.severity}** `{f.code}`: {f.message}" for f in serious]
+    reasons = report.selection.get("reasons") or {}
+    if reasons:
+        lines += ["", "<details><summary>Why this candidate</summary>", "",
+                  f"Objective: {report.selection.get('objective')}.", ""]
+        lines += [f"- `{k}`: {v}" for k, v in reasons.items()]
+        lines += ["", "</details>"]
+    info = [f for f in report.findings if f.severity not in ("error", "warning")]
+    if info:
+        lines += ["", "<details><summary>Notes</summary>", ""]
+        lines += [f"- `{f.code}`: {f.message}" for f in info]
+        lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def append_step_summary(report, environ=None) -> Path | None:
+    """Appends the Markdown report to `$GITHUB_STEP_SUMMARY` when that variable is set.
+
+    Returns:
+        The summary file written to, or None when the variable is unset.
+    """
+    env = os.environ if environ is None else environ
+    path = env.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return None
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(markdown(report) + "\n")
+    return Path(path)
+
+
+def _runtime_format(runtime: str) -> str | None:
+    from kdeploy.runtimes import RUNTIME_FORMATS
+
+    return RUNTIME_FORMATS.get(runtime)

@@ -26,7 +26,7 @@ MIN_ARENA_BYTES = 4 << 20
 
 class TFLMRunner(Runner):
     name = "tflm"
-    framework = "tflite_micro.python.tflite_micro.runtime"
+    framework = ("tflite_micro.python.tflite_micro.runtime", "ai_edge_litert.schema_py_generated")
     max_threads = 1
 
     def activate_impl(self) -> None:
@@ -83,7 +83,8 @@ class TFLMRunner(Runner):
         """Tensor arena TFLM allocated for this model (after an `invoke()`), from its recording allocator."""
         with capture_fds() as printed:
             self.it.print_allocations()
-        m = re.search(r"Arena allocation total (\d+) bytes", " ".join(printed()))
+            text = " ".join(printed())
+        m = re.search(r"Arena allocation total (\d+) bytes", text)
         return int(m.group(1)) if m else None
 
     def deactivate_impl(self) -> None:
@@ -107,6 +108,7 @@ def capture_fds():
     sink = tempfile.TemporaryFile()
 
     def lines() -> list[str]:
+        _flush_c_stdio()
         sink.seek(0)
         return sink.read().decode(errors="replace").splitlines()
 
@@ -120,6 +122,15 @@ def capture_fds():
         os.close(saved[0])
         os.close(saved[1])
         sink.close()
+
+
+def _flush_c_stdio() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 def _quantize(x: np.ndarray, d: dict) -> np.ndarray:

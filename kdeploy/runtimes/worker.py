@@ -1,12 +1,18 @@
 """Runs one artifact on one runtime in a child process: outputs, latency, memory.
 
-`python -m kdeploy.runtimes.worker JOB.json` reads the job, writes `outputs.npz` and
-`result.json` beside it, and never imports TensorFlow. The parent survives a crash or hang of a
-runtime (see `run_isolated`).
+`python -m kdeploy.runtimes.worker JOB.json` reads the job, writes `outputs.npz` (and
+`probes.npz` for robustness probes) and `result.json` beside it, and never imports TensorFlow.
+The parent survives a crash or hang of a runtime (see `run_isolated`).
+
+Memory is measured honestly for one process: the runtime's framework and the inputs are loaded
+first, the kernel's peak-RSS counter is reset (`/proc/self/clear_refs`), and the peak of load +
+one batch-1 inference is read before the larger fidelity batches run. Timing runs after that,
+one fresh runner per thread count.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -28,38 +34,86 @@ def _status_kb(key: str) -> int:
     return 0
 
 
+def _reset_peak() -> bool:
+    """Resets VmHWM (peak RSS) to the current RSS; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") <= _status_kb("VmRSS") + 64
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def run_job(job: dict) -> dict:
+    """Loads the artifact on its runtime, runs the fidelity inputs and probes, times it.
+
+    Job keys: `runtime`, `artifact_path`, `io`, `feeds_path`, `outputs_path`, `fidelity` (bool,
+    default True), `fidelity_threads`, `fidelity_batch`, `probes_path` (npz keyed
+    `probe/input`, optional), `threads`, `batch_sizes`, `timing` (kwargs of `measure`).
+    """
     from kdeploy.profiling import measure, summarize
     from kdeploy.runtimes import runner_for
 
     artifact = SimpleNamespace(path=Path(job["artifact_path"]), io=job["io"])
-    with np.load(job["feeds_path"]) as z:
-        feeds = {k: z[k] for k in z.files}
+    feeds = _load_npz(job["feeds_path"])
+    probes: dict[str, dict[str, np.ndarray]] = {}
+    if job.get("probes_path"):
+        for key, arr in _load_npz(job["probes_path"]).items():
+            probe, _, name = key.partition("/")
+            probes.setdefault(probe, {})[name] = arr
     result: dict = {"latency": [], "memory": {}}
+    runner = runner_for(job["runtime"], artifact, threads=job["fidelity_threads"])
+    framework = getattr(runner, "framework", ())
+    for module in [framework] if isinstance(framework, str) else framework:
+        importlib.import_module(module)  # the framework's import is not the model's memory
+    reset = _reset_peak()
     rss_base = _status_kb("VmRSS")
+    hwm_before = _status_kb("VmHWM")
     t0 = time.perf_counter()
-    with runner_for(job["runtime"], artifact, threads=job["fidelity_threads"]) as runner:
+    with runner:
         load_ms = (time.perf_counter() - t0) * 1e3
+        rss_loaded = _status_kb("VmRSS")
         one = {k: v[:1] for k, v in feeds.items()}
         t1 = time.perf_counter()
         runner.infer(one)
         first_ms = (time.perf_counter() - t1) * 1e3
-        outputs = runner.infer_batched(feeds, batch_size=job.get("fidelity_batch", 64))
-    result["memory"] = {
+        peak = _status_kb("VmHWM")
+        arena = runner.arena_bytes() if hasattr(runner, "arena_bytes") else None
+        if job.get("fidelity", True):
+            outputs = runner.infer_batched(feeds, batch_size=job.get("fidelity_batch", 64))
+            np.savez(job["outputs_path"], *outputs)
+        probe_out = {}
+        for probe, pfeeds in probes.items():
+            for i, y in enumerate(runner.infer_batched(pfeeds, batch_size=job.get("fidelity_batch", 64))):
+                probe_out[f"{probe}/{i}"] = y
+        if probe_out:
+            np.savez(job["outputs_path"].replace("outputs.npz", "probes.npz"), **probe_out)
+    memory = {
         "baseline_rss_mb": rss_base / 1024,
-        "peak_rss_mb": _status_kb("VmHWM") / 1024,
-        "load_and_infer_mb": max(0, _status_kb("VmHWM") - rss_base) / 1024,
+        "peak_rss_mb": peak / 1024,
+        "load_mb": max(0, rss_loaded - rss_base) / 1024,
+        "load_and_infer_mb": max(0, peak - (rss_base if reset else min(rss_base, hwm_before))) / 1024,
     }
+    if arena is not None:
+        memory["arena_bytes"] = float(arena)
+    result["memory"] = memory
+    result["peak_reset"] = reset  # False: peak may include import-time memory (kernel refused the reset)
     result["cold"] = {"load_ms": load_ms, "first_inference_ms": first_ms}
-    np.savez(job["outputs_path"], *outputs)
     n = len(next(iter(feeds.values())))
+    max_threads = getattr(runner, "max_threads", None)
     for threads in job.get("threads", []):
+        if max_threads is not None and threads > max_threads:
+            continue  # a single-threaded runtime: more threads would time the same thing again
         for batch in job.get("batch_sizes", []):
             if batch > n:
                 continue
             fb = {k: v[:batch] for k, v in feeds.items()}
-            with runner_for(job["runtime"], artifact, threads=threads) as runner:
-                times, warmup = measure(runner, fb, **job.get("timing", {}))
+            with runner_for(job["runtime"], artifact, threads=threads) as timed:
+                times, warmup = measure(timed, fb, **job.get("timing", {}))
             stats = summarize(times)
             result["latency"].append({
                 "runtime": job["runtime"], "threads": threads, "batch": batch, **stats,
@@ -67,6 +121,46 @@ def run_job(job: dict) -> dict:
                 "throughput_items_s": batch * 1e3 / stats["mean_ms"] if stats["mean_ms"] > 0 else None,
             })
     return result
+
+
+def run_interleaved(job: dict) -> dict:
+    """Times several artifacts of one runtime round-robin in this process (job `mode` "interleave").
+
+    Close contenders timed one after the other can swap places when the host's load changes
+    between them; timed in alternating rounds, every one sees the same conditions. Job keys:
+    `runtime`, `feeds_path`, `entries` [{`key`, `artifact_path`, `io`, `threads`, `batch`}],
+    `rounds`, `timing` (kwargs of `measure`, for each entry's total).
+    """
+    import contextlib
+    import math
+
+    from kdeploy.profiling import measure, summarize
+    from kdeploy.runtimes import runner_for
+
+    feeds = _load_npz(job["feeds_path"])
+    rounds = max(1, int(job.get("rounds", 4)))
+    t = job["timing"]
+    per_round = {"min_iters": max(1, math.ceil(t["min_iters"] / rounds)), "min_seconds": t["min_seconds"] / rounds,
+                 "max_iters": max(1, t["max_iters"] // rounds), "max_seconds": t["max_seconds"] / rounds}
+    times: dict[str, list[float]] = {e["key"]: [] for e in job["entries"]}
+    with contextlib.ExitStack() as stack:
+        loaded = []
+        for e in job["entries"]:
+            art = SimpleNamespace(path=Path(e["artifact_path"]), io=e["io"])
+            runner = stack.enter_context(runner_for(job["runtime"], art, threads=e["threads"]))
+            loaded.append((e, runner, {k: v[: e["batch"]] for k, v in feeds.items()}))
+        for r in range(rounds):
+            order = loaded if r % 2 == 0 else loaded[::-1]  # alternate so no entry always follows the same one
+            for e, runner, fb in order:
+                got, _ = measure(runner, fb, warmup=t["warmup"] if r == 0 else 1, **per_round)
+                times[e["key"]] += got
+    rows = []
+    for e in job["entries"]:
+        stats = summarize(times[e["key"]])
+        rows.append({"key": e["key"], "runtime": job["runtime"], "threads": e["threads"], "batch": e["batch"], **stats,
+                     "samples": len(times[e["key"]]), "warmup": t["warmup"],
+                     "throughput_items_s": e["batch"] * 1e3 / stats["mean_ms"] if stats["mean_ms"] > 0 else None})
+    return {"latency": rows, "memory": {}, "cold": {}}
 
 
 class RuntimeFailure(Exception):
@@ -77,7 +171,8 @@ def run_isolated(job: dict, job_dir: Path, timeout_s: float = 600.0) -> tuple[li
     """Runs `job` in a child process.
 
     Returns:
-        (outputs in model order, result dict with latency/memory/cold figures).
+        (outputs in model order ([] when the job skipped fidelity), result dict with latency,
+        memory and cold figures, and `probes`: probe -> outputs in model order).
 
     Raises:
         RuntimeFailure: the child crashed (signal), timed out, or reported an exception.
@@ -86,6 +181,8 @@ def run_isolated(job: dict, job_dir: Path, timeout_s: float = 600.0) -> tuple[li
     job = dict(job, outputs_path=str(job_dir / "outputs.npz"))
     job_file = job_dir / "job.json"
     job_file.write_text(json.dumps(job))
+    for stale in ("result.json", "outputs.npz", "probes.npz"):
+        (job_dir / stale).unlink(missing_ok=True)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     try:
         proc = subprocess.run([sys.executable, "-m", "kdeploy.runtimes.worker", str(job_file)],
@@ -94,25 +191,62 @@ def run_isolated(job: dict, job_dir: Path, timeout_s: float = 600.0) -> tuple[li
         raise RuntimeFailure(f"{job['runtime']} did not finish within {timeout_s:.0f} s (killed)") from None
     result_file = job_dir / "result.json"
     if proc.returncode < 0:
-        raise RuntimeFailure(f"{job['runtime']} crashed with signal {-proc.returncode}")
+        import signal
+
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = str(-proc.returncode)
+        raise RuntimeFailure(f"{job['runtime']} crashed with signal {-proc.returncode} ({sig}) on {Path(job['artifact_path']).name}")
     if proc.returncode != 0 or not result_file.is_file():
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()
         raise RuntimeFailure(f"{job['runtime']} failed (exit {proc.returncode}): {tail[-1] if tail else 'no output'}")
     result = json.loads(result_file.read_text())
     if "error" in result:
         raise RuntimeFailure(f"{job['runtime']} raised {result['error']}")
-    with np.load(job["outputs_path"]) as z:
-        outputs = [z[f"arr_{i}"] for i in range(len(z.files))]
+    outputs: list[np.ndarray] = []
+    if Path(job["outputs_path"]).is_file():
+        with np.load(job["outputs_path"]) as z:
+            outputs = [z[f"arr_{i}"] for i in range(len(z.files))]
+    result["probes"] = {}
+    probes_file = job_dir / "probes.npz"
+    if probes_file.is_file():
+        raw = _load_npz(str(probes_file))
+        for key in sorted(raw, key=lambda k: (k.partition("/")[0], int(k.partition("/")[2]))):
+            result["probes"].setdefault(key.partition("/")[0], []).append(raw[key])
     return outputs, result
+
+
+def _test_fault(job: dict) -> None:
+    """Test-only fault injection, so the tests can prove crash isolation on a real child process.
+
+    Honoured only while pytest runs a test (PYTEST_CURRENT_TEST is set) and
+    KDEPLOY_TEST_WORKER_FAULT lists `KIND:RUNTIME:ARTIFACT_FILE_NAME` entries, comma-separated,
+    KIND being `segv` (the child kills itself with SIGSEGV) or `hang` (it sleeps past any timeout).
+    """
+    spec = os.environ.get("KDEPLOY_TEST_WORKER_FAULT")
+    if not spec or "PYTEST_CURRENT_TEST" not in os.environ:
+        return
+    for entry in spec.split(","):
+        kind, _, rest = entry.partition(":")
+        runtime, _, name = rest.partition(":")
+        if runtime == job["runtime"] and name == Path(job["artifact_path"]).name:
+            if kind == "segv":
+                import signal
+
+                os.kill(os.getpid(), signal.SIGSEGV)
+            elif kind == "hang":
+                time.sleep(3600)
 
 
 def main(argv: list[str]) -> int:
     job_file = Path(argv[0])
     job = json.loads(job_file.read_text())
+    _test_fault(job)
     try:
-        result = run_job(job)
+        result = run_interleaved(job) if job.get("mode") == "interleave" else run_job(job)
     except Exception as e:  # reported to the parent as data, not a traceback on its console
-        result = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
+        result = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"}
     (job_file.parent / "result.json").write_text(json.dumps(result))
     return 0
 
