@@ -392,11 +392,13 @@ def _dir_artifact(fmt: str, path: Path, base: Path) -> dict:
 def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     """Runs every artifact on its runtime(s), compares, measures and applies the budgets.
 
-    Each artifact runs in a child process per runtime: fidelity against Keras, cold start
-    (load, first inference), memory, robustness probes (on the target's first runtime) and
-    latency (on the target's runtimes, per thread count and batch size). Runtimes that run the
-    same artifact are compared with each other. Every budget then becomes a check, and a
-    candidate passes when all its checks pass.
+    1. Each artifact runs in a child process per runtime (two at a time on a multi-core host):
+       fidelity against Keras, memory, and the robustness probes on the target's first runtime.
+    2. Latency is measured afterwards, alone: one child process per deployed runtime loads every
+       artifact that ran and times them round-robin (cold load and first inference, then warm
+       runs per thread count and batch size), so changes in host load hit all candidates alike.
+    3. Runtimes that ran the same artifact are compared with each other; every budget becomes a
+       check, and a candidate passes when all its checks pass.
     """
     m, prof = ctx.model, ctx.profile
     feeds_path = ctx.work / "validation.npz"
@@ -413,19 +415,16 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     measured_on = f"host: {host['cpu']}, {host['cores']} cores"
     probes, probes_path = _probe_inputs(ctx, fixed_batch)
     counted = _count_compute(builds)
-    candidates = []
-    peak_not_reset = False
+    candidates: list[Candidate] = []
+    runs = []  # (candidate, build, artifact, runtime, job, job dir)
     for b in builds:
         c = Candidate(name=b.name, recipe=b.recipe, passed=False, errors=list(b.errors), optimization=b.optimization)
-        outputs_by_runtime: dict[str, list[np.ndarray]] = {}
+        candidates.append(c)
         for art in b.artifacts:
             c.artifacts.append(ArtifactOut(format=art.format, path=str(art.path.relative_to(ctx.staging)),
                                            precision=art.precision, source=art.source, size_bytes=art.size_bytes,
                                            gzip_bytes=art.gzip_bytes, sha256=art.sha256))
             for runtime in _runtimes_for(art.format, prof):
-                primary = runtime in prof.runtimes
-                deployed = runtime == prof.runtimes[0]
-                ctx.progress("run", f"{b.name} on {runtime}" + (" (fidelity + latency)" if primary else " (cross-check)"))
                 job = {
                     "runtime": runtime,
                     "artifact_path": str(art.path),
@@ -433,38 +432,43 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
                     "feeds_path": str(feeds_path),
                     "fidelity_threads": 1,
                     "fidelity_batch": fixed_batch or FIDELITY_BATCH,
-                    "probes_path": str(probes_path) if deployed and probes_path else None,
-                    "threads": list(prof.threads) if primary else [],
-                    "batch_sizes": batches if primary else [],
-                    "timing": _timing(prof),
+                    "probes_path": str(probes_path) if runtime == prof.runtimes[0] and probes_path else None,
+                    "threads": [],
+                    "batch_sizes": [],
                 }
-                try:
-                    outs, result = run_isolated(job, ctx.work / f"{b.name}-{runtime}", timeout_s=prof.timing.timeout_s)
-                except RuntimeFailure as e:
-                    c.checks.append(Check(name=f"runs on {runtime}", value="failed", limit="runs", passed=False,
-                                          detail=str(e)))
-                    ctx.finding("error", "runtime-failure", f"candidate {b.name}: {e}")
-                    if runtime == "tflm":
-                        _tflm_finding(ctx, b.name, str(e))
-                    continue
-                outputs_by_runtime[runtime] = outs
-                c.memory[runtime] = result["memory"]
-                c.cold[runtime] = result["cold"]
-                peak_not_reset |= not result.get("peak_reset", True)
-                c.latency += [_latency_out(row, prof, measured_on) for row in result["latency"]]
-                tol = b.tolerance or prof.tolerances[art.precision]
-                for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=runtime,
-                                 reference="keras", precision=art.precision):
-                    _add_fidelity(c, f, tol)
-                for probe, got in result.get("probes", {}).items():
-                    desc, _, ref = probes[probe]
-                    c.robustness += [RobustnessOut(**row) for row in
-                                     agreement(probe, desc, runtime, ref, got, names, m.output_kinds, prof.robustness)]
-        _cross_compare(ctx, c, b, outputs_by_runtime, names)
-        c.compute = counted.get(b.name, {})
-        candidates.append(c)
-    _confirm_latency(ctx, list(zip(candidates, builds)), feeds_path)
+                runs.append((c, b, art, runtime, job, ctx.work / f"{b.name}-{runtime}"))
+    labels = [f"{c.name} on {rt}" + (" (fidelity)" if rt in prof.runtimes else " (cross-check)")
+              for c, _, _, rt, _, _ in runs]
+    results = _run_parallel(ctx, [(label, job, d) for label, (_, _, _, _, job, d) in zip(labels, runs)])
+    outputs: dict[str, dict[str, list[np.ndarray]]] = {c.name: {} for c in candidates}
+    ran: dict[str, list[tuple[Candidate, Artifact]]] = {rt: [] for rt in prof.runtimes}
+    peak_not_reset = False
+    for (c, b, art, runtime, _, _), res in zip(runs, results):
+        if isinstance(res, RuntimeFailure):
+            c.checks.append(Check(name=f"runs on {runtime}", value="failed", limit="runs", passed=False, detail=str(res)))
+            ctx.finding("error", "runtime-failure", f"candidate {b.name}: {res}")
+            if runtime == "tflm":
+                _tflm_finding(ctx, b.name, str(res))
+            continue
+        outs, result = res
+        outputs[c.name][runtime] = outs
+        c.memory[runtime] = result["memory"]
+        peak_not_reset |= not result.get("peak_reset", True)
+        if runtime in ran:
+            ran[runtime].append((c, art))
+        tol = b.tolerance or prof.tolerances[art.precision]
+        for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=runtime,
+                         reference="keras", precision=art.precision):
+            _add_fidelity(c, f, tol)
+        for probe, got in result.get("probes", {}).items():
+            desc, _, ref = probes[probe]
+            c.robustness += [RobustnessOut(**row) for row in
+                             agreement(probe, desc, runtime, ref, got, names, m.output_kinds, prof.robustness)]
+    for runtime, entries in ran.items():
+        _time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on)
     for c, b in zip(candidates, builds):
+        _cross_compare(ctx, c, b, outputs[c.name], names)
+        c.compute = counted.get(b.name, {})
         _budget_checks(ctx, c, b)
         c.estimate = _estimate(c, b, prof, measured_on)
         c.passed = bool(c.checks) and all(k.passed for k in c.checks) and not c.errors
@@ -477,60 +481,95 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     return candidates
 
 
-# At most this many close contenders (profile timing.confirm_spread) are timed again round-robin.
-CONFIRM_MAX = 4
+# Fidelity/probe child processes run at most this many at a time (never more than the host's
+# cores). Latency is never timed while anything else runs.
+PARALLEL_RUNS = 2
 
 
-def _confirm_latency(ctx: Context, pairs: list[tuple[Candidate, Build]], feeds_path: Path) -> None:
-    """Times the close contenders for the fastest again, interleaved in one process, before any verdict.
+def _run_parallel(ctx: Context, jobs: list[tuple[str, dict, Path]]) -> list:
+    """Runs worker jobs, up to PARALLEL_RUNS at a time; returns (outputs, result) or the RuntimeFailure, in order.
 
-    Only candidates that ran and agree with Keras take part (nothing else can be selected). Their
-    rows on the deployed runtime at the smallest batch, for every thread count, are replaced by
-    the interleaved figures (each entry gets twice the profile's timing, spread over rounds).
+    Progress is reported from the calling thread, as each job starts.
     """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    timeout = ctx.profile.timing.timeout_s
+
+    def one(job, job_dir):
+        try:
+            return run_isolated(job, job_dir, timeout_s=timeout)
+        except RuntimeFailure as e:
+            return e
+
+    width = max(1, min(PARALLEL_RUNS, os.cpu_count() or 1))
+    results: list = [None] * len(jobs)
+    pending = list(enumerate(jobs))
+    with ThreadPoolExecutor(width) as pool:
+        running: dict = {}
+        while pending or running:
+            while pending and len(running) < width:
+                i, (label, job, job_dir) = pending.pop(0)
+                ctx.progress("run", label)
+                running[pool.submit(one, job, job_dir)] = i
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                results[running.pop(f)] = f.result()
+    return results
+
+
+def _time_candidates(ctx: Context, runtime: str, entries: list[tuple[Candidate, Artifact]], batches: list[int],
+                     feeds_path: Path, measured_on: str) -> None:
+    """Times every artifact that ran on `runtime`, round-robin in one child process; records cold and warm figures.
+
+    Falls back to one timing process per artifact when the shared one fails (a runtime that
+    crashes on one artifact must not cost the others their figures).
+    """
+    if not entries:
+        return
     prof = ctx.profile
-    rt = prof.runtimes[0]
-    pct = prof.budgets.latency_percentile
-    eligible = []
-    for c, b in pairs:
-        lat = budget_latency(c, prof)
-        if lat is not None and not c.errors and all(k.passed for k in c.checks):
-            eligible.append((getattr(lat, f"{pct}_ms"), c, b))
-    if len(eligible) < 2:
-        return
-    eligible.sort(key=lambda e: e[0])
-    spread = prof.timing.confirm_spread
-    contenders = [(c, b) for v, c, b in eligible if v <= eligible[0][0] * spread][:CONFIRM_MAX]
-    if len(contenders) < 2 or spread <= 1:
-        return
-    names = [c.name for c, _ in contenders]
-    entries, rows = [], {}
-    for c, b in contenders:
-        art = next((a for a in b.artifacts if a.format == RUNTIME_FORMATS[rt]), None)
-        batch = min(l.batch for l in c.latency if l.runtime == rt)
-        for l in c.latency:
-            if art is not None and l.runtime == rt and l.batch == batch:
-                key = f"{c.name}@{l.threads}"
-                rows[key] = (c, l)
-                entries.append({"key": key, "artifact_path": str(art.path), "io": art.io, "threads": l.threads,
-                                "batch": batch})
-    ctx.progress("confirm", f"timing {', '.join(names)} again, round-robin in one process")
-    job = {"mode": "interleave", "runtime": rt, "feeds_path": str(feeds_path), "entries": entries, "rounds": 4,
-           "timing": _timing(prof, 2.0)}
+    n = len(ctx.validation)
+    from kdeploy.runtimes import runner_for
+
+    max_threads = getattr(runner_for(runtime, None), "max_threads", None)  # not loaded: just the class's limits
+    threads = [t for t in prof.threads if max_threads is None or t <= max_threads] or [1]
+    plan = [{"key": f"{c.name}@{t}@{bs}", "name": c.name, "artifact_path": str(art.path), "io": art.io,
+             "threads": t, "batch": bs}
+            for c, art in entries for t in threads for bs in batches if bs <= n]
+    by_name = {c.name: c for c, _ in entries}
+    ctx.progress("latency", f"timing {len(entries)} candidate(s) on {runtime}, round-robin in one process")
+    job = {"mode": "interleave", "runtime": runtime, "feeds_path": str(feeds_path), "entries": plan,
+           "rounds": INTERLEAVE_ROUNDS, "timing": _timing(prof)}
     try:
-        _, result = run_isolated(job, ctx.work / "confirm-latency", timeout_s=prof.timing.timeout_s)
+        _, result = run_isolated(job, ctx.work / f"latency-{runtime}", timeout_s=prof.timing.timeout_s)
     except RuntimeFailure as e:
-        ctx.finding("warning", "latency-confirm-failed", f"timing the fastest candidates again failed ({e})")
+        ctx.finding("warning", "latency-interleave-failed",
+                    f"timing all candidates on {runtime} in one process failed ({e}); timed one by one instead")
+        for c, art in entries:
+            ctx.progress("latency", f"{c.name} on {runtime}")
+            one = {"runtime": runtime, "artifact_path": str(art.path), "io": art.io, "feeds_path": str(feeds_path),
+                   "fidelity": False, "fidelity_threads": 1, "threads": list(prof.threads), "batch_sizes": batches,
+                   "timing": _timing(prof)}
+            try:
+                _, res = run_isolated(one, ctx.work / f"latency-{runtime}-{c.name}", timeout_s=prof.timing.timeout_s)
+            except RuntimeFailure as e2:
+                c.checks.append(Check(name=f"latency on {runtime}", value="failed", limit="runs", passed=False,
+                                      detail=str(e2)))
+                continue
+            c.cold[runtime] = res["cold"]
+            c.latency += [_latency_out(row, prof, measured_on) for row in res["latency"]]
         return
-    measured_on = next(l.measured_on for _, l in rows.values())
+    timed_with = [c.name for c, _ in entries]
+    for name, cold in result["cold"].items():
+        by_name[name].cold[runtime] = {k: float(v) for k, v in cold.items()}
     for row in result["latency"]:
-        c, old = rows[row.pop("key")]
-        new = _latency_out(row, prof, measured_on or "", remeasured=True)
-        new.interleaved_with = [n for n in names if n != c.name]
-        c.latency[c.latency.index(old)] = new
-    ctx.finding("info", "latency-confirmed",
-                f"the {len(names)} fastest candidates ({', '.join(names)}) were timed again round-robin in one "
-                f"process on {rt}, so changes in host load affect them alike; their figures replace the first ones")
+        name = row.pop("key").rsplit("@", 2)[0]
+        out = _latency_out(row, prof, measured_on)
+        out.interleaved_with = [x for x in timed_with if x != name]
+        by_name[name].latency.append(out)
+
+
+# Rounds of the round-robin timing: each entry's samples are spread over this many visits.
+INTERLEAVE_ROUNDS = 4
 
 
 def _runtimes_for(fmt: str, prof: TargetProfile) -> list[str]:
@@ -753,7 +792,7 @@ def _budget_checks(ctx: Context, c: Candidate, b: Build) -> None:
                                   detail=f"not measured: no latency on {deployed}"))
         else:
             v = getattr(lat, f"{pct}_ms")
-            note = f"; timed again round-robin with {', '.join(lat.interleaved_with)}" if lat.interleaved_with else ""
+            note = f"; timed round-robin with {', '.join(lat.interleaved_with)}" if lat.interleaved_with else ""
             # The row the verdict rests on is measured again while it is near the limit (the margin
             # widens to its cv when it is noisy); a re-measured row may lose its place to another
             # thread count, which is then re-measured too (each row at most once).

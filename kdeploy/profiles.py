@@ -61,17 +61,12 @@ class Timing(_Strict):
     min_seconds: float = Field(0.5, ge=0, le=600, description="Time spent timing at least, seconds.")
     max_iters: int = Field(2000, ge=1, le=1000000, description="Timed runs at most.")
     max_seconds: float = Field(
-        5.0, gt=0, le=3600,
+        3.0, gt=0, le=3600,
         description="Timing stops after this many seconds even below min_iters (a slow candidate; at least 5 runs).",
     )
     timeout_s: float = Field(600, gt=0, description="A runtime child process taking longer is killed and fails.")
     noisy_cv: float = Field(
         0.15, gt=0, description="A latency row whose coefficient of variation (std / mean) exceeds this is flagged noisy."
-    )
-    confirm_spread: float = Field(
-        1.5, ge=1,
-        description="Passing candidates within this factor of the fastest latency are timed again round-robin in "
-                    "one process (at most 4), so host load affects them alike; 1 turns this off.",
     )
     remeasure_margin: float = Field(
         0.1, ge=0, le=1,
@@ -87,7 +82,7 @@ class Robustness(_Strict):
     probes: list[Literal["noise", "shift_scale", "edge"]] = Field(
         ["noise", "shift_scale", "edge"], description="Probes to run; the minimums below apply to each of them."
     )
-    samples: int = Field(32, ge=1, le=10000, description="Validation samples perturbed by the noise and shift probes.")
+    samples: int = Field(16, ge=1, le=10000, description="Validation samples perturbed by the noise and shift probes.")
     noise_std: float = Field(0.1, ge=0, description="Gaussian noise std, as a fraction of each input's std over the data.")
     shift: float = Field(0.25, description="Shift probe: add this many standard deviations of the input...")
     scale: float = Field(1.25, gt=0, description="...after multiplying the input by this factor.")

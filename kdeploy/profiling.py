@@ -70,11 +70,11 @@ def summarize(times_ms: list[float] | np.ndarray) -> dict[str, float]:
 
 def measure(runner, feeds: dict[str, np.ndarray], *, warmup: int = 5, min_iters: int = 50,
             min_seconds: float = 0.5, max_iters: int = 2000, max_seconds: float | None = None,
-            clock=time.perf_counter) -> tuple[list[float], int]:
+            min_samples: int = MIN_SAMPLES_AT_TIME_LIMIT, clock=time.perf_counter) -> tuple[list[float], int]:
     """Times `runner.infer(feeds)` after `warmup` untimed calls.
 
     Timed calls continue until both `min_iters` calls and `min_seconds` have passed, and stop
-    at `max_iters` calls or, once `MIN_SAMPLES_AT_TIME_LIMIT` calls are in, at `max_seconds`.
+    at `max_iters` calls or, once `min_samples` calls are in, at `max_seconds`.
 
     Args:
         runner: an entered runner (anything with `infer(feeds)`).
@@ -92,7 +92,7 @@ def measure(runner, feeds: dict[str, np.ndarray], *, warmup: int = 5, min_iters:
         elapsed = clock() - start
         if len(times) >= min_iters and elapsed >= min_seconds:
             break
-        if max_seconds is not None and len(times) >= MIN_SAMPLES_AT_TIME_LIMIT and elapsed >= max_seconds:
+        if max_seconds is not None and len(times) >= min_samples and elapsed >= max_seconds:
             break
         t0 = clock()
         runner.infer(feeds)

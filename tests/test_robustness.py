@@ -83,10 +83,10 @@ def test_agreement_does_not_blame_the_candidate_when_keras_is_non_finite():
 
 
 def test_optimize_gates_on_robustness_minimum_and_reports_every_probe(tmp_path):
-    # int8 agrees with Keras on held-out digits (top-1 1.0) but drifts under input noise
-    # (cosine_mean ~0.998 on the noise probe); fp32 stays at ~1 - 1e-12.
+    # int8 agrees with Keras on held-out digits (top-1 1.0) but drifts under input noise: on the
+    # 32 seeded noise samples its cosine_mean is ~0.998 (one sample drifts); fp32 stays at ~1 - 1e-12.
     profile = make_profile(tmp_path, "cpu-edge", precisions=["fp32", "int8"],
-                           robustness={"min_cosine_mean": 0.99999})
+                           robustness={"min_cosine_mean": 0.99999, "samples": 32})
     report = optimize(FIXTURES / "digits_cnn.keras", profile=profile, data=FIXTURES / "digits.npz")
     for c in report.candidates:
         assert {(r.probe, r.runtime) for r in c.robustness} == {(p, "litert") for p in ("noise", "shift_scale", "edge")}

@@ -128,8 +128,11 @@ def run_interleaved(job: dict) -> dict:
 
     Close contenders timed one after the other can swap places when the host's load changes
     between them; timed in alternating rounds, every one sees the same conditions. Job keys:
-    `runtime`, `feeds_path`, `entries` [{`key`, `artifact_path`, `io`, `threads`, `batch`}],
-    `rounds`, `timing` (kwargs of `measure`, for each entry's total).
+    `runtime`, `feeds_path`, `entries` [{`key`, `name`, `artifact_path`, `io`, `threads`, `batch`}],
+    `rounds`, `timing` (kwargs of `measure`, for each entry's total). Each artifact's first load
+    and first batch-1 inference are its cold figures (`cold`: name -> load_ms, first_inference_ms).
+    An entry more than OUTLIER_FACTOR times slower than the fastest after the first round is timed
+    no further (its `samples` show it); a budget verdict near its limit is re-measured anyway.
     """
     import contextlib
     import math
@@ -143,24 +146,49 @@ def run_interleaved(job: dict) -> dict:
     per_round = {"min_iters": max(1, math.ceil(t["min_iters"] / rounds)), "min_seconds": t["min_seconds"] / rounds,
                  "max_iters": max(1, t["max_iters"] // rounds), "max_seconds": t["max_seconds"] / rounds}
     times: dict[str, list[float]] = {e["key"]: [] for e in job["entries"]}
+    cold: dict[str, dict[str, float]] = {}
+    one = {k: v[:1] for k, v in feeds.items()}
     with contextlib.ExitStack() as stack:
         loaded = []
         for e in job["entries"]:
             art = SimpleNamespace(path=Path(e["artifact_path"]), io=e["io"])
+            t0 = time.perf_counter()
             runner = stack.enter_context(runner_for(job["runtime"], art, threads=e["threads"]))
+            load_ms = (time.perf_counter() - t0) * 1e3
+            t1 = time.perf_counter()
+            runner.infer(one)
+            first_ms = (time.perf_counter() - t1) * 1e3
+            cold.setdefault(e["name"], {"load_ms": load_ms, "first_inference_ms": first_ms})
             loaded.append((e, runner, {k: v[: e["batch"]] for k, v in feeds.items()}))
+        dropped: set[str] = set()
         for r in range(rounds):
             order = loaded if r % 2 == 0 else loaded[::-1]  # alternate so no entry always follows the same one
             for e, runner, fb in order:
-                got, _ = measure(runner, fb, warmup=t["warmup"] if r == 0 else 1, **per_round)
+                if e["key"] in dropped:
+                    continue
+                got, _ = measure(runner, fb, warmup=t["warmup"] if r == 0 else 1, min_samples=2, **per_round)
                 times[e["key"]] += got
+            if r == 0:
+                dropped = _outliers(loaded, times)
     rows = []
     for e in job["entries"]:
         stats = summarize(times[e["key"]])
         rows.append({"key": e["key"], "runtime": job["runtime"], "threads": e["threads"], "batch": e["batch"], **stats,
                      "samples": len(times[e["key"]]), "warmup": t["warmup"],
                      "throughput_items_s": e["batch"] * 1e3 / stats["mean_ms"] if stats["mean_ms"] > 0 else None})
-    return {"latency": rows, "memory": {}, "cold": {}}
+    return {"latency": rows, "memory": {}, "cold": cold}
+
+
+# After the first round, an entry slower than this many times the fastest entry of its batch
+# size is not a contender: it keeps its first-round samples and skips the other rounds.
+OUTLIER_FACTOR = 5.0
+
+
+def _outliers(loaded: list, times: dict[str, list[float]]) -> set[str]:
+    best: dict[int, float] = {}
+    for e, _, _ in loaded:
+        best[e["batch"]] = min(best.get(e["batch"], float("inf")), float(np.median(times[e["key"]])))
+    return {e["key"] for e, _, _ in loaded if np.median(times[e["key"]]) > OUTLIER_FACTOR * best[e["batch"]]}
 
 
 class RuntimeFailure(Exception):
