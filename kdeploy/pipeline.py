@@ -25,7 +25,7 @@ from kdeploy.compare import FidelityResult, compare
 from kdeploy.data import Dataset, load_data, split, synthetic_data
 from kdeploy.errors import ConversionError, UsageError
 from kdeploy.export import Artifact
-from kdeploy.loading import LoadedModel, file_sha256, load_custom_objects, load_model
+from kdeploy.loading import LoadedModel, TensorInfo, file_sha256, load_custom_objects, load_model
 from kdeploy.profiles import TargetProfile, Tolerance, resolve_profile
 from kdeploy.profiling import dominators, is_noisy, near_limit
 from kdeploy.report.model import (
@@ -229,6 +229,9 @@ def _prepare(model, target, profile, data, out, formats, seed, trust, custom_obj
     custom = load_custom_objects(custom_objects) if custom_objects else None
     progress("load", str(model))
     m = load_model(model, trust_custom_code=trust, custom_objects=custom, input_shapes=input_shapes, seed=seed)
+    if prof.static_batch is not None:
+        # Dynamic batch lowers to SHAPE/FILL/REDUCE_PROD ops that TFLite Micro lacks: fix it for conversion.
+        m.inputs = [TensorInfo(t.name, (prof.static_batch,) + tuple(t.shape[1:]), t.dtype) for t in m.inputs]
     ds = load_data(data, m.inputs) if data is not None else synthetic_data(m.inputs, SYNTHETIC_SAMPLES, seed)
     cal, val = split(ds, prof.calibration_samples, seed)
     progress("reference", f"Keras outputs on {len(val)} validation samples")
@@ -313,47 +316,50 @@ def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
     onnx_fp32: Artifact | None = None
     tflite_hashes: dict[str, str] = {}
     art_dir = ctx.staging / "artifacts"
+    keep_tflite = any(RUNTIME_FORMATS[r] == "tflite" for r in wanted)  # litert, tflm
     for precision in prof.precisions:
         b = Build(precision, precision, {"precision": precision, "converter": "tflite"})
         if precision in ("int8", "int16x8"):
             b.recipe["calibration_samples"] = len(ctx.calibration)
         builds.append(b)
-        if "litert" in wanted or "onnxruntime" in wanted:
-            ctx.progress("convert", f"TFLite {precision}")
-            try:
-                tfl = tflite.convert(sm_dir, precision, art_dir / f"{precision}.tflite", calibration,
-                                     [t.name for t in m.inputs], m.signature_outputs)
-            except ConversionError as e:
-                b.errors.append(str(e))
-                continue
-            twin = tflite_hashes.get(tfl.sha256)
-            if twin is not None:
-                # e.g. dynamic range on a model whose weight tensors are all below the converter's
-                # size threshold: nothing was quantized. The same bytes are not a second candidate.
-                tfl.path.unlink()
-                builds.remove(b)
-                ctx.finding("info", "identical-artifact",
-                            f"TFLite {precision} came out byte-identical to {twin} (nothing was quantized); "
-                            f"it is not evaluated as a separate candidate")
-                continue
-            tflite_hashes[tfl.sha256] = precision
-            if "litert" in wanted:
-                b.artifacts.append(tfl)
-        if "onnxruntime" not in wanted:
-            if "litert" not in wanted:
-                tfl.path.unlink()
-            continue
-        ctx.progress("convert", f"ONNX {precision}")
+        # The .tflite is built even for ONNX-only targets: quantized ONNX candidates are converted from it.
+        ctx.progress("convert", f"TFLite {precision}")
         try:
-            if precision == "fp32":
-                onnx_fp32 = onnx_export.from_saved_model(sm_dir, m, art_dir / "fp32.onnx")
-                b.artifacts.append(onnx_fp32)
-            else:
-                b.artifacts.append(onnx_export.from_tflite(tfl, art_dir / f"{precision}.onnx"))
-                b.recipe["onnx"] = "tf2onnx from the same .tflite"
+            tfl = tflite.convert(sm_dir, precision, art_dir / f"{precision}.tflite", calibration,
+                                 [t.name for t in m.inputs], m.signature_outputs)
         except ConversionError as e:
-            _onnx_missing(ctx, b, str(e))
-        if "litert" not in wanted:
+            b.errors.append(str(e))
+            continue
+        twin = tflite_hashes.get(tfl.sha256)
+        if twin is not None:
+            # e.g. dynamic range on a model whose weight tensors are all below the converter's
+            # size threshold: nothing was quantized. The same bytes are not a second candidate.
+            tfl.path.unlink()
+            builds.remove(b)
+            ctx.finding("info", "identical-artifact",
+                        f"TFLite {precision} came out byte-identical to {twin} (nothing was quantized); "
+                        f"it is not evaluated as a separate candidate")
+            continue
+        tflite_hashes[tfl.sha256] = precision
+        if keep_tflite:
+            b.artifacts.append(tfl)
+        if "onnxruntime" in wanted:
+            if precision == "int16x8":
+                # tf2onnx (opsets <= 18) writes int16 QuantizeLinear, which ONNX allows from opset 21
+                # only: ONNX Runtime refuses the graph. Not attempted (it always failed here).
+                _onnx_missing(ctx, b, "tf2onnx cannot express int16 activations in the opsets it supports (<= 18)")
+            else:
+                ctx.progress("convert", f"ONNX {precision}")
+                try:
+                    if precision == "fp32":
+                        onnx_fp32 = onnx_export.from_saved_model(sm_dir, m, art_dir / "fp32.onnx")
+                        b.artifacts.append(onnx_fp32)
+                    else:
+                        b.artifacts.append(onnx_export.from_tflite(tfl, art_dir / f"{precision}.onnx"))
+                        b.recipe["onnx"] = "tf2onnx from the same .tflite"
+                except ConversionError as e:
+                    _onnx_missing(ctx, b, str(e))
+        if not keep_tflite:
             tfl.path.unlink()
     if prof.onnx_quantization and "onnxruntime" in wanted:
         b = Build(ORT_DYNAMIC, "dynamic", {"precision": "dynamic", "converter": "onnxruntime.quantization.quantize_dynamic"})
@@ -1000,17 +1006,19 @@ def _map_outputs(model_names: list[str], artifact_names: list[str], path: Path) 
 
 
 def _tflite_precision(it) -> str:
+    """Precision of a .tflite from its tensors: full-integer graphs may keep float inputs/outputs
+    (with QUANTIZE/DEQUANTIZE at the edges), dynamic-range graphs keep float activations inside."""
     details = it.get_tensor_details()
     types = {np.dtype(d["dtype"]).name for d in details}
-    io_types = {np.dtype(d["dtype"]).name for d in it.get_input_details()}
+    edge = {d["index"] for d in it.get_input_details()} | {d["index"] for d in it.get_output_details()}
+    float_inside = any(np.dtype(d["dtype"]) == np.float32 and d["index"] not in edge and len(d["shape"]) > 1
+                       for d in details)
     if "int16" in types and "int8" in types:
         return "int16x8"
-    if io_types & {"int8", "uint8"} or ("int8" in types and "float32" not in types - {"int32"}):
-        return "int8"
+    if "int8" in types:
+        return "dynamic" if float_inside else "int8"
     if "float16" in types:
         return "fp16"
-    if "int8" in types:
-        return "dynamic"
     return "fp32"
 
 

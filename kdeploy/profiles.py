@@ -188,6 +188,10 @@ class TargetProfile(_Strict):
     onnx_quantization: bool = Field(False, description="Also try onnxruntime dynamic int8 quantization of the ONNX model.")
     threads: list[int] = Field([1], min_length=1, description="Thread counts to measure latency with.")
     batch_sizes: list[int] = Field([1], min_length=1, description="Batch sizes to measure latency with.")
+    static_batch: int | None = Field(
+        None, ge=1, le=4096,
+        description="Convert with this fixed batch size (static shapes everywhere); TFLite Micro needs it.",
+    )
     objective: Literal["size", "gzip_size", "latency"] = Field(
         "size", description="What selection minimizes among passing candidates (then the other of size/latency)."
     )

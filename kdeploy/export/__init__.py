@@ -33,7 +33,7 @@ class Artifact:
     def measure(self) -> "Artifact":
         data = self.path.read_bytes()
         self.size_bytes = len(data)
-        self.gzip_bytes = len(gzip.compress(data, compresslevel=9, mtime=0))
+        self.gzip_bytes = len(gzip.compress(data, compresslevel=6, mtime=0))
         self.sha256 = hashlib.sha256(data).hexdigest()
         return self
 

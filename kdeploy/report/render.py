@@ -124,6 +124,17 @@ def markdown(report) -> str:
         verdict_cell = "pass" if r["passed"] else f"FAIL: {r['why']}"
         lines.append(f"| {cell} | {r['size']} | {r['gzip']} | {r['top1']} | {r['cosine']} | {r['max_abs']} | {r['p50']} "
                      f"| {_md_cell(verdict_cell)} |")
+    if report.selected:
+        lines += _selected_details(report.candidate(report.selected))
+    compressed = [c for c in report.candidates if c.optimization and (c.optimization.get("tflite") or {})]
+    if compressed:
+        lines += ["", "**Pruning / clustering** (counted in the exported .tflite)", "",
+                  "| candidate | sparsity | max unique values per tensor | gzip | passed |", "|---|---|---|---|---|"]
+        for c in compressed:
+            t = c.optimization["tflite"]
+            gz = min((a.gzip_bytes for a in c.artifacts if a.format == "tflite"), default=None)
+            lines.append(f"| {c.name} | {t.get('sparsity', 0):.3f} | {t.get('unique_max', '-')} | {_size(gz)} | "
+                         f"{'yes' if c.passed else 'no'} |")
     failed = [(c.name, k) for c in report.candidates for k in c.checks if not k.passed]
     if failed:
         lines += ["", "**Failed checks**", ""]
@@ -147,6 +158,39 @@ def markdown(report) -> str:
         lines += [f"- `{f.code}`: {f.message}" for f in info]
         lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def _selected_details(c) -> list[str]:
+    """Compute, estimate, memory, cold start and robustness of the selected candidate, in a few lines."""
+    out = ["", f"**Selected `{c.name}`**", ""]
+    comp = c.compute or {}
+    if comp.get("macs") is not None:
+        out.append(f"- Compute: {comp['macs']:,} MACs per inference ({comp.get('source', '?')})")
+    est = c.estimate or {}
+    if est.get("latency_ms_lower_bound") is not None:
+        host = est.get("host_measurement") or {}
+        out.append(f"- Estimate on {est.get('device', 'the device')}: ≥ {est['latency_ms_lower_bound']:.4g} ms "
+                   f"({est.get('bound_by', '?')}-bound lower bound, not a measurement)"
+                   + (f"; measured on {host.get('measured_on', 'this host')}: p50 {host['p50_ms']:.4g} ms"
+                      if host.get("p50_ms") is not None else ""))
+    for rt, mem in (c.memory or {}).items():
+        peak = mem.get("load_and_infer_mb")
+        arena = mem.get("arena_bytes")
+        text = f"- Memory on {rt}: " + (f"{peak:.1f} MiB load + inference" if peak is not None else "")
+        out.append(text + (f", arena {int(arena):,} bytes" if arena else ""))
+    for rt, cold in (c.cold or {}).items():
+        if "load_ms" in cold:
+            out.append(f"- Cold start on {rt}: load {cold['load_ms']:.1f} ms, first inference "
+                       f"{cold.get('first_inference_ms', float('nan')):.2f} ms")
+    if c.robustness:
+        parts = []
+        for r in c.robustness:
+            agree = f"top-1 {r.top1_agreement:.3f}" if r.top1_agreement is not None else (
+                f"cosine {r.cosine_mean:.4f}" if r.cosine_mean is not None else "-")
+            verdict = "" if r.passed is None else (" ok" if r.passed else " FAILED")
+            parts.append(f"{r.probe} ({r.runtime}, {r.output}): {agree}{verdict}")
+        out.append("- Robustness vs Keras: " + "; ".join(parts))
+    return out if len(out) > 3 else []
 
 
 def _md_cell(text: str) -> str:
