@@ -139,20 +139,7 @@ def optimize(
     started = time.perf_counter()
     ctx, out_path = _prepare(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects,
                              input_shapes, progress)
-    try:
-        builds, reference_artifacts = build_candidates(ctx)
-        candidates = evaluate(ctx, builds)
-        report = _make_report(ctx, candidates, reference_artifacts, command, started)
-        report._staging = ctx.staging
-        if out_path is not None:
-            progress("report", str(out_path))
-            report.save(out_path, tuple(formats))
-        return report
-    except BaseException:
-        shutil.rmtree(ctx.staging, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(ctx.work, ignore_errors=True)
+    return _finish(ctx, out_path, build_candidates, formats, command, started)
 
 
 def check(
@@ -185,24 +172,37 @@ def check(
             raise UsageError(f"artifact {p}: not found or not a .tflite/.onnx file (allowed: .tflite, .onnx)")
     ctx, out_path = _prepare(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects,
                              input_shapes, progress)
+    return _finish(ctx, out_path, lambda c: (_external_builds(c, paths, precision), []), formats, command, started)
+
+
+def _external_builds(ctx: Context, paths: list[Path], precision: str | None) -> list[Build]:
+    """One candidate per artifact file, copied into the staging folder."""
+    builds: list[Build] = []
+    for i, p in enumerate(paths):
+        dest = ctx.staging / "artifacts" / f"{i}-{p.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dest)
+        art = external_artifact(dest, ctx.model, precision)
+        if art.precision not in ctx.profile.tolerances:
+            raise UsageError(
+                f"artifact {p.name} has precision {art.precision}, which target {ctx.profile.name} gives no "
+                f"tolerance for (allowed: {', '.join(ctx.profile.tolerances)})"
+            )
+        name = p.stem if p.stem not in [b.name for b in builds] else f"{p.stem}-{i}"
+        builds.append(Build(name, art.precision, {"precision": art.precision, "source": str(p)}, [art]))
+    return builds
+
+
+def _finish(ctx: Context, out_path: Path | None, build: Callable[[Context], tuple[list[Build], list[dict]]],
+            formats: Sequence[str], command: list[str] | None, started: float) -> Report:
+    """Builds, evaluates and reports; on any failure or interruption the staging folder goes too."""
     try:
-        builds = []
-        for i, p in enumerate(paths):
-            dest = ctx.staging / "artifacts" / f"{i}-{p.name}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, dest)
-            art = external_artifact(dest, ctx.model, precision)
-            if art.precision not in ctx.profile.tolerances:
-                raise UsageError(
-                    f"artifact {p.name} has precision {art.precision}, which target {ctx.profile.name} gives no "
-                    f"tolerance for (allowed: {', '.join(ctx.profile.tolerances)})"
-                )
-            builds.append(Build(p.stem if p.stem not in [b.name for b in builds] else f"{p.stem}-{i}", art.precision,
-                                {"precision": art.precision, "source": str(p)}, [art]))
+        builds, reference_artifacts = build(ctx)
         candidates = evaluate(ctx, builds)
-        report = _make_report(ctx, candidates, [], command, started)
+        report = _make_report(ctx, candidates, reference_artifacts, command, started)
         report._staging = ctx.staging
         if out_path is not None:
+            ctx.progress("report", str(out_path))
             report.save(out_path, tuple(formats))
         return report
     except BaseException:
