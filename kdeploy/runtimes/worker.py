@@ -180,15 +180,19 @@ def run_interleaved(job: dict) -> dict:
 
 
 # After the first round, an entry slower than this many times the fastest entry of its batch
-# size is not a contender: it keeps its first-round samples and skips the other rounds.
+# size (and slower by at least OUTLIER_MIN_MS: below that, timing it fully costs nothing and a
+# 2-sample median of a microsecond call is noise) is not a contender: it keeps its first-round
+# samples and skips the other rounds.
 OUTLIER_FACTOR = 5.0
+OUTLIER_MIN_MS = 1.0
 
 
 def _outliers(loaded: list, times: dict[str, list[float]]) -> set[str]:
     best: dict[int, float] = {}
     for e, _, _ in loaded:
         best[e["batch"]] = min(best.get(e["batch"], float("inf")), float(np.median(times[e["key"]])))
-    return {e["key"] for e, _, _ in loaded if np.median(times[e["key"]]) > OUTLIER_FACTOR * best[e["batch"]]}
+    return {e["key"] for e, _, _ in loaded
+            if np.median(times[e["key"]]) > max(OUTLIER_FACTOR * best[e["batch"]], best[e["batch"]] + OUTLIER_MIN_MS)}
 
 
 class RuntimeFailure(Exception):
