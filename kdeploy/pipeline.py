@@ -331,14 +331,16 @@ def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
             b.errors.append(str(e))
             continue
         twin = tflite_hashes.get(tfl.sha256)
+        if twin is None and precision != "fp32" and _tflite_precision_of(tfl.path) == "fp32" and "fp32" in tflite_hashes.values():
+            twin = "fp32"
         if twin is not None:
             # e.g. dynamic range on a model whose weight tensors are all below the converter's
-            # size threshold: nothing was quantized. The same bytes are not a second candidate.
+            # size threshold (1024 elements): nothing was quantized. Not a second candidate.
             tfl.path.unlink()
             builds.remove(b)
             ctx.finding("info", "identical-artifact",
-                        f"TFLite {precision} came out byte-identical to {twin} (nothing was quantized); "
-                        f"it is not evaluated as a separate candidate")
+                        f"TFLite {precision} quantized nothing (every weight tensor is below the converter's "
+                        f"threshold), so it is the {twin} model again; not evaluated as a separate candidate")
             continue
         tflite_hashes[tfl.sha256] = precision
         if keep_tflite:
@@ -1003,6 +1005,12 @@ def _map_outputs(model_names: list[str], artifact_names: list[str], path: Path) 
     if set(model_names) <= set(artifact_names):
         return list(model_names)
     return sorted(artifact_names, key=_natural_key) if all(a.startswith("output_") for a in artifact_names) else artifact_names
+
+
+def _tflite_precision_of(path: Path) -> str:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return _tflite_precision(Interpreter(model_path=str(path)))
 
 
 def _tflite_precision(it) -> str:
