@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdeploy.compress.prune import MHA_KERNELS, RNN_CLASSES, kernel_size
+from kdeploy.compress.prune import MHA_KERNELS, RNN_CLASSES, WRAP, kernel_size, wrap_per_layer
 
 
 def wrap(model: Any, *, clusters: int, min_layer_weights: int) -> tuple[Any, list[str], list[dict]]:
@@ -26,36 +26,24 @@ def wrap(model: Any, *, clusters: int, min_layer_weights: int) -> tuple[Any, lis
     import tensorflow_model_optimization as tfmot
     from tensorflow_model_optimization.python.core.clustering.keras.clustering_registry import ClusteringRegistry
 
-    done: list[str] = []
-    skipped: list[dict] = []
     init = tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS
 
-    def clone_fn(layer):
+    def decide(layer):
         cls = type(layer).__name__
-        if not layer.trainable_weights:
-            return layer  # nothing to prune or cluster (pooling, Normalization statistics ...)
-        reason = None
         if cls in RNN_CLASSES:
-            reason = "recurrent layers are left unclustered (their gate kernels lose too much)"
-        elif not ClusteringRegistry.supports(layer):
-            reason = "not supported by TFMOT's ClusteringRegistry"
-        else:
-            names = MHA_KERNELS if cls == "MultiHeadAttention" else ClusteringRegistry._LAYERS_WEIGHTS_MAP.get(type(layer), [])
-            size = kernel_size(layer, names)
-            if not names or size == 0:
-                return layer
-            if size < max(min_layer_weights, clusters + 1):
-                reason = f"{size} weights < min_layer_weights {min_layer_weights}"
-        if reason:
-            skipped.append({"layer": layer.name, "class": cls, "reason": reason})
-            return layer
-        done.append(layer.name)
-        return tfmot.clustering.keras.cluster_weights(layer, number_of_clusters=clusters, cluster_centroids_init=init)
+            return "recurrent layers are left unclustered (their gate kernels lose too much)"
+        if not ClusteringRegistry.supports(layer):
+            return "not supported by TFMOT's ClusteringRegistry"
+        names = MHA_KERNELS if cls == "MultiHeadAttention" else ClusteringRegistry._LAYERS_WEIGHTS_MAP.get(type(layer), [])
+        size = kernel_size(layer, names)
+        if not names or size == 0:
+            return None
+        if size < max(min_layer_weights, clusters + 1):
+            return f"{size} weights < min_layer_weights {min_layer_weights}"
+        return WRAP
 
-    import tf_keras
-
-    wrapped = tf_keras.models.clone_model(model, clone_function=clone_fn)
-    return wrapped, done, skipped
+    return wrap_per_layer(model, decide, lambda layer: tfmot.clustering.keras.cluster_weights(
+        layer, number_of_clusters=clusters, cluster_centroids_init=init))
 
 
 def callbacks() -> list:

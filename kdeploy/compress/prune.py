@@ -56,39 +56,61 @@ def wrap(model: Any, *, sparsity: float | None, m_by_n: tuple[int, int] | None, 
     target = 0.5 if m_by_n else float(sparsity)
     schedule = tfmot.sparsity.keras.PolynomialDecay(initial_sparsity=0.0, final_sparsity=target, begin_step=0,
                                                     end_step=max(1, end_step), frequency=1)
-    pruned: list[str] = []
+
+    def decide(layer):
+        cls = type(layer).__name__
+        if cls in RNN_CLASSES:
+            return "TFMOT's pruning wrapper leaves recurrent weights dense with tf_keras 2.21"
+        if not PruneRegistry.supports(layer):
+            return "not supported by TFMOT's PruneRegistry"
+        names = MHA_KERNELS if PruneRegistry._is_mha_layer(layer) else PruneRegistry._weight_names(layer)
+        size = kernel_size(layer, names)
+        if not names or size == 0:
+            return None  # nothing to prune (BatchNormalization, DepthwiseConv2D ...)
+        if size < min_layer_weights:
+            return f"{size} weights < min_layer_weights {min_layer_weights}"
+        if m_by_n and (cls not in M_BY_N_CLASSES or int(layer.kernel.shape[-2]) % m_by_n[1]):
+            return (f"{m_by_n[0]}:{m_by_n[1]} sparsity needs a Dense/Conv2D kernel whose input channels are a "
+                    f"multiple of {m_by_n[1]}")
+        return WRAP
+
+    kwargs = {"sparsity_m_by_n": m_by_n} if m_by_n else {}
+    return wrap_per_layer(model, decide,
+                          lambda layer: tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule, **kwargs))
+
+
+WRAP = "wrap"
+
+
+def wrap_per_layer(model: Any, decide, wrap_layer) -> tuple[Any, list[str], list[dict]]:
+    """Clones a tf_keras model, wrapping each layer with trainable weights that `decide` accepts.
+
+    Args:
+        decide: layer -> WRAP, None (leave it alone: nothing to wrap) or a reason to leave it alone
+            (reported in the skipped list).
+        wrap_layer: layer -> the TFMOT-wrapped layer.
+
+    Returns:
+        (wrapped model, names of the wrapped layers, [{layer, class, reason}] for layers left alone).
+    """
+    import tf_keras
+
+    done: list[str] = []
     skipped: list[dict] = []
 
     def clone_fn(layer):
-        cls = type(layer).__name__
         if not layer.trainable_weights:
             return layer  # nothing to prune or cluster (pooling, Normalization statistics ...)
-        reason = None
-        if cls in RNN_CLASSES:
-            reason = "TFMOT's pruning wrapper leaves recurrent weights dense with tf_keras 2.21"
-        elif not PruneRegistry.supports(layer):
-            reason = "not supported by TFMOT's PruneRegistry"
-        else:
-            names = MHA_KERNELS if PruneRegistry._is_mha_layer(layer) else PruneRegistry._weight_names(layer)
-            size = kernel_size(layer, names)
-            if not names or size == 0:
-                return layer  # nothing to prune (BatchNormalization, DepthwiseConv2D ...)
-            if size < min_layer_weights:
-                reason = f"{size} weights < min_layer_weights {min_layer_weights}"
-            elif m_by_n and (cls not in M_BY_N_CLASSES or int(layer.kernel.shape[-2]) % m_by_n[1]):
-                reason = (f"{m_by_n[0]}:{m_by_n[1]} sparsity needs a Dense/Conv2D kernel whose input channels are a "
-                          f"multiple of {m_by_n[1]}")
-        if reason:
-            skipped.append({"layer": layer.name, "class": cls, "reason": reason})
+        verdict = decide(layer)
+        if verdict is None:
             return layer
-        pruned.append(layer.name)
-        kwargs = {"sparsity_m_by_n": m_by_n} if m_by_n else {}
-        return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule, **kwargs)
+        if verdict != WRAP:
+            skipped.append({"layer": layer.name, "class": type(layer).__name__, "reason": verdict})
+            return layer
+        done.append(layer.name)
+        return wrap_layer(layer)
 
-    import tf_keras
-
-    wrapped = tf_keras.models.clone_model(model, clone_function=clone_fn)
-    return wrapped, pruned, skipped
+    return tf_keras.models.clone_model(model, clone_function=clone_fn), done, skipped
 
 
 def callbacks() -> list:
