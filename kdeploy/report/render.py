@@ -28,11 +28,6 @@ def _writers() -> dict:
     }
 
 
-def file_name(fmt: str) -> str:
-    """The file a report format is written to (e.g. `html` -> `report.html`)."""
-    return _writers()[fmt][0]
-
-
 def validate_formats(formats) -> None:
     """Raises UsageError naming unknown report formats and the allowed ones."""
     bad = [f for f in formats if f not in _writers()]
