@@ -724,12 +724,12 @@ def _latency_findings(ctx: Context, candidates: list[Candidate], measured_on: st
 
 
 def _add_fidelity(c: Candidate, f: FidelityResult, tol: Tolerance) -> None:
-    c.fidelity.append(FidelityOut(**{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-                                     for k, v in f.to_dict().items()}))
-    value = {"max_abs_err": f.max_abs_err, "cosine_min": f.cosine_min}
-    if f.top1_agreement is not None:
-        value["top1_agreement"] = f.top1_agreement
-    value = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in value.items()}
+    out = FidelityOut(**{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                         for k, v in f.to_dict().items()})  # NaN/Inf are not JSON: reported as null
+    c.fidelity.append(out)
+    value = {"max_abs_err": out.max_abs_err, "cosine_min": out.cosine_min}
+    if out.top1_agreement is not None:
+        value["top1_agreement"] = out.top1_agreement
     c.checks.append(Check(name=f"fidelity {f.runtime} vs {f.reference} [{f.output}]", value=value,
                           limit=tol.model_dump(exclude_none=True), passed=f.passed, detail=f.detail))
 
