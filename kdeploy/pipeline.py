@@ -89,6 +89,7 @@ class Context:
     progress: Progress
     findings: list[Finding] = field(default_factory=list)
     selection: dict[str, Any] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=lambda: _host())  # read once: CPU, cores, library versions
 
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))
@@ -419,8 +420,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
                     f"profile were reduced to {batches or [fixed_batch]}")
         batches = batches or [fixed_batch]
     names = [t.name for t in m.outputs]
-    host = _host()
-    measured_on = f"host: {host['cpu']}, {host['cores']} cores"
+    measured_on = f"host: {ctx.host['cpu']}, {ctx.host['cores']} cores"
     probes, probes_path = _probe_inputs(ctx, fixed_batch)
     counted = _count_compute(builds)
     candidates: list[Candidate] = []
@@ -1064,7 +1064,7 @@ def _make_report(ctx: Context, candidates: list[Candidate], reference_artifacts:
             outputs=[TensorSpecOut(**t.to_dict()) for t in m.outputs], output_kinds=m.output_kinds,
         ),
         target=ctx.profile.model_dump(mode="json"),
-        host=_host(),
+        host=ctx.host,
         data={"source": ctx.data.source, "synthetic": ctx.data.synthetic, "samples": len(ctx.data),
               "calibration_samples": len(ctx.calibration), "validation_samples": len(ctx.validation),
               "split": "disjoint random split (seeded)"},
