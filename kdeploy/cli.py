@@ -212,13 +212,13 @@ def optimize(
     """
 
     def body() -> int:
-        import kdeploy
+        from kdeploy.api import is_registry_uri, optimize as run
 
-        registry = kdeploy.is_registry_uri(model)
+        registry = is_registry_uri(model)
         if not registry and mlflow_experiment is not None:
             raise UsageError(f"--mlflow-experiment needs an MLflow URI as MODEL (models:/NAME/VERSION or runs:/...); "
                              f"received {model!r}")
-        report = kdeploy.optimize(
+        report = run(
             model, target=target, profile=profile, data=data, out=out_dir, formats=_formats(format), seed=seed,
             trust_custom_code=trust_custom_code, custom_objects=custom_objects, input_shapes=_shapes(input_shape),
             progress=_progress(quiet), command=_command(),
@@ -259,7 +259,7 @@ def check(
     """Gate artifacts that were built elsewhere against the reference model and a target."""
 
     def body() -> int:
-        from kdeploy.pipeline import check as run
+        from kdeploy.api import check as run
         from kdeploy.profiles import PRECISIONS
 
         if precision is not None and precision not in PRECISIONS:

@@ -13,19 +13,13 @@ could possibly be, not how fast it will be; it is always labelled an estimate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# TensorType code -> (name, bytes per element); 4-bit and 2-bit types are packed.
-_TYPES: dict[int, tuple[str, float]] = {
-    0: ("float32", 4), 1: ("float16", 2), 2: ("int32", 4), 3: ("uint8", 1), 4: ("int64", 8), 5: ("string", 1),
-    6: ("bool", 1), 7: ("int16", 2), 8: ("complex64", 8), 9: ("int8", 1), 10: ("float64", 8),
-    11: ("complex128", 16), 12: ("uint64", 8), 13: ("resource", 0), 14: ("variant", 0), 15: ("uint32", 4),
-    16: ("uint16", 2), 17: ("int4", 0.5), 18: ("bfloat16", 2), 19: ("int2", 0.25),
-}
+from kdeploy.artifacts.flatbuffer import OpLite, TensorLite, TfliteGraph, read_tflite_file
+
 # Ops costing about one operation per output element (element-wise arithmetic and activations).
 _ELEMENTWISE = {
     "ADD", "SUB", "MUL", "DIV", "SQUARED_DIFFERENCE", "MAXIMUM", "MINIMUM", "RELU", "RELU6", "RELU_N1_TO_1",
@@ -41,108 +35,6 @@ _PRECISION_CLASSES: dict[str, tuple[str, ...]] = {
     "int8": ("int8", "fp32"),
     "int16x8": ("int16", "int8", "fp32"),
 }
-
-
-@dataclass
-class TensorLite:
-    shape: tuple[int, ...]
-    dtype: str
-    itemsize: float
-    constant: bool
-
-    @property
-    def elements(self) -> int:
-        return int(np.prod(self.shape)) if self.shape else 1
-
-    @property
-    def nbytes(self) -> float:
-        return self.elements * self.itemsize
-
-
-@dataclass
-class OpLite:
-    name: str
-    inputs: list[int]
-    outputs: list[int]
-    options: Any = None
-
-
-@dataclass
-class TfliteGraph:
-    """The primary subgraph of a `.tflite` model: its ops, tensors and serving signature."""
-
-    ops: list[OpLite]
-    tensors: list[TensorLite]
-    inputs: list[int]
-    outputs: list[int]
-    subgraphs: int
-    signature: dict[str, dict[str, int]] = field(default_factory=dict)  # inputs/outputs: name -> position
-
-
-def _op_names() -> dict[int, str]:
-    from ai_edge_litert import schema_py_generated as fb
-
-    return {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_") and isinstance(v, int)}
-
-
-def read_tflite(data: bytes) -> TfliteGraph:
-    """Parses a `.tflite` flatbuffer (primary subgraph).
-
-    Args:
-        data: the model file's bytes.
-
-    Returns:
-        A TfliteGraph; `signature` maps the serving signature's input and output names to their
-        positions in the subgraph's input and output lists (empty when there is no signature).
-
-    Raises:
-        ValueError: the bytes are not a TFLite model.
-    """
-    from ai_edge_litert import schema_py_generated as fb
-
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
-    m = fb.Model.GetRootAs(data, 0)
-    names = _op_names()
-    codes = []
-    for i in range(m.OperatorCodesLength()):
-        oc = m.OperatorCodes(i)
-        code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
-        custom = oc.CustomCode()
-        codes.append(custom.decode() if code == fb.BuiltinOperator.CUSTOM and custom else names.get(code, str(code)))
-    sg = m.Subgraphs(0)
-    tensors = []
-    for i in range(sg.TensorsLength()):
-        t = sg.Tensors(i)
-        name, size = _TYPES.get(t.Type(), (str(t.Type()), 4))
-        buf = m.Buffers(t.Buffer()) if t.Buffer() < m.BuffersLength() else None
-        constant = buf is not None and (buf.DataLength() > 0 or buf.Offset() > 1)
-        shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
-        tensors.append(TensorLite(shape=shape, dtype=name, itemsize=size, constant=constant))
-    ops = []
-    for i in range(sg.OperatorsLength()):
-        op = sg.Operators(i)
-        options = None
-        if codes[op.OpcodeIndex()] == "BATCH_MATMUL" and op.BuiltinOptions() is not None:
-            options = fb.BatchMatMulOptions()
-            options.Init(op.BuiltinOptions().Bytes, op.BuiltinOptions().Pos)
-            options = (bool(options.AdjX()), bool(options.AdjY()))
-        ops.append(OpLite(codes[op.OpcodeIndex()], [int(x) for x in op.InputsAsNumpy()] if op.InputsLength() else [],
-                          [int(x) for x in op.OutputsAsNumpy()] if op.OutputsLength() else [], options))
-    g_in = [int(x) for x in sg.InputsAsNumpy()] if sg.InputsLength() else []
-    g_out = [int(x) for x in sg.OutputsAsNumpy()] if sg.OutputsLength() else []
-    signature: dict[str, dict[str, int]] = {}
-    for s in range(m.SignatureDefsLength()):
-        sd = m.SignatureDefs(s)
-        if sd.SignatureKey() in (b"serving_default", None) or m.SignatureDefsLength() == 1:
-            signature = {
-                "inputs": {sd.Inputs(j).Name().decode(): g_in.index(sd.Inputs(j).TensorIndex())
-                           for j in range(sd.InputsLength()) if sd.Inputs(j).TensorIndex() in g_in},
-                "outputs": {sd.Outputs(j).Name().decode(): g_out.index(sd.Outputs(j).TensorIndex())
-                            for j in range(sd.OutputsLength()) if sd.Outputs(j).TensorIndex() in g_out},
-            }
-            break
-    return TfliteGraph(ops, tensors, g_in, g_out, m.SubgraphsLength(), signature)
 
 
 def _op_macs(op: OpLite, t: list[TensorLite]) -> int:
@@ -236,7 +128,7 @@ def graph_compute(graph: TfliteGraph, artifact: str | None = None) -> dict[str, 
 def tflite_compute(path: str | Path) -> dict[str, Any]:
     """`graph_compute` of a `.tflite` file."""
     path = Path(path)
-    return graph_compute(read_tflite(path.read_bytes()), path.name)
+    return graph_compute(read_tflite_file(path), path.name)
 
 
 def estimate_latency(compute: dict[str, Any], precision: str, device) -> dict[str, Any] | None:

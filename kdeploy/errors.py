@@ -29,12 +29,6 @@ class DataError(UsageError):
     """Input data does not fit the model."""
 
 
-class InternalError(KdeployError):
-    """A bug or an environment failure (exit 3)."""
-
-    exit_code = 3
-
-
 class ConversionError(KdeployError):
     """A converter failed on a model it should handle (exit 3 when nothing could be built)."""
 

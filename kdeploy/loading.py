@@ -10,17 +10,17 @@ tf_keras (its legacy loader executes Lambda bytecode). Code from a model file ru
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from kdeploy.errors import ModelLoadError, UnsafeModelError, UsageError
+from kdeploy.util import file_sha256, natural_key
 
 KERAS_SUFFIXES = (".keras",)
 H5_SUFFIXES = (".h5", ".hdf5")
@@ -82,7 +82,7 @@ class LoadedModel:
 
 def import_frameworks() -> None:
     """Imports TensorFlow and Keras once, with their start-up log chatter on fd 2 silenced."""
-    from kdeploy.export import native_quiet
+    from kdeploy.util import native_quiet
 
     with native_quiet():
         import keras  # noqa: F401
@@ -103,20 +103,6 @@ def call_keras(keras_model: Any, args: list, model: "LoadedModel") -> list:
     if isinstance(out, dict):  # functional model built with dict outputs
         return [out[t.name] for t in model.outputs]
     return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
-    h = hashlib.sha256()
-    if path.is_dir():
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(str(p.relative_to(path)).encode() + b"\0")
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    else:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def detect_format(path: Path) -> str:
@@ -320,7 +306,7 @@ def _load_savedmodel(path: Path, sha: str) -> LoadedModel:
     fn = sigs["serving_default"]
     in_specs = fn.structured_input_signature[1]
     out_specs = fn.structured_outputs
-    out_keys = sorted(out_specs, key=_natural_key)
+    out_keys = sorted(out_specs, key=natural_key)
     inputs = [TensorInfo(k, tuple(s.shape), s.dtype.name) for k, s in sorted(in_specs.items())]
     outputs = [TensorInfo(k, tuple(out_specs[k].shape), out_specs[k].dtype.name) for k in out_keys]
     params = sum(int(np.prod(v.shape)) for v in getattr(sm, "variables", []) if v.trainable) or None
@@ -335,10 +321,6 @@ def _load_savedmodel(path: Path, sha: str) -> LoadedModel:
         signature_outputs=out_keys,
         params=params,
     )
-
-
-def _natural_key(s: str) -> list:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
 
 
 def _resolve_input_shapes(inputs: list[TensorInfo], overrides: dict[str, tuple[int, ...]]) -> list[TensorInfo]:

@@ -14,8 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdeploy.errors import ProfileError
+from kdeploy.runtimes import RUNTIMES
 
-Runtime = Literal["litert", "onnxruntime", "tflm"]
+Runtime = Literal[tuple(RUNTIMES)]  # the runtime registry decides which names exist
 Precision = Literal["fp32", "dynamic", "fp16", "int8", "int16x8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "dynamic", "fp16", "int8", "int16x8")
 
@@ -115,13 +116,6 @@ class Device(_Strict):
 # of their own: agreement with the original model on the validation inputs, not fp32 kernel noise.
 _TFMOT_TOLERANCE = {"max_mean_norm_err": 0.05, "min_cosine_mean": 0.98, "min_top1": 0.97}
 TfmotPrecision = Literal["fp32", "dynamic", "fp16", "int8"]
-
-
-def tfmot_precisions(prof: "TargetProfile", section: "Pruning | Clustering") -> list[str]:
-    """The precisions a pruning/clustering section converts to: its own list, else fp32 and int8 where allowed."""
-    if section.precisions is not None:
-        return list(section.precisions)
-    return [p for p in ("fp32", "int8") if p in prof.precisions] or list(prof.precisions[:1])
 
 
 class FineTune(_Strict):

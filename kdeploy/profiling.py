@@ -9,30 +9,11 @@ run). Load time and the first inference are reported apart (cold), never mixed i
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
 # A run stops at max_seconds only after this many samples: fewer give no usable spread.
 MIN_SAMPLES_AT_TIME_LIMIT = 5
-
-
-@dataclass
-class LatencyResult:
-    runtime: str
-    threads: int
-    batch: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    std_ms: float
-    cv: float
-    samples: int
-    warmup: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def summarize(times_ms: list[float] | np.ndarray) -> dict[str, float]:

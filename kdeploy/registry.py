@@ -292,7 +292,7 @@ def optimize_registered(uri: str, *, tracking_uri: str | None = None, experiment
         UsageError: bad URI, unknown model/version, no model file, mlflow missing (exit 2).
         RegistryError: the store refused a write (exit 3).
     """
-    from kdeploy import _save_data, optimize_local
+    from kdeploy.api import _save_data, optimize_local
     from kdeploy.report.model import check_out_dir
     from kdeploy.report.render import validate_formats
 

@@ -404,7 +404,7 @@ def _inspect_savedmodel(path: Path, limits: ScanLimits) -> ScanResult:
             f"refused to load {path}: {outside[0].relative_to(path)} is a symbolic link to "
             f"{outside[0].resolve()} outside the SavedModel; allowed: files inside the directory"
         )
-    from kdeploy.export import native_quiet
+    from kdeploy.util import native_quiet
 
     with native_quiet():
         from tensorflow.core.protobuf import saved_model_pb2
@@ -550,7 +550,7 @@ def _is_bytecode(s: str) -> bool:
 
 def _keras_class_names() -> frozenset:
     """Class names a legacy `.h5` config may use without a module: Keras' layers and models."""
-    from kdeploy.export import native_quiet
+    from kdeploy.util import native_quiet
 
     with native_quiet():
         import keras

@@ -3,12 +3,12 @@
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
 from kdeploy.errors import ProfileError
-from kdeploy.pipeline import _select, optimize
+from kdeploy.run import optimize
+from kdeploy.run.select import select
 from kdeploy.profiles import load_profile_file, resolve_profile
 from kdeploy.report.model import Candidate, Check, LatencyOut
 
@@ -125,20 +125,18 @@ def _candidate(name, precision, p99, size, fidelity_ok):
 
 
 def test_select_never_takes_a_candidate_that_failed_fidelity_even_if_fastest():
-    ctx = SimpleNamespace(profile=resolve_profile("cpu-server"), selection={})  # objective: latency
     fast = _candidate("int8", "int8", p99=1.0, size=100, fidelity_ok=False)
     slow = _candidate("fp32", "fp32", p99=9.0, size=400, fidelity_ok=True)
-    _select(ctx, [fast, slow])
-    assert ctx.selection["selected"] == "fp32"
-    assert ctx.selection["reasons"]["int8"].startswith("failed: fidelity onnxruntime vs keras")
-    rows = {r["candidate"]: r for r in ctx.selection["pareto"]["rows"]}
+    selection = select([fast, slow], resolve_profile("cpu-server"))  # objective: latency
+    assert selection["selected"] == "fp32"
+    assert selection["reasons"]["int8"].startswith("failed: fidelity onnxruntime vs keras")
+    rows = {r["candidate"]: r for r in selection["pareto"]["rows"]}
     assert rows["int8"]["pareto_optimal"] is None and rows["fp32"]["pareto_optimal"] is True
 
 
 def test_select_says_when_no_candidate_passes():
-    ctx = SimpleNamespace(profile=resolve_profile("cpu-server"), selection={})
-    _select(ctx, [_candidate("int8", "int8", p99=1.0, size=100, fidelity_ok=False)])
-    assert ctx.selection["selected"] is None
+    selection = select([_candidate("int8", "int8", p99=1.0, size=100, fidelity_ok=False)], resolve_profile("cpu-server"))
+    assert selection["selected"] is None
 
 
 @pytest.mark.parametrize("section,values,expected", [

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdeploy.pipeline import optimize
+from kdeploy.run import optimize
 
 from conftest import FIXTURES, ROOT, make_profile
 

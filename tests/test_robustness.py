@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kdeploy.pipeline import optimize
+from kdeploy.run import optimize
 from kdeploy.profiles import Robustness
 from kdeploy.robustness import agreement, make_probes
 

@@ -4,7 +4,6 @@ Every malicious sample is built here, in tmp_path, from a benign fixture or a ti
 """
 
 import base64
-import json
 import marshal
 import os
 import stat

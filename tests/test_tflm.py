@@ -92,7 +92,7 @@ def test_mcu_op_that_tflm_lacks_is_named_in_a_finding(tmp_path):
     hidden = keras.layers.Activation("gelu")(keras.layers.Dense(16)(inp))  # int8 GELU: no TFLM kernel
     model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(hidden))
     model.save(tmp_path / "gelu.keras")
-    from kdeploy.pipeline import optimize
+    from kdeploy.run import optimize
 
     report = optimize(tmp_path / "gelu.keras", profile=make_profile(tmp_path, "mcu"))
     assert not report.ready

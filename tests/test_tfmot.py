@@ -10,9 +10,9 @@ from conftest import FIXTURES, make_profile
 
 keras = pytest.importorskip("keras")
 from kdeploy.errors import ProfileError  # noqa: E402
-from kdeploy.loading import file_sha256  # noqa: E402
+from kdeploy.util import file_sha256  # noqa: E402
 from kdeploy.compress import finetune  # noqa: E402
-from kdeploy.compress.inspect_tflite import weight_stats  # noqa: E402
+from kdeploy.artifacts.flatbuffer import weight_stats  # noqa: E402
 from kdeploy.profiles import load_profile_file, resolve_profile  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def known_weights_savedmodel(tmp_path_factory):
 
 @pytest.mark.parametrize("precision,sparse", [("fp32", False), ("fp32", True), ("int8", False)])
 def test_weight_stats_counts_zeros_and_unique_values_in_the_flatbuffer(known_weights_savedmodel, tmp_path, precision, sparse):
-    from kdeploy.export.tflite import convert
+    from kdeploy.artifacts.tflite import convert
 
     sm, kernel = known_weights_savedmodel
     cal = {"x": np.random.default_rng(1).random((16, 64), dtype=np.float32)}
@@ -120,7 +120,7 @@ def _weights_sha(path):
 
 @pytest.mark.slow
 def test_prune50_by_distillation_keeps_top1_and_leaves_reference_untouched(tmp_path):
-    from kdeploy.pipeline import optimize
+    from kdeploy.run import optimize
 
     model_path = FIXTURES / "digits_cnn.keras"
     with np.load(FIXTURES / "digits.npz") as z:
@@ -160,7 +160,7 @@ def test_prune50_by_distillation_keeps_top1_and_leaves_reference_untouched(tmp_p
 
 @pytest.mark.slow
 def test_unknown_layer_skips_tfmot_recipes_with_a_finding(tmp_path):
-    from kdeploy.pipeline import optimize
+    from kdeploy.run import optimize
 
     x = keras.Input((8,), name="features")
     h = keras.layers.RMSNormalization(name="rms")(keras.layers.Dense(16, name="proj")(x))
@@ -194,7 +194,7 @@ def _constant(interpreter, name):
 def test_structured_2x4_and_clustering_show_in_the_tflite(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
-    from kdeploy.pipeline import optimize
+    from kdeploy.run import optimize
 
     profile = make_profile(tmp_path, "mobile", precisions=["fp32"], crosscheck_runtimes=[], threads=[1],
                            pruning={"sparsities": [], "structured_2x4": True, "sparse_encoding": False},

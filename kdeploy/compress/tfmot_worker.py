@@ -19,7 +19,6 @@ Progress lines go to stdout as `PROGRESS <text>`; the parent relays them.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
@@ -29,12 +28,7 @@ from typing import Any
 
 import numpy as np
 
-PROGRESS_PREFIX = "PROGRESS "
-
-
-def progress(text: str) -> None:
-    print(PROGRESS_PREFIX + text, flush=True)
-
+from kdeploy.child import child_main, progress
 
 def weights_sha256(model: Any) -> str:
     """sha256 over every weight array of a model (names, shapes and bytes)."""
@@ -95,7 +89,7 @@ def layer_stats(model: Any, names: list[str]) -> dict[str, dict]:
 
 def run(job: dict) -> dict:
     """Does the work described by `job`; returns the result dict (see module docstring)."""
-    from kdeploy.export import native_quiet
+    from kdeploy.util import native_quiet
 
     with native_quiet():
         import keras
@@ -158,7 +152,7 @@ def _run_recipe(recipe: dict, job: dict, original: Any, train: list, teacher: li
     import tensorflow as tf
     import tf_keras
 
-    from kdeploy.export import native_quiet
+    from kdeploy.util import native_quiet
     from kdeploy.compress import bridge, cluster, finetune, prune
 
     name, ft = recipe["name"], job["finetune"]
@@ -199,19 +193,6 @@ def _run_recipe(recipe: dict, job: dict, original: Any, train: list, teacher: li
             "finetune": {**tuned, **described}, **schedule}
 
 
-def main(argv: list[str]) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    job_file = Path(argv[0])
-    job = json.loads(job_file.read_text())
-    try:
-        result = run(job)
-    except Exception as e:  # reported to the parent as data, not a traceback on its console
-        result = {"error": _short(e), "recipes": []}
-        if os.environ.get("KDEPLOY_DEBUG"):
-            traceback.print_exc()
-    (job_file.parent / "result.json").write_text(json.dumps(result, default=float))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(child_main(sys.argv[1:], run))

@@ -24,6 +24,28 @@ def runtime_format(runtime: str) -> str | None:
     return RUNTIME_FORMATS.get(runtime)
 
 
+def _get(x: Any, key: str, default: Any = None) -> Any:
+    return x.get(key, default) if isinstance(x, dict) else getattr(x, key, default)
+
+
+# The deployed artifact and the latency row budgets apply to: one rule, used by the checks,
+# selection, console, Markdown, HTML, JUnit, diff and registry alike, on report objects or on
+# their JSON dicts.
+def deployed_artifact(artifacts: list, runtime: str | None) -> Any:
+    """The artifact that would be deployed: the first one in the format of the target's first runtime."""
+    fmt = runtime_format(runtime) if runtime else None
+    return next((a for a in artifacts or [] if _get(a, "format") == fmt), None)
+
+
+def budget_row(latency: list, runtime: str | None, pct: str) -> Any:
+    """The latency row budgets apply to: on `runtime`, the smallest batch, the fastest thread count at `pct`."""
+    rows = [r for r in latency or [] if _get(r, "runtime") == runtime and _get(r, f"{pct}_ms") is not None]
+    if not rows:
+        return None
+    batch = min(_get(r, "batch", 1) for r in rows)
+    return min((r for r in rows if _get(r, "batch", 1) == batch), key=lambda r: _get(r, f"{pct}_ms"))
+
+
 def primary_runtime(rd: dict) -> str | None:
     runtimes = (rd.get("target") or {}).get("runtimes") or []
     return runtimes[0] if runtimes else None
@@ -34,22 +56,13 @@ def latency_percentile(rd: dict) -> str:
 
 
 def primary_artifact(rd: dict, cd: dict) -> dict | None:
-    """The artifact that would be deployed: the one for the target's first runtime."""
-    rt = primary_runtime(rd)
-    fmt = runtime_format(rt) if rt else None
-    arts = cd.get("artifacts") or []
-    return next((a for a in arts if a.get("format") == fmt), None)
+    """`deployed_artifact` of a candidate dict in a report dict."""
+    return deployed_artifact(cd.get("artifacts"), primary_runtime(rd))
 
 
 def budget_latency(rd: dict, cd: dict) -> dict | None:
-    """The latency row budgets apply to: first runtime, smallest batch, fastest thread count."""
-    pct = latency_percentile(rd)
-    rt = primary_runtime(rd)
-    rows = [r for r in cd.get("latency") or [] if r.get("runtime") == rt and r.get(f"{pct}_ms") is not None]
-    if not rows:
-        return None
-    batch = min(r.get("batch", 1) for r in rows)
-    return min((r for r in rows if r.get("batch", 1) == batch), key=lambda r: r[f"{pct}_ms"])
+    """`budget_row` of a candidate dict in a report dict."""
+    return budget_row(cd.get("latency"), primary_runtime(rd), latency_percentile(rd))
 
 
 def budget_latency_ms(rd: dict, cd: dict) -> float | None:

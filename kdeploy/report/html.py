@@ -13,6 +13,7 @@ import math
 from html import escape
 from typing import Any, Iterable
 
+from kdeploy.profiling import pareto_front
 from kdeploy.report.figures import (
     as_dict,
     budget_latency_ms,
@@ -253,15 +254,6 @@ def size_plot(rd: dict, colors: dict[str, str]) -> str:
     return svg.render("plot-size")
 
 
-def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
-    """Names of the points no other point beats on both latency and size (lower is better)."""
-    front = []
-    for n, x, y in points:
-        if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for _, x2, y2 in points):
-            front.append(n)
-    return front
-
-
 def _spread(points: list[tuple[float, float]], min_gap: float, near_x: float) -> list[float]:
     """Label y positions: each point's own y, pushed down where labels of nearby points would overlap."""
     order = sorted(range(len(points)), key=lambda i: (points[i][1], points[i][0]))
@@ -314,7 +306,7 @@ def pareto_plot(rd: dict, colors: dict[str, str]) -> str:
     svg.text(18, (top_m + axis_y) / 2, f"{'gzip ' if gzip else ''}size", anchor="middle", size=12, fill="#44505b",
              rotate=-90)
     passing = [(c["name"], x, y) for c, x, y in pts if c.get("passed")]
-    front = set(pareto_front(passing))
+    front = pareto_front({n: (x, y) for n, x, y in passing})
     fp = sorted(((x, y) for n, x, y in passing if n in front))
     if len(fp) > 1:
         d = f"M{sx(fp[0][0]):.1f} {sy(fp[0][1]):.1f}"

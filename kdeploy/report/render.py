@@ -58,21 +58,19 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
-def primary_latency(c, runtime: str, batch: int = 1):
-    rows = [l for l in c.latency if l.runtime == runtime and l.batch == batch]
-    return min(rows, key=lambda l: l.p50_ms) if rows else None
-
-
 def candidate_rows(report) -> list[dict]:
     """One summary row per candidate, shared by the console table and Markdown."""
+    from kdeploy.report.figures import budget_row, deployed_artifact
+
     rt = report.target["runtimes"][0]
+    pct = report.target["budgets"]["latency_percentile"]
     rows = []
     for c in report.candidates:
-        art = next((a for a in c.artifacts if a.format == _runtime_format(rt)), None)
+        art = deployed_artifact(c.artifacts, rt)
         top1 = [f.top1_agreement for f in c.fidelity if f.reference == "keras" and f.top1_agreement is not None]
         cos = [f.cosine_min for f in c.fidelity if f.reference == "keras" and f.cosine_min is not None]
         errs = [f.max_abs_err for f in c.fidelity if f.reference == "keras" and f.max_abs_err is not None]
-        lat = primary_latency(c, rt)
+        lat = budget_row(c.latency, rt, pct)
         failed = [k.name for k in c.checks if not k.passed]
         rows.append({
             "name": c.name,
@@ -205,9 +203,3 @@ def append_step_summary(report, environ=None) -> Path | None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(markdown(report) + "\n")
     return Path(path)
-
-
-def _runtime_format(runtime: str) -> str | None:
-    from kdeploy.runtimes import RUNTIME_FORMATS
-
-    return RUNTIME_FORMATS.get(runtime)

@@ -11,6 +11,8 @@ class Runner(abc.ABC):
     """Runs one artifact. Use as a context manager; `infer` checks state and calls `infer_impl`."""
 
     name = "runner"
+    framework: str | tuple[str, ...] = ()  # modules imported before a memory baseline is taken
+    max_threads: int | None = None  # None: any thread count; 1 for single-threaded runtimes
 
     def __init__(self, artifact, threads: int = 1):
         self.artifact = artifact
@@ -43,6 +45,10 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    def arena_bytes(self) -> int | None:
+        """Working memory the runtime reports for the loaded model (TFLite Micro's arena), else None."""
+        return None
 
     def deactivate_impl(self) -> None:
         pass

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kdeploy.runtimes.base import Runner
+from kdeploy.runtimes.quant import dequantize, quantize
 
 # Host memory handed to TFLM; it records what it actually uses, which is the figure reported.
 MIN_ARENA_BYTES = 4 << 20
@@ -32,7 +33,7 @@ class TFLMRunner(Runner):
     def activate_impl(self) -> None:
         from tflite_micro.python.tflite_micro import runtime
 
-        from kdeploy.compute import read_tflite
+        from kdeploy.artifacts.flatbuffer import read_tflite
 
         data = Path(self.artifact.path).read_bytes()
         graph = read_tflite(data)
@@ -64,7 +65,7 @@ class TFLMRunner(Runner):
         for s in range(n):
             for model_name, pos in self.in_pos.items():
                 d = self.in_details[pos]
-                x = _quantize(feeds[model_name][s : s + 1], d)
+                x = quantize(feeds[model_name][s : s + 1], d["dtype"], *_scale_zero(d))
                 self.it.set_input(x.reshape(tuple(d["shape"])), pos)
             if not self._checked:  # the first invoke is where TFLM reports kernel problems
                 with capture_fds() as printed:
@@ -76,7 +77,7 @@ class TFLMRunner(Runner):
             else:
                 self.it.invoke()
             for k, pos in enumerate(self.out_pos):
-                outs[k].append(_dequantize(self.it.get_output(pos), self.out_details[k]))
+                outs[k].append(dequantize(self.it.get_output(pos), *_scale_zero(self.out_details[k])))
         return [np.concatenate(o) for o in outs]
 
     def arena_bytes(self) -> int | None:
@@ -133,19 +134,9 @@ def _flush_c_stdio() -> None:
         pass
 
 
-def _quantize(x: np.ndarray, d: dict) -> np.ndarray:
-    dtype = np.dtype(d["dtype"])
+
+def _scale_zero(d: dict) -> tuple[float, int]:
+    """First (per-tensor) scale and zero point of a TFLM tensor detail, or (0, 0) when not quantized."""
     q = d.get("quantization_parameters") or {}
     scales, zeros = q.get("scales", []), q.get("zero_points", [])
-    if np.issubdtype(dtype, np.integer) and np.issubdtype(x.dtype, np.floating) and len(scales):
-        info = np.iinfo(dtype)
-        return np.clip(np.round(x / scales[0] + zeros[0]), info.min, info.max).astype(dtype)
-    return x.astype(dtype, copy=False)
-
-
-def _dequantize(y: np.ndarray, d: dict) -> np.ndarray:
-    q = d.get("quantization_parameters") or {}
-    scales, zeros = q.get("scales", []), q.get("zero_points", [])
-    if np.issubdtype(y.dtype, np.integer) and len(scales):
-        return (y.astype(np.float32) - zeros[0]) * scales[0]
-    return np.array(y)
+    return (float(scales[0]), int(zeros[0])) if len(scales) else (0.0, 0)

@@ -13,15 +13,16 @@ one fresh runner per thread count.
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+from kdeploy.child import ChildFailure, child_main, run_child
+from kdeploy.runtimes.jobs import InterleaveJob, Job, RunJob, job_from_dict, job_to_dict
 
 
 def _status_kb(key: str) -> int:
@@ -48,26 +49,21 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def run_job(job: dict) -> dict:
-    """Loads the artifact on its runtime, runs the fidelity inputs and probes, times it.
-
-    Job keys: `runtime`, `artifact_path`, `io`, `feeds_path`, `outputs_path`, `fidelity` (bool,
-    default True), `fidelity_threads`, `fidelity_batch`, `probes_path` (npz keyed
-    `probe/input`, optional), `threads`, `batch_sizes`, `timing` (kwargs of `measure`).
-    """
+def run_job(job: RunJob) -> dict:
+    """Loads the artifact on its runtime, runs the fidelity inputs and probes, times it (see RunJob)."""
     from kdeploy.profiling import measure, summarize
     from kdeploy.runtimes import runner_for
 
-    artifact = SimpleNamespace(path=Path(job["artifact_path"]), io=job["io"])
-    feeds = _load_npz(job["feeds_path"])
+    artifact = SimpleNamespace(path=Path(job.artifact_path), io=job.io)
+    feeds = _load_npz(job.feeds_path)
     probes: dict[str, dict[str, np.ndarray]] = {}
-    if job.get("probes_path"):
-        for key, arr in _load_npz(job["probes_path"]).items():
+    if job.probes_path:
+        for key, arr in _load_npz(job.probes_path).items():
             probe, _, name = key.partition("/")
             probes.setdefault(probe, {})[name] = arr
     result: dict = {"latency": [], "memory": {}}
-    runner = runner_for(job["runtime"], artifact, threads=job["fidelity_threads"])
-    framework = getattr(runner, "framework", ())
+    runner = runner_for(job.runtime, artifact, threads=job.fidelity_threads)
+    framework = runner.framework
     for module in [framework] if isinstance(framework, str) else framework:
         importlib.import_module(module)  # the framework's import is not the model's memory
     reset = _reset_peak()
@@ -82,16 +78,16 @@ def run_job(job: dict) -> dict:
         runner.infer(one)
         first_ms = (time.perf_counter() - t1) * 1e3
         peak = _status_kb("VmHWM")
-        arena = runner.arena_bytes() if hasattr(runner, "arena_bytes") else None
-        if job.get("fidelity", True):
-            outputs = runner.infer_batched(feeds, batch_size=job.get("fidelity_batch", 64))
-            np.savez(job["outputs_path"], *outputs)
+        arena = runner.arena_bytes()
+        if job.fidelity:
+            outputs = runner.infer_batched(feeds, batch_size=job.fidelity_batch)
+            np.savez(job.outputs_path, *outputs)
         probe_out = {}
         for probe, pfeeds in probes.items():
-            for i, y in enumerate(runner.infer_batched(pfeeds, batch_size=job.get("fidelity_batch", 64))):
+            for i, y in enumerate(runner.infer_batched(pfeeds, batch_size=job.fidelity_batch)):
                 probe_out[f"{probe}/{i}"] = y
         if probe_out:
-            np.savez(job["outputs_path"].replace("outputs.npz", "probes.npz"), **probe_out)
+            np.savez(job.outputs_path.replace("outputs.npz", "probes.npz"), **probe_out)
     memory = {
         "baseline_rss_mb": rss_base / 1024,
         "peak_rss_mb": peak / 1024,
@@ -104,32 +100,31 @@ def run_job(job: dict) -> dict:
     result["peak_reset"] = reset  # False: peak may include import-time memory (kernel refused the reset)
     result["cold"] = {"load_ms": load_ms, "first_inference_ms": first_ms}
     n = len(next(iter(feeds.values())))
-    max_threads = getattr(runner, "max_threads", None)
-    for threads in job.get("threads", []):
+    max_threads = runner.max_threads
+    for threads in job.threads:
         if max_threads is not None and threads > max_threads:
             continue  # a single-threaded runtime: more threads would time the same thing again
-        for batch in job.get("batch_sizes", []):
+        for batch in job.batch_sizes:
             if batch > n:
                 continue
             fb = {k: v[:batch] for k, v in feeds.items()}
-            with runner_for(job["runtime"], artifact, threads=threads) as timed:
-                times, warmup = measure(timed, fb, **job.get("timing", {}))
+            with runner_for(job.runtime, artifact, threads=threads) as timed:
+                times, warmup = measure(timed, fb, **job.timing)
             stats = summarize(times)
             result["latency"].append({
-                "runtime": job["runtime"], "threads": threads, "batch": batch, **stats,
+                "runtime": job.runtime, "threads": threads, "batch": batch, **stats,
                 "samples": len(times), "warmup": warmup,
                 "throughput_items_s": batch * 1e3 / stats["mean_ms"] if stats["mean_ms"] > 0 else None,
             })
     return result
 
 
-def run_interleaved(job: dict) -> dict:
-    """Times several artifacts of one runtime round-robin in this process (job `mode` "interleave").
+def run_interleaved(job: InterleaveJob) -> dict:
+    """Times several artifacts of one runtime round-robin in this process.
 
     Close contenders timed one after the other can swap places when the host's load changes
-    between them; timed in alternating rounds, every one sees the same conditions. Job keys:
-    `runtime`, `feeds_path`, `entries` [{`key`, `name`, `artifact_path`, `io`, `threads`, `batch`}],
-    `rounds`, `timing` (kwargs of `measure`, for each entry's total). Each artifact's first load
+    between them; timed in alternating rounds, every one sees the same conditions (`timing`: kwargs of
+    `measure`, for each entry's total). Each artifact's first load
     and first batch-1 inference are its cold figures (`cold`: name -> load_ms, first_inference_ms).
     An entry more than OUTLIER_FACTOR times slower than the fastest after the first round is timed
     no further (its `samples` show it); a budget verdict near its limit is re-measured anyway.
@@ -140,42 +135,42 @@ def run_interleaved(job: dict) -> dict:
     from kdeploy.profiling import measure, summarize
     from kdeploy.runtimes import runner_for
 
-    feeds = _load_npz(job["feeds_path"])
-    rounds = max(1, int(job.get("rounds", 4)))
-    t = job["timing"]
+    feeds = _load_npz(job.feeds_path)
+    rounds = max(1, int(job.rounds))
+    t = job.timing
     per_round = {"min_iters": max(1, math.ceil(t["min_iters"] / rounds)), "min_seconds": t["min_seconds"] / rounds,
                  "max_iters": max(1, t["max_iters"] // rounds), "max_seconds": t["max_seconds"] / rounds}
-    times: dict[str, list[float]] = {e["key"]: [] for e in job["entries"]}
+    times: dict[str, list[float]] = {e.key: [] for e in job.entries}
     cold: dict[str, dict[str, float]] = {}
     one = {k: v[:1] for k, v in feeds.items()}
     with contextlib.ExitStack() as stack:
         loaded = []
-        for e in job["entries"]:
-            art = SimpleNamespace(path=Path(e["artifact_path"]), io=e["io"])
+        for e in job.entries:
+            art = SimpleNamespace(path=Path(e.artifact_path), io=e.io)
             t0 = time.perf_counter()
-            runner = stack.enter_context(runner_for(job["runtime"], art, threads=e["threads"]))
+            runner = stack.enter_context(runner_for(job.runtime, art, threads=e.threads))
             load_ms = (time.perf_counter() - t0) * 1e3
             t1 = time.perf_counter()
             runner.infer(one)
             first_ms = (time.perf_counter() - t1) * 1e3
-            cold.setdefault(e["name"], {"load_ms": load_ms, "first_inference_ms": first_ms})
-            loaded.append((e, runner, {k: v[: e["batch"]] for k, v in feeds.items()}))
+            cold.setdefault(e.name, {"load_ms": load_ms, "first_inference_ms": first_ms})
+            loaded.append((e, runner, {k: v[: e.batch] for k, v in feeds.items()}))
         dropped: set[str] = set()
         for r in range(rounds):
             order = loaded if r % 2 == 0 else loaded[::-1]  # alternate so no entry always follows the same one
             for e, runner, fb in order:
-                if e["key"] in dropped:
+                if e.key in dropped:
                     continue
                 got, _ = measure(runner, fb, warmup=t["warmup"] if r == 0 else 1, min_samples=2, **per_round)
-                times[e["key"]] += got
+                times[e.key] += got
             if r == 0:
                 dropped = _outliers(loaded, times)
     rows = []
-    for e in job["entries"]:
-        stats = summarize(times[e["key"]])
-        rows.append({"key": e["key"], "runtime": job["runtime"], "threads": e["threads"], "batch": e["batch"], **stats,
-                     "samples": len(times[e["key"]]), "warmup": t["warmup"],
-                     "throughput_items_s": e["batch"] * 1e3 / stats["mean_ms"] if stats["mean_ms"] > 0 else None})
+    for e in job.entries:
+        stats = summarize(times[e.key])
+        rows.append({"key": e.key, "runtime": job.runtime, "threads": e.threads, "batch": e.batch, **stats,
+                     "samples": len(times[e.key]), "warmup": t["warmup"],
+                     "throughput_items_s": e.batch * 1e3 / stats["mean_ms"] if stats["mean_ms"] > 0 else None})
     return {"latency": rows, "memory": {}, "cold": cold}
 
 
@@ -190,17 +185,17 @@ OUTLIER_MIN_MS = 1.0
 def _outliers(loaded: list, times: dict[str, list[float]]) -> set[str]:
     best: dict[int, float] = {}
     for e, _, _ in loaded:
-        best[e["batch"]] = min(best.get(e["batch"], float("inf")), float(np.median(times[e["key"]])))
-    return {e["key"] for e, _, _ in loaded
-            if np.median(times[e["key"]]) > max(OUTLIER_FACTOR * best[e["batch"]], best[e["batch"]] + OUTLIER_MIN_MS)}
+        best[e.batch] = min(best.get(e.batch, float("inf")), float(np.median(times[e.key])))
+    return {e.key for e, _, _ in loaded
+            if np.median(times[e.key]) > max(OUTLIER_FACTOR * best[e.batch], best[e.batch] + OUTLIER_MIN_MS)}
 
 
 class RuntimeFailure(Exception):
     """The runtime crashed, hung or raised; the message says which and how."""
 
 
-def run_isolated(job: dict, job_dir: Path, timeout_s: float = 600.0) -> tuple[list[np.ndarray], dict]:
-    """Runs `job` in a child process.
+def run_isolated(job: Job | dict, job_dir: Path, timeout_s: float = 600.0) -> tuple[list[np.ndarray], dict]:
+    """Runs `job` in a child process (`kdeploy.child.run_child`).
 
     Returns:
         (outputs in model order ([] when the job skipped fidelity), result dict with latency,
@@ -209,36 +204,20 @@ def run_isolated(job: dict, job_dir: Path, timeout_s: float = 600.0) -> tuple[li
     Raises:
         RuntimeFailure: the child crashed (signal), timed out, or reported an exception.
     """
+    job = job_from_dict(job) if isinstance(job, dict) else job
     job_dir.mkdir(parents=True, exist_ok=True)
-    job = dict(job, outputs_path=str(job_dir / "outputs.npz"))
-    job_file = job_dir / "job.json"
-    job_file.write_text(json.dumps(job))
-    for stale in ("result.json", "outputs.npz", "probes.npz"):
+    job.outputs_path = str(job_dir / "outputs.npz")
+    for stale in ("outputs.npz", "probes.npz"):
         (job_dir / stale).unlink(missing_ok=True)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    subject = Path(job.artifact_path).name if isinstance(job, RunJob) else None
     try:
-        proc = subprocess.run([sys.executable, "-m", "kdeploy.runtimes.worker", str(job_file)],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        raise RuntimeFailure(f"{job['runtime']} did not finish within {timeout_s:.0f} s (killed)") from None
-    result_file = job_dir / "result.json"
-    if proc.returncode < 0:
-        import signal
-
-        try:
-            sig = signal.Signals(-proc.returncode).name
-        except ValueError:
-            sig = str(-proc.returncode)
-        raise RuntimeFailure(f"{job['runtime']} crashed with signal {-proc.returncode} ({sig}) on {Path(job['artifact_path']).name}")
-    if proc.returncode != 0 or not result_file.is_file():
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()
-        raise RuntimeFailure(f"{job['runtime']} failed (exit {proc.returncode}): {tail[-1] if tail else 'no output'}")
-    result = json.loads(result_file.read_text())
-    if "error" in result:
-        raise RuntimeFailure(f"{job['runtime']} raised {result['error']}")
+        result = run_child("kdeploy.runtimes.worker", job_to_dict(job), job_dir, timeout_s=timeout_s,
+                           what=job.runtime, subject=subject)
+    except ChildFailure as e:
+        raise RuntimeFailure(str(e)) from None
     outputs: list[np.ndarray] = []
-    if Path(job["outputs_path"]).is_file():
-        with np.load(job["outputs_path"]) as z:
+    if Path(job.outputs_path).is_file():
+        with np.load(job.outputs_path) as z:
             outputs = [z[f"arr_{i}"] for i in range(len(z.files))]
     result["probes"] = {}
     probes_file = job_dir / "probes.npz"
@@ -249,7 +228,7 @@ def run_isolated(job: dict, job_dir: Path, timeout_s: float = 600.0) -> tuple[li
     return outputs, result
 
 
-def _test_fault(job: dict) -> None:
+def _test_fault(job: RunJob) -> None:
     """Test-only fault injection, so the tests can prove crash isolation on a real child process.
 
     Honoured only while pytest runs a test (PYTEST_CURRENT_TEST is set) and
@@ -262,7 +241,7 @@ def _test_fault(job: dict) -> None:
     for entry in spec.split(","):
         kind, _, rest = entry.partition(":")
         runtime, _, name = rest.partition(":")
-        if runtime == job["runtime"] and name == Path(job["artifact_path"]).name:
+        if runtime == job.runtime and name == Path(job.artifact_path).name:
             if kind == "segv":
                 import signal
 
@@ -271,17 +250,13 @@ def _test_fault(job: dict) -> None:
                 time.sleep(3600)
 
 
-def main(argv: list[str]) -> int:
-    job_file = Path(argv[0])
-    job = json.loads(job_file.read_text())
-    _test_fault(job)
-    try:
-        result = run_interleaved(job) if job.get("mode") == "interleave" else run_job(job)
-    except Exception as e:  # reported to the parent as data, not a traceback on its console
-        result = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"}
-    (job_file.parent / "result.json").write_text(json.dumps(result))
-    return 0
+def _run(d: dict) -> dict:
+    job = job_from_dict(d)
+    if isinstance(job, RunJob):
+        _test_fault(job)
+        return run_job(job)
+    return run_interleaved(job)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(child_main(sys.argv[1:], _run))

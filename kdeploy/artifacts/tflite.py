@@ -8,7 +8,9 @@ from typing import Callable
 import numpy as np
 
 from kdeploy.errors import ConversionError
-from kdeploy.export import Artifact, first_error_line, native_quiet
+from kdeploy.recipes import PRECISIONS
+from kdeploy.artifacts import Artifact
+from kdeploy.util import first_error_line, native_quiet
 
 
 def _fp32(c, rep):
@@ -44,13 +46,14 @@ def _int16x8(c, rep):
     c.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
 
 
-# precision -> (converter settings, needs calibration). One line per recipe.
-RECIPES: dict[str, tuple[Callable, bool]] = {
-    "fp32": (_fp32, False),
-    "dynamic": (_dynamic, False),
-    "fp16": (_fp16, False),
-    "int8": (_int8, True),
-    "int16x8": (_int16x8, True),
+# precision -> converter settings. One line per precision of `kdeploy.recipes.PRECISIONS`
+# (which says which of them need calibration data).
+SETTINGS: dict[str, Callable] = {
+    "fp32": _fp32,
+    "dynamic": _dynamic,
+    "fp16": _fp16,
+    "int8": _int8,
+    "int16x8": _int16x8,
 }
 
 
@@ -77,8 +80,8 @@ def convert(
     """
     import tensorflow as tf
 
-    configure, needs_cal = RECIPES[precision]
-    if needs_cal and not calibration:
+    configure = SETTINGS[precision]
+    if PRECISIONS[precision].calibration and not calibration:
         raise ConversionError(f"{precision} needs calibration data")
 
     def representative():

@@ -7,11 +7,11 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Any
 
 from kdeploy.errors import ConversionError
-from kdeploy.export import Artifact, first_error_line, native_quiet
-from kdeploy.export.canonical import canonicalize_onnx
+from kdeploy.artifacts import Artifact
+from kdeploy.util import first_error_line, native_quiet
+from kdeploy.artifacts.canonical import canonicalize_onnx
 from kdeploy.loading import LoadedModel
 
 OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx were verified on here.
@@ -24,12 +24,13 @@ def _quiet():
         yield
 
 
-def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path) -> Artifact:
+def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path, signature_outputs: list[str]) -> Artifact:
     """fp32 ONNX from the serving signature of the reference SavedModel (tf2onnx's `--saved-model` route).
 
     The SavedModel route freezes everything the graph captures. `from_function` on a Keras 3
     model turned captured constants (e.g. a Normalization layer's mean) into extra graph inputs,
-    and `from_keras` fails on some Keras 3 models (STACK.md). ONNX names follow the signature keys.
+    and `from_keras` fails on some Keras 3 models (STACK.md). ONNX names follow the signature keys
+    (`signature_outputs`: the serving signature's output keys, in model output order).
     """
     import tensorflow as tf
     from tf2onnx import tf_loader
@@ -48,7 +49,7 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path) 
         graph_inputs = {i.name for i in proto.graph.input}
         graph_outputs = {o.name for o in proto.graph.output}
         missing = [t.name for t in model.inputs if t.name not in graph_inputs]
-        missing += [k for k in model.signature_outputs if k not in graph_outputs]
+        missing += [k for k in signature_outputs if k not in graph_outputs]
         if missing or len(graph_inputs) != len(model.inputs):
             raise ConversionError(f"ONNX graph names {sorted(graph_inputs)} -> {sorted(graph_outputs)} do not match "
                                   f"the signature (missing {missing})")
@@ -63,7 +64,7 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path) 
         path=out_path,
         precision="fp32",
         source="tf2onnx(saved_model)",
-        io={"inputs": {t.name: t.name for t in model.inputs}, "outputs": list(model.signature_outputs)},
+        io={"inputs": {t.name: t.name for t in model.inputs}, "outputs": list(signature_outputs)},
     ).measure()
 
 

@@ -1,41 +1,29 @@
-"""Exporters: each writes one artifact file and returns an `Artifact` describing it."""
+"""Small helpers shared across layers (no ML framework imports): hashing, converter output."""
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 
-@dataclass
-class Artifact:
-    """One exported file, how to feed it, and what it is.
-
-    `io` maps the model's inputs to the artifact's tensor names and lists the artifact's output
-    names in model output order, so every runner feeds and reads it the same way.
-    """
-
-    format: str  # "tflite" | "onnx"
-    path: Path
-    precision: str
-    source: str  # how it was produced, e.g. "tflite-converter", "tf2onnx(tflite)"
-    io: dict = field(default_factory=dict)
-    size_bytes: int = 0
-    gzip_bytes: int = 0
-    sha256: str = ""
-
-    def measure(self) -> "Artifact":
-        data = self.path.read_bytes()
-        self.size_bytes = len(data)
-        self.gzip_bytes = len(gzip.compress(data, compresslevel=6, mtime=0))
-        self.sha256 = hashlib.sha256(data).hexdigest()
-        return self
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    else:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def first_error_line(e: BaseException, limit: int = 300) -> str:
@@ -68,3 +56,8 @@ def native_quiet():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def natural_key(s: str) -> list:
+    """Sort key that orders embedded numbers numerically (`output_2` before `output_10`)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]

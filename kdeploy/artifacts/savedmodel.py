@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from kdeploy.errors import ConversionError
-from kdeploy.export import first_error_line, native_quiet
+from kdeploy.util import first_error_line, native_quiet
 from kdeploy.loading import LoadedModel, call_keras
 
 RNN_CLASSES = ("LSTM", "GRU", "SimpleRNN")

@@ -1,0 +1,162 @@
+"""Every candidate recipe, declared once: what it is, how it is converted, how its ONNX twin is made.
+
+A recipe is data: the build stage (`kdeploy.run.build`) reads it and calls the converters, the
+evaluation reads its precision and tolerance, the report shows `Recipe.describe`. Families:
+
+- post-training quantization of the reference SavedModel with the TFLite converter, one per
+  precision the profile allows (`precisions`);
+- ONNX Runtime dynamic quantization of the fp32 ONNX model (`onnx_quantization = true`);
+- pruning and weight clustering through TFMOT (`[pruning]`, `[clustering]`): a child process
+  fine-tunes one model per plan row, each converted to the section's precisions (and, for
+  pruning with `sparse_encoding`, a sparse-encoded twin kept when smaller).
+
+Adding a recipe: one row (or one family function) here + one test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kdeploy.profiles import TargetProfile
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    calibration: bool  # needs representative data (integer activations)
+    integer: bool  # integer activations (full-integer graph)
+
+
+# One line per precision the converters know.
+PRECISIONS: dict[str, PrecisionSpec] = {
+    "fp32": PrecisionSpec(calibration=False, integer=False),
+    "dynamic": PrecisionSpec(calibration=False, integer=False),  # int8 weights, float activations
+    "fp16": PrecisionSpec(calibration=False, integer=False),
+    "int8": PrecisionSpec(calibration=True, integer=True),
+    "int16x8": PrecisionSpec(calibration=True, integer=True),
+}
+
+# ONNX routes: "savedmodel" (tf2onnx from the reference SavedModel), "tflite" (tf2onnx from the
+# recipe's own .tflite, so the same quantized graph runs on ONNX Runtime), "ort" (the recipe IS an
+# ONNX model), None (no ONNX twin; `no_onnx` says why).
+NO_INT16_ONNX = "tf2onnx cannot express int16 activations in the opsets it supports (<= 18)"
+# Precisions whose sparse-encoded .tflite LiteRT runs: sparse int8 (prune75-int8 on the digits CNN)
+# failed with "failed to delegate FULLY_CONNECTED ... TfLiteXNNPackDelegate failed to prepare".
+SPARSE_RUNNABLE = ("fp32", "fp16")
+ORT_DYNAMIC = "ort-dynamic"
+
+
+@dataclass(frozen=True)
+class TfmotPlan:
+    """One model the TFMOT child fine-tunes (pruned or clustered); converted by its recipes."""
+
+    name: str  # e.g. "prune50", "prune2x4", "cluster16"
+    technique: str  # "pruning" | "clustering"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def job(self) -> dict[str, Any]:
+        """The row the child process reads (`kdeploy.compress.tfmot_worker`)."""
+        return {"name": self.name, "kind": "prune" if self.technique == "pruning" else "cluster", **self.params}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One candidate: its name, precision, converter, ONNX route and where its model comes from."""
+
+    name: str
+    precision: str
+    technique: str = "ptq"  # "ptq" | "ort-quantization" | "pruning" | "clustering"
+    converter: str = "tflite"  # "tflite" | "onnxruntime.quantization.quantize_dynamic"
+    onnx: str | None = "tflite"
+    no_onnx: str | None = None
+    plan: TfmotPlan | None = None  # the TFMOT model this recipe converts (None: the reference model)
+    sparse: bool = False  # also Optimize.EXPERIMENTAL_SPARSITY; a twin of `twin_of`, kept when smaller
+    twin_of: str | None = None
+
+    @property
+    def calibration(self) -> bool:
+        return self.converter == "tflite" and PRECISIONS[self.precision].calibration
+
+    @property
+    def compressed(self) -> bool:
+        """Pruned or clustered: computes a slightly different function, held to its section's tolerance."""
+        return self.plan is not None
+
+    def describe(self, calibration_samples: int) -> dict[str, Any]:
+        """The recipe as the report states it (`candidates[].recipe`)."""
+        if self.converter != "tflite":
+            return {"precision": self.precision, "converter": self.converter}
+        if self.plan is None:
+            d: dict[str, Any] = {"precision": self.precision, "converter": "tflite"}
+        else:
+            d = {"converter": "tflite", "optimization": self.technique, "precision": self.precision}
+        if self.calibration:
+            d["calibration_samples"] = calibration_samples
+        if self.sparse:
+            d["tflite_optimizations"] = "EXPERIMENTAL_SPARSITY"
+        return d
+
+
+def ptq_recipes(prof: "TargetProfile") -> list[Recipe]:
+    """Post-training quantization of the reference model, one per allowed precision."""
+    out = []
+    for p in prof.precisions:
+        if p == "fp32":
+            out.append(Recipe(p, p, onnx="savedmodel"))
+        elif p == "int16x8":
+            out.append(Recipe(p, p, onnx=None, no_onnx=NO_INT16_ONNX))
+        else:
+            out.append(Recipe(p, p))
+    return out
+
+
+def ort_recipes(prof: "TargetProfile") -> list[Recipe]:
+    """ONNX Runtime dynamic quantization of the fp32 ONNX model, when the profile asks and runs ORT."""
+    wanted = set(prof.runtimes) | set(prof.crosscheck_runtimes)
+    if not (prof.onnx_quantization and "onnxruntime" in wanted):
+        return []
+    return [Recipe(ORT_DYNAMIC, "dynamic", technique="ort-quantization",
+                   converter="onnxruntime.quantization.quantize_dynamic", onnx="ort")]
+
+
+def tfmot_plans(prof: "TargetProfile") -> list[TfmotPlan]:
+    """The models the TFMOT child fine-tunes for this profile, in a fixed order (one per name)."""
+    pr, cl = prof.pruning, prof.clustering
+    common_pr = {"epochs": pr.epochs, "learning_rate": pr.learning_rate, "min_layer_weights": pr.min_layer_weights}
+    plans = [TfmotPlan(f"prune{round(s * 100):d}", "pruning", {"sparsity": s, **common_pr}) for s in pr.sparsities]
+    if pr.structured_2x4:
+        plans.append(TfmotPlan("prune2x4", "pruning", {"m_by_n": [2, 4], **common_pr}))
+    plans += [TfmotPlan(f"cluster{k}", "clustering", {"clusters": k, "epochs": cl.epochs,
+                                                       "learning_rate": cl.learning_rate,
+                                                       "min_layer_weights": cl.min_layer_weights})
+              for k in cl.clusters]
+    return list({p.name: p for p in plans}.values())  # e.g. sparsities [0.5, 0.5]: one candidate
+
+
+def tfmot_precisions(prof: "TargetProfile", technique: str) -> list[str]:
+    """The precisions a pruning/clustering section converts to: its own list, else fp32 and int8 where allowed."""
+    section = prof.pruning if technique == "pruning" else prof.clustering
+    if section.precisions is not None:
+        return list(section.precisions)
+    return [p for p in ("fp32", "int8") if p in prof.precisions] or list(prof.precisions[:1])
+
+
+def tfmot_recipes(prof: "TargetProfile", plan: TfmotPlan) -> list[Recipe]:
+    """The candidates made from one TFMOT model: one per section precision (+ sparse twins)."""
+    wanted = set(prof.runtimes) | set(prof.crosscheck_runtimes)
+    out = []
+    for p in tfmot_precisions(prof, plan.technique):
+        dense = Recipe(f"{plan.name}-{p}", p, technique=plan.technique, plan=plan)
+        out.append(dense)
+        if plan.technique == "pruning" and prof.pruning.sparse_encoding and "litert" in wanted:
+            out.append(Recipe(f"{dense.name}-sparse", p, technique=plan.technique, plan=plan, sparse=True,
+                              twin_of=dense.name))
+    return out
+
+
+def tolerance_for(prof: "TargetProfile", recipe: Recipe):
+    """The recipe's own tolerance vs Keras (pruning/clustering sections), else None: by precision."""
+    if recipe.plan is None:
+        return None
+    return (prof.pruning if recipe.technique == "pruning" else prof.clustering).tolerance

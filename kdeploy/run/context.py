@@ -1,0 +1,91 @@
+"""What one run knows and passes between stages: options, the run context, builds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from kdeploy.artifacts import Artifact
+from kdeploy.data import Dataset
+from kdeploy.loading import LoadedModel
+from kdeploy.profiles import TargetProfile, Tolerance
+from kdeploy.recipes import Recipe
+from kdeploy.report.model import Finding
+
+Progress = Callable[[str, str], None]
+
+
+def no_progress(stage: str, detail: str = "") -> None:
+    pass
+
+
+@dataclass
+class RunOptions:
+    """What the user asked for: the model, the target, the data and how to run (from the CLI or API)."""
+
+    model: str | Path
+    target: str | None = None
+    profile: str | Path | None = None
+    data: str | Path | None = None
+    out: str | Path | None = None
+    formats: Sequence[str] = ("json", "md")
+    seed: int = 0
+    trust_custom_code: bool = False
+    custom_objects: str | Path | None = None
+    input_shapes: dict[str, tuple[int, ...]] | None = None
+    progress: Progress | None = None
+    command: list[str] | None = None
+
+
+@dataclass
+class Build:
+    """A candidate before evaluation: its recipe and the artifacts it produced."""
+
+    name: str
+    precision: str
+    recipe: dict[str, Any]  # as the report states it
+    artifacts: list[Artifact] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    tolerance: Tolerance | None = None  # a recipe's own tolerance vs Keras (pruning/clustering); else by precision
+    optimization: dict[str, Any] | None = None  # what pruning/clustering did, measured (Candidate.optimization)
+    spec: Recipe | None = None  # None for artifacts given to `check`
+
+
+@dataclass
+class Built:
+    """What the build stage hands to evaluation."""
+
+    builds: list[Build]
+    reference_artifacts: list[dict]
+
+
+@dataclass
+class Context:
+    """What one run knows: the model, target, data split, reference outputs and where to write.
+
+    `model.inputs` already carry the profile's static batch (set once, in `prepare`).
+    """
+
+    model: LoadedModel
+    profile: TargetProfile
+    data: Dataset
+    calibration: Dataset
+    validation: Dataset
+    reference: list[np.ndarray]
+    staging: Path
+    work: Path
+    seed: int
+    progress: Progress
+    host: dict[str, Any]
+    findings: list[Finding] = field(default_factory=list)
+
+    def finding(self, severity: str, code: str, message: str) -> None:
+        self.findings.append(Finding(severity=severity, code=code, message=message))
+
+    @property
+    def wanted_runtimes(self) -> list[str]:
+        """Deployed runtimes first, then cross-checks, each once."""
+        return list(dict.fromkeys([*self.profile.runtimes, *self.profile.crosscheck_runtimes]))

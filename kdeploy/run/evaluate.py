@@ -1,0 +1,247 @@
+"""Evaluation: every artifact on every runtime of the target, compared with Keras and with each other.
+
+Fidelity and probe runs happen in child processes (two at a time on a multi-core host); latency
+is timed afterwards, alone (`kdeploy.run.timing`); checks turn the figures into verdicts
+(`kdeploy.run.checks`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdeploy.artifacts import Artifact
+from kdeploy.compare import compare
+from kdeploy.profiles import TargetProfile
+from kdeploy.report.figures import budget_row
+from kdeploy.report.model import ArtifactOut, Candidate, Check, RobustnessOut
+from kdeploy.robustness import agreement, make_probes
+from kdeploy.run.checks import add_fidelity, budget_checks
+from kdeploy.run.context import Build, Context
+from kdeploy.run.timing import latency_findings, settle_budget_latency, time_candidates
+from kdeploy.runtimes import RUNTIME_FORMATS
+from kdeploy.runtimes.jobs import RunJob
+from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
+
+FIDELITY_BATCH = 64
+# Fidelity/probe child processes run at most this many at a time (never more than the host's
+# cores). Latency is never timed while anything else runs.
+PARALLEL_RUNS = 2
+
+
+def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
+    """Runs every artifact on its runtime(s), compares, measures and applies the budgets.
+
+    1. Each artifact runs in a child process per runtime (two at a time on a multi-core host):
+       fidelity against Keras, memory, and the robustness probes on the target's first runtime.
+    2. Latency is measured afterwards, alone: one child process per deployed runtime loads every
+       artifact that ran and times them round-robin (cold load and first inference, then warm
+       runs per thread count and batch size), so changes in host load hit all candidates alike.
+    3. Runtimes that ran the same artifact are compared with each other; every budget becomes a
+       check, and a candidate passes when all its checks pass. Selection is the caller's
+       (`kdeploy.run.select.select`).
+    """
+    m, prof = ctx.model, ctx.profile
+    feeds_path = ctx.work / "validation.npz"
+    np.savez(feeds_path, **ctx.validation.inputs)
+    fixed_batch = m.inputs[0].shape[0]
+    batches = [b for b in prof.batch_sizes if fixed_batch is None or b == fixed_batch]
+    if fixed_batch is not None and batches != list(prof.batch_sizes):
+        ctx.finding("warning", "fixed-batch",
+                    f"the model has a fixed batch size of {fixed_batch}; batch sizes {prof.batch_sizes} of the "
+                    f"profile were reduced to {batches or [fixed_batch]}")
+        batches = batches or [fixed_batch]
+    names = [t.name for t in m.outputs]
+    measured_on = f"host: {ctx.host['cpu']}, {ctx.host['cores']} cores"
+    probes, probes_path = _probe_inputs(ctx, fixed_batch)
+    counted = _count_compute(builds)
+    candidates: list[Candidate] = []
+    runs = []  # (candidate, build, artifact, runtime, job, job dir)
+    for b in builds:
+        c = Candidate(name=b.name, recipe=b.recipe, passed=False, errors=list(b.errors), optimization=b.optimization)
+        candidates.append(c)
+        for art in b.artifacts:
+            c.artifacts.append(ArtifactOut(format=art.format, path=str(art.path.relative_to(ctx.staging)),
+                                           precision=art.precision, source=art.source, size_bytes=art.size_bytes,
+                                           gzip_bytes=art.gzip_bytes, sha256=art.sha256))
+            for runtime in runtimes_for(art.format, prof):
+                job = RunJob(runtime=runtime, artifact_path=str(art.path), io=art.io, feeds_path=str(feeds_path),
+                             fidelity_batch=fixed_batch or FIDELITY_BATCH,
+                             probes_path=str(probes_path) if runtime == prof.runtimes[0] and probes_path else None)
+                runs.append((c, b, art, runtime, job, ctx.work / f"{b.name}-{runtime}"))
+    labels = [f"{c.name} on {rt}" + (" (fidelity)" if rt in prof.runtimes else " (cross-check)")
+              for c, _, _, rt, _, _ in runs]
+    results = _run_parallel(ctx, [(label, job, d) for label, (_, _, _, _, job, d) in zip(labels, runs)])
+    outputs: dict[str, dict[str, list[np.ndarray]]] = {c.name: {} for c in candidates}
+    ran: dict[str, list[tuple[Candidate, Artifact]]] = {rt: [] for rt in prof.runtimes}
+    peak_not_reset = False
+    for (c, b, art, runtime, _, _), res in zip(runs, results):
+        if isinstance(res, RuntimeFailure):
+            c.checks.append(Check(name=f"runs on {runtime}", value="failed", limit="runs", passed=False, detail=str(res)))
+            ctx.finding("error", "runtime-failure", f"candidate {b.name}: {res}")
+            if runtime == "tflm":
+                _tflm_finding(ctx, b.name, str(res))
+            continue
+        outs, result = res
+        outputs[c.name][runtime] = outs
+        c.memory[runtime] = result["memory"]
+        peak_not_reset |= not result.get("peak_reset", True)
+        if runtime in ran:
+            ran[runtime].append((c, art))
+        tol = b.tolerance or prof.tolerances[art.precision]
+        for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=runtime,
+                         reference="keras", precision=art.precision):
+            add_fidelity(c, f, tol)
+        for probe, got in result.get("probes", {}).items():
+            desc, _, ref = probes[probe]
+            c.robustness += [RobustnessOut(**row) for row in
+                             agreement(probe, desc, runtime, ref, got, names, m.output_kinds, prof.robustness)]
+    for runtime, entries in ran.items():
+        time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on)
+    for c, b in zip(candidates, builds):
+        _cross_compare(ctx, c, b, outputs[c.name], names)
+        c.compute = counted.get(b.name, {})
+        budget_checks(c, b, prof, settle_budget_latency(ctx, c, b))
+        c.estimate = _estimate(c, b, prof, measured_on)
+        c.passed = bool(c.checks) and all(k.passed for k in c.checks) and not c.errors
+    if peak_not_reset:
+        ctx.finding("warning", "memory-peak-not-reset",
+                    "the kernel refused to reset the peak-RSS counter (/proc/self/clear_refs): memory figures may "
+                    "include the runtime's import-time peak")
+    latency_findings(ctx, candidates, measured_on)
+    return candidates
+
+
+def _run_parallel(ctx: Context, jobs: list[tuple[str, RunJob, Path]]) -> list:
+    """Runs worker jobs, up to PARALLEL_RUNS at a time; returns (outputs, result) or the RuntimeFailure, in order.
+
+    Progress is reported from the calling thread, as each job starts.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    timeout = ctx.profile.timing.timeout_s
+
+    def one(job, job_dir):
+        try:
+            return run_isolated(job, job_dir, timeout_s=timeout)
+        except RuntimeFailure as e:
+            return e
+
+    width = max(1, min(PARALLEL_RUNS, os.cpu_count() or 1))
+    results: list = [None] * len(jobs)
+    pending = list(enumerate(jobs))
+    with ThreadPoolExecutor(width) as pool:
+        running: dict = {}
+        while pending or running:
+            while pending and len(running) < width:
+                i, (label, job, job_dir) = pending.pop(0)
+                ctx.progress("run", label)
+                running[pool.submit(one, job, job_dir)] = i
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                results[running.pop(f)] = f.result()
+    return results
+
+
+def runtimes_for(fmt: str, prof: TargetProfile) -> list[str]:
+    """Runtimes of the profile (deployed first, then cross-checks) that run artifacts of format `fmt`."""
+    return [rt for rt in dict.fromkeys([*prof.runtimes, *prof.crosscheck_runtimes]) if RUNTIME_FORMATS[rt] == fmt]
+
+
+def _probe_inputs(ctx: Context, fixed_batch: int | None) -> tuple[dict[str, tuple[str, dict, list]], Path | None]:
+    """Robustness probe inputs and Keras' outputs on them; writes them for the workers."""
+    prof = ctx.profile
+    if not prof.robustness.enabled:
+        return {}, None
+    if fixed_batch not in (None, 1):
+        ctx.finding("info", "robustness-skipped",
+                    f"robustness probes need batch 1 or a dynamic batch; the model's batch is fixed at {fixed_batch}")
+        return {}, None
+    if any(not np.all(np.isfinite(r)) for r in ctx.reference):
+        return {}, None  # the reference itself is broken; a finding already says so
+    sets = make_probes(ctx.validation.inputs, ctx.data.inputs, prof.robustness, ctx.seed)
+    probes = {}
+    flat = {}
+    for name, (desc, feeds) in sets.items():
+        ctx.progress("probe", f"Keras outputs on robustness probe '{name}'")
+        probes[name] = (desc, feeds, ctx.model.predict(feeds))
+        flat.update({f"{name}/{k}": v for k, v in feeds.items()})
+    if not probes:
+        return {}, None
+    path = ctx.work / "probes.npz"
+    np.savez(path, **flat)
+    return probes, path
+
+
+def _cross_compare(ctx: Context, c: Candidate, b: Build, outputs: dict[str, list[np.ndarray]], names: list[str]) -> None:
+    """Holds every runtime to the first one that ran (the deployed one when it ran), at the candidate's tolerance.
+
+    The runtimes run the same graph (or, for fp32, two conversions of the same model), so they
+    must agree with each other as closely as each must agree with Keras.
+    """
+    order = [rt for rt in dict.fromkeys([*ctx.profile.runtimes, *ctx.profile.crosscheck_runtimes]) if rt in outputs]
+    if len(order) < 2:
+        return
+    tol = ctx.profile.tolerances[b.precision]
+    for rt in order[1:]:
+        for f in compare(outputs[order[0]], outputs[rt], names=names, kinds=ctx.model.output_kinds, tol=tol,
+                         runtime=rt, reference=order[0], precision=b.precision):
+            add_fidelity(c, f, tol)
+
+
+def _count_compute(builds: list[Build]) -> dict[str, dict[str, Any]]:
+    """Candidate name -> compute figures, counted from its own `.tflite` (else the model's, said so)."""
+    from kdeploy.compute import tflite_compute
+
+    counted: dict[str, dict[str, Any]] = {}
+    for b in builds:
+        tfl = next((a for a in b.artifacts if a.format == "tflite"), None)
+        if tfl is None:
+            continue
+        try:
+            counted[b.name] = tflite_compute(tfl.path)
+        except (ValueError, OSError, AttributeError, IndexError) as e:
+            counted[b.name] = {"source": f"tflite op list ({tfl.path.name})", "macs": None, "flops": None,
+                               "notes": [f"could not read the op list: {e}"]}
+    fallback = next((counted[b.name] for b in sorted(builds, key=lambda b: b.precision != "fp32")
+                     if counted.get(b.name, {}).get("macs") is not None), None)
+    for b in builds:
+        if b.name in counted or not b.artifacts:
+            continue
+        if fallback is None:
+            counted[b.name] = {"source": None, "macs": None, "flops": None,
+                               "notes": ["no .tflite artifact to count operations from"]}
+        else:
+            own = b.artifacts[0]
+            counted[b.name] = {**fallback, "source": f"{fallback['source']}: the same model graph; this candidate's "
+                                                     f"own artifact is {own.format}",
+                               "weight_bytes": own.size_bytes,
+                               "notes": [*fallback["notes"], f"weight_bytes is the size of {own.path.name}"]}
+    return counted
+
+
+def _estimate(c: Candidate, b: Build, prof: TargetProfile, measured_on: str) -> dict[str, Any] | None:
+    """The profile device's analytic lower bound, next to the host measurement it is not."""
+    from kdeploy.compute import estimate_latency
+
+    est = estimate_latency(c.compute, b.precision, prof.device)
+    if est is None:
+        return None
+    lat = budget_row(c.latency, prof.runtimes[0], prof.budgets.latency_percentile)
+    est["host_measurement"] = None if lat is None else {
+        "p50_ms": round(lat.p50_ms, 6), "runtime": lat.runtime, "threads": lat.threads, "batch": lat.batch,
+        "measured_on": measured_on}
+    return est
+
+
+def _tflm_finding(ctx: Context, name: str, message: str) -> None:
+    from kdeploy.runtimes.tflm import unsupported_ops
+
+    ops = unsupported_ops(message)
+    if ops:
+        ctx.finding("error", "tflm-unsupported-ops",
+                    f"candidate {name}: TensorFlow Lite Micro cannot run op(s) {', '.join(ops)} of this artifact "
+                    "(as built here); a microcontroller build would fail the same way")

@@ -1,0 +1,107 @@
+"""Stage 1: validate the cheap things, load the model safely, read and split the data, take Keras' outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kdeploy.data import load_data, split, synthetic_data
+from kdeploy.errors import UsageError
+from kdeploy.loading import TensorInfo, load_custom_objects, load_model
+from kdeploy.profiles import resolve_profile
+from kdeploy.report.model import check_out_dir, make_staging
+from kdeploy.run.context import Context, RunOptions, no_progress
+from kdeploy.run.host import describe_host
+
+SYNTHETIC_SAMPLES = 128
+
+
+def prepare(opts: RunOptions) -> tuple[Context, Path | None]:
+    """Validates everything cheap first (profile, --out, formats, data file), then loads the model.
+
+    Returns:
+        The run context (its staging and work folders exist; the caller removes them) and the
+        output folder (None: keep the report in staging until `Report.save`).
+
+    Raises:
+        UsageError: bad profile, output folder, format, data or model (exit 2).
+    """
+    from kdeploy.report.render import validate_formats
+
+    progress = opts.progress or no_progress
+    prof = resolve_profile(opts.target, opts.profile)
+    validate_formats(opts.formats)
+    out_path = Path(opts.out) if opts.out is not None else None
+    if out_path is not None:
+        check_out_dir(out_path)
+    if opts.data is not None and not Path(opts.data).is_file():
+        raise UsageError(f"data file not found: {opts.data} (allowed: .npz, .npy, .csv)")
+    custom = load_custom_objects(opts.custom_objects) if opts.custom_objects else None
+    progress("load", str(opts.model))
+    m = load_model(opts.model, trust_custom_code=opts.trust_custom_code, custom_objects=custom,
+                   input_shapes=opts.input_shapes, seed=opts.seed)
+    if prof.static_batch is not None:
+        # Dynamic batch lowers to SHAPE/FILL/REDUCE_PROD ops that TFLite Micro lacks: fix it for conversion.
+        m = dataclasses.replace(m, inputs=[TensorInfo(t.name, (prof.static_batch,) + tuple(t.shape[1:]), t.dtype)
+                                           for t in m.inputs])
+    ds = load_data(opts.data, m.inputs) if opts.data is not None else synthetic_data(m.inputs, SYNTHETIC_SAMPLES,
+                                                                                     opts.seed)
+    cal, val = split(ds, prof.calibration_samples, opts.seed)
+    progress("reference", f"Keras outputs on {len(val)} validation samples")
+    reference = m.predict(val.inputs)
+    staging = make_staging(out_path)
+    work = None
+    try:  # from here on the caller cleans up through ctx; until then, this does (Ctrl-C, SIGTERM)
+        work = Path(tempfile.mkdtemp(prefix="kdeploy-work-"))
+        ctx = Context(m, prof, ds, cal, val, reference, staging, work, opts.seed, progress, describe_host())
+        _findings(ctx, reference)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ctx, out_path
+
+
+def _findings(ctx: Context, reference: list[np.ndarray]) -> None:
+    m, ds, prof = ctx.model, ctx.data, ctx.profile
+    for sev, code, msg in m.findings:
+        ctx.finding(sev, code, msg)
+    if ds.synthetic:
+        ctx.finding("warning", "synthetic-data",
+                    f"no --data given: {len(ds)} synthetic inputs (uniform [0, 1)) were used, so fidelity figures "
+                    "and int8 calibration are not representative of real inputs")
+    if not ds.synthetic and {"int8", "int16x8"} & set(prof.precisions):
+        input_spread_findings(ctx)
+    bad = [t.name for t, r in zip(m.outputs, reference) if not np.all(np.isfinite(r))]
+    if bad:
+        ctx.finding("error", "reference-non-finite",
+                    f"the Keras model itself produces NaN/Inf on the validation inputs (outputs {bad}); "
+                    "no candidate can be judged against it")
+
+
+def input_spread_findings(ctx: Context, limit: float = 1e3) -> None:
+    """Warns when an input's features have ranges orders of magnitude apart.
+
+    Full-integer quantization gives each input tensor one scale, so a feature with a range of
+    0.01 next to one with a range of 4000 is quantized to a handful of levels.
+    """
+    for t in ctx.model.inputs:
+        x = ctx.data.inputs[t.name]
+        if x.dtype.kind != "f" or x.ndim < 2:
+            continue
+        flat = x.reshape(-1, x.shape[-1])
+        ranges = flat.max(axis=0) - flat.min(axis=0)
+        ranges = ranges[ranges > 0]
+        if ranges.size > 1 and ranges.max() / ranges.min() > limit:
+            ctx.finding("warning", "input-scale-spread",
+                        f"input '{t.name}' has features whose ranges differ {ranges.max() / ranges.min():.1e}x "
+                        f"({ranges.min():.3g} to {ranges.max():.3g}); int8/int16x8 quantize the input tensor with "
+                        "one scale, so small-range features lose resolution — normalize inputs before the model "
+                        "if those candidates fail")
+
+
