@@ -24,7 +24,6 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
 
 from kdeploy.errors import KdeployError, UsageError
 
@@ -272,47 +271,6 @@ def _alias_version(c, name: str, alias: str) -> str | None:
         return str(c.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
-
-
-def optimize_registered(uri: str, *, tracking_uri: str | None = None, experiment: str | None = None,
-                        out: str | Path | None = None, formats: Sequence[str] = ("json", "md"),
-                        data: Any = None, **kwargs: Any):
-    """Gates an MLflow model (download → normal safe path → report) and records the verdict in MLflow.
-
-    Args:
-        uri: `models:/NAME/VERSION`, `models:/NAME@ALIAS` or `runs:/RUN_ID/PATH`.
-        tracking_uri: MLflow tracking and registry URI; default `$MLFLOW_TRACKING_URI`.
-        experiment: experiment for the gate run (default: the source run's experiment).
-        out, formats, data, **kwargs: as for `kdeploy.optimize`.
-
-    Returns:
-        The Report; `report.model.path` is the URI. The MLflow record is in `report._mlflow`.
-
-    Raises:
-        UsageError: bad URI, unknown model/version, no model file, mlflow missing (exit 2).
-        RegistryError: the store refused a write (exit 3).
-    """
-    from kdeploy.api import _save_data, optimize_local
-    from kdeploy.report.model import check_out_dir
-    from kdeploy.report.render import validate_formats
-
-    validate_formats(formats)
-    if out is not None:
-        check_out_dir(Path(out))
-    progress = kwargs.get("progress")
-    with _quiet_mlflow(), tempfile.TemporaryDirectory(prefix="kdeploy-mlflow-") as tmp:
-        c, resolved_uri = client(tracking_uri)
-        ref = resolve(uri, c)
-        if progress:
-            progress("mlflow", f"download {uri}")
-        model_path = download(ref, resolved_uri, Path(tmp) / "model")
-        data = _save_data(data, Path(tmp))
-        report = optimize_local(model_path, label=uri, out=out, formats=formats, data=data, **kwargs)
-        if progress:
-            progress("mlflow", "log run, tag version" + (" and alias" if ref.name else ""))
-        rec = record(report, ref, c, out=Path(out) if out is not None else None, experiment=experiment)
-    report._mlflow = rec
-    return report
 
 
 def _one_line(e: Exception) -> str:

@@ -14,13 +14,6 @@ from kdeploy.report.model import Candidate, ModelInfo, Report, TensorSpecOut
 from kdeploy.run.context import Context
 from kdeploy.util import file_sha256
 
-# TensorFlow orders a traced function's captured variables by object identity, so Keras'
-# SavedModel export lists the same variables in a different order each run (seen here on the
-# digits CNN); the TFLite and ONNX files converted from it are byte-identical all the same.
-SAVEDMODEL_NOT_REPRODUCIBLE = ("same values, not the same bytes: TensorFlow orders the variables of Keras' SavedModel "
-                               "export differently from run to run; artifacts converted from it are byte-identical")
-
-
 def make_report(ctx: Context, candidates: list[Candidate], selection: dict[str, Any],
                 reference_artifacts: list[dict], command: list[str] | None, started: float) -> Report:
     m = ctx.model

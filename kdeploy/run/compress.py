@@ -17,8 +17,9 @@ from kdeploy.artifacts.flatbuffer import weight_stats
 from kdeploy.child import ChildFailure, run_child
 from kdeploy.errors import ConversionError
 from kdeploy.recipes import SPARSE_RUNNABLE, Recipe, tfmot_plans, tfmot_precisions, tfmot_recipes
-from kdeploy.run.build import ReferenceModel, add_onnx_twin, convert_tflite, keeps_tflite, release_tflite
 from kdeploy.run.context import Build, Context
+from kdeploy.run.convert import (ReferenceModel, add_onnx_twin, convert_tflite, keeps_tflite, release_tflite,
+                                tflite_file)
 
 # Keys of a child's recipe row that describe the schedule (copied into the report's recipe).
 _SCHEDULE_KEYS = ("schedule", "initial_sparsity", "final_sparsity", "end_step", "init")
@@ -116,8 +117,6 @@ def _train(ctx: Context, ref: ReferenceModel, plans: list, names: str) -> dict |
 
 def _baseline_sizes(ctx: Context, ref: ReferenceModel, savedmodel: str | None) -> dict[str, dict]:
     """Sizes of the bridged model without pruning/clustering, per precision the sections use."""
-    from kdeploy.artifacts import tflite
-
     if not savedmodel:
         return {}
     prof = ctx.profile
@@ -126,8 +125,7 @@ def _baseline_sizes(ctx: Context, ref: ReferenceModel, savedmodel: str | None) -
     for precision in precisions:
         path = ctx.work / "tfmot" / f"baseline-{precision}.tflite"
         try:
-            art = tflite.convert(Path(savedmodel), precision, path, ctx.calibration.inputs,
-                                 [t.name for t in ctx.model.inputs], ref.signature_outputs)
+            art = tflite_file(ctx, ref, Path(savedmodel), precision, path)
         except ConversionError:
             continue
         sizes[precision] = {"size_bytes": art.size_bytes, "gzip_bytes": art.gzip_bytes}
