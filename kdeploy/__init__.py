@@ -25,9 +25,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # for type checkers only: no import cost at run time
     from kdeploy.diff import DiffResult, Thresholds, diff_reports  # noqa: F401
-    from kdeploy.report.model import Report
+    from kdeploy.report.model import Inspection, Report
 
-__all__ = ["__version__", "optimize", "check", "load_report", "diff_reports", "Report", "DiffResult", "Thresholds"]
+__all__ = ["__version__", "optimize", "check", "inspect", "load_report", "diff_reports", "Report", "DiffResult", "Thresholds"]
 _LAZY = {
     "Report": ("kdeploy.report.model", "Report"),
     "diff_reports": ("kdeploy.diff", "diff_reports"),
@@ -133,6 +133,17 @@ def check(model: str | Path, artifacts: Sequence[str | Path], **kwargs: Any) -> 
     from kdeploy.pipeline import check as run
 
     return run(model, artifacts, **kwargs)
+
+
+def inspect(model: str | Path, **kwargs: Any) -> "Inspection":
+    """Readiness before any full conversion; see `kdeploy.inspection.inspect`.
+
+    Returns:
+        The `Inspection` (summary, `layers`, `hazards`, `ready`).
+    """
+    from kdeploy.inspection import inspect as run
+
+    return run(model, **kwargs)
 
 
 def load_report(path: str | Path) -> "Report":

@@ -25,7 +25,8 @@ from kdeploy.compare import FidelityResult, compare
 from kdeploy.data import Dataset, load_data, split, synthetic_data
 from kdeploy.errors import ConversionError, UsageError
 from kdeploy.export import Artifact
-from kdeploy.loading import LoadedModel, TensorInfo, file_sha256, load_custom_objects, load_model
+from kdeploy.inspection.rules import static_batch_inputs  # HOOK(issue 12)
+from kdeploy.loading import LoadedModel, file_sha256, load_custom_objects, load_model
 from kdeploy.profiles import TargetProfile, Tolerance, resolve_profile
 from kdeploy.profiling import dominators, is_noisy, near_limit
 from kdeploy.report.model import (
@@ -88,6 +89,7 @@ class Context:
     seed: int
     progress: Progress
     findings: list[Finding] = field(default_factory=list)
+    inspection: Any = None  # HOOK(issue 12): kdeploy.report.model.Inspection, made in build_candidates
     selection: dict[str, Any] = field(default_factory=dict)
     host: dict[str, Any] = field(default_factory=lambda: _host())  # read once: CPU, cores, library versions
 
@@ -230,9 +232,7 @@ def _prepare(model, target, profile, data, out, formats, seed, trust, custom_obj
     custom = load_custom_objects(custom_objects) if custom_objects else None
     progress("load", str(model))
     m = load_model(model, trust_custom_code=trust, custom_objects=custom, input_shapes=input_shapes, seed=seed)
-    if prof.static_batch is not None:
-        # Dynamic batch lowers to SHAPE/FILL/REDUCE_PROD ops that TFLite Micro lacks: fix it for conversion.
-        m.inputs = [TensorInfo(t.name, (prof.static_batch,) + tuple(t.shape[1:]), t.dtype) for t in m.inputs]
+    m.inputs = static_batch_inputs(m.inputs, prof)  # HOOK(issue 12): the rule lives in kdeploy.inspection.rules
     ds = load_data(data, m.inputs) if data is not None else synthetic_data(m.inputs, SYNTHETIC_SAMPLES, seed)
     cal, val = split(ds, prof.calibration_samples, seed)
     progress("reference", f"Keras outputs on {len(val)} validation samples")
@@ -269,25 +269,15 @@ def _prepare_findings(ctx: Context, m: LoadedModel, ds: Dataset, prof: TargetPro
                     "no candidate can be judged against it")
 
 
-def _input_spread_findings(ctx: Context, limit: float = 1e3) -> None:
-    """Warns when an input's features have ranges orders of magnitude apart.
+def _input_spread_findings(ctx: Context) -> None:
+    """Warns when an input's features have ranges orders of magnitude apart (rule: `inspection.rules.input_spread`)."""
+    from kdeploy.inspection.rules import input_spread  # HOOK(issue 12): the rule moved to kdeploy.inspection
 
-    Full-integer quantization gives each input tensor one scale, so a feature with a range of
-    0.01 next to one with a range of 4000 is quantized to a handful of levels.
-    """
-    for t in ctx.model.inputs:
-        x = ctx.data.inputs[t.name]
-        if x.dtype.kind != "f" or x.ndim < 2:
-            continue
-        flat = x.reshape(-1, x.shape[-1])
-        ranges = flat.max(axis=0) - flat.min(axis=0)
-        ranges = ranges[ranges > 0]
-        if ranges.size > 1 and ranges.max() / ranges.min() > limit:
-            ctx.finding("warning", "input-scale-spread",
-                        f"input '{t.name}' has features whose ranges differ {ranges.max() / ranges.min():.1e}x "
-                        f"({ranges.min():.3g} to {ranges.max():.3g}); int8/int16x8 quantize the input tensor with "
-                        "one scale, so small-range features lose resolution — normalize inputs before the model "
-                        "if those candidates fail")
+    for name, ratio, lo, hi in input_spread(ctx.model.inputs, ctx.data.inputs):
+        ctx.finding("warning", "input-scale-spread",
+                    f"input '{name}' has features whose ranges differ {ratio:.1e}x ({lo:.3g} to {hi:.3g}); "
+                    "int8/int16x8 quantize the input tensor with one scale, so small-range features lose "
+                    "resolution — normalize inputs before the model if those candidates fail")
 
 
 def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
@@ -304,6 +294,12 @@ def build_candidates(ctx: Context) -> tuple[list[Build], list[dict]]:
         keras_model, found = conversion_model(m, probe)
         for sev, code, msg in found:
             ctx.finding(sev, code, msg)
+        # HOOK(issue 12): the inspection section, from the conversion model optimize builds from
+        from kdeploy.inspection import inspect_loaded
+
+        ctx.progress("inspect", "op compatibility by Keras layer and hazards")
+        ctx.inspection = inspect_loaded(m, prof, None if ctx.data.synthetic else ctx.data.inputs, seed=ctx.seed,
+                                        conversion=(keras_model, found))
         sm_dir = ctx.staging / "reference" / "savedmodel"
         ctx.progress("export", "SavedModel")
         m.signature_outputs = export_savedmodel(keras_model, m, sm_dir)
@@ -1075,6 +1071,7 @@ def _make_report(ctx: Context, candidates: list[Candidate], reference_artifacts:
         seed=ctx.seed,
         duration_s=round(time.perf_counter() - started, 3),
         reproducibility=_reproducibility(ctx, command, reference_artifacts),
+        inspection=ctx.inspection,  # HOOK(issue 12)
     )
 
 
