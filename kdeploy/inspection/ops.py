@@ -70,7 +70,7 @@ def layer_of(location: str, model_name: str, paths: set[str]) -> str | None:
     if parts and _unsuffixed(parts[0], {model_name}) is not None:
         parts = parts[1:]
     found, prefix = None, ""
-    for part in parts[:-1] if len(parts) > 1 else parts:
+    for part in parts[:-1]:  # the last part names the op, not a layer
         options = {p[len(prefix):] for p in paths if p.startswith(prefix) and "/" not in p[len(prefix):]}
         name = _unsuffixed(part, options)
         if name is None:
@@ -132,7 +132,7 @@ def find_ops(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo]) ->
     found.graph = read_tflite(data)
     names = found.tensor_names = tensor_names(data)
     for op in found.graph.ops:
-        layers = _op_layers(op, names, name, paths)
+        layers = _op_layers(op, found.graph, names, name, paths)
         if not layers:
             found.unmapped_ops.append(op.name)
         for layer in layers:
@@ -141,9 +141,13 @@ def find_ops(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo]) ->
     return found
 
 
-def _op_layers(op, names: list[str], model_name: str, paths: set[str]) -> list[str]:
-    """Layers an op belongs to: from its output names, else (graph outputs lose theirs) its first input's."""
-    for candidates in ([names[i] for i in op.outputs if i >= 0], [names[i] for i in op.inputs[:1] if i >= 0]):
+def _op_layers(op, graph, names: list[str], model_name: str, paths: set[str]) -> list[str]:
+    """Layers an op belongs to: from its output names; graph outputs lose theirs, so then from its
+    constant inputs (weights carry their layer's scope), else from its other inputs."""
+    ins = [i for i in op.inputs if i >= 0]
+    consts = [names[i] for i in ins if graph.tensors[i].constant]
+    others = [names[i] for i in ins if not graph.tensors[i].constant and i not in graph.inputs]
+    for candidates in ([names[i] for i in op.outputs if i >= 0], consts, others):
         layers = []
         for full in candidates:
             for loc in full.split(";"):
