@@ -464,7 +464,7 @@ def _render_inspection(res, model: Path) -> None:
     for h in res.hazards:
         c = "red" if h.blocks else {"error": "red", "warning": "yellow"}.get(h.severity, "dim")
         tag = "BLOCKS" if h.blocks else h.severity
-        out.print(f"[{c}]{tag}[/] {h.code}{f' [{escape(h.layer)}]' if h.layer else ''}: {escape(h.message)} "
+        out.print(f"[{c}]{tag}[/] {h.code}{' ' + escape(f'[{h.layer}]') if h.layer else ''}: {escape(h.message)} "
                   f"[dim]fix:[/] {escape(h.fix)}", soft_wrap=True)
     verdict = "[bold green]NOTHING BLOCKS[/]" if res.ready else "[bold red]BLOCKED[/]"
     out.print(f"{verdict} target {res.target} (prediction from one fp32 conversion, {res.duration_s:.1f} s)")

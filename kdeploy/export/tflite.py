@@ -121,8 +121,13 @@ def convert_function(frozen_fn, select_tf_ops: bool = False) -> bytes:
     Raises:
         ConversionError: the converter refused the function.
     """
+    import logging
+
     import tensorflow as tf
 
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "consider providing the trackable_obj": the function is frozen, nothing to track
     try:
         c = tf.lite.TFLiteConverter.from_concrete_functions([frozen_fn])
         if select_tf_ops:
@@ -131,3 +136,5 @@ def convert_function(frozen_fn, select_tf_ops: bool = False) -> bytes:
             return c.convert()
     except Exception as e:
         raise ConversionError(f"TFLite fp32 conversion failed: {first_error_line(e)}") from e
+    finally:
+        absl.setLevel(level)
