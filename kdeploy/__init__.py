@@ -21,16 +21,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # for type checkers only: no import cost at run time
-    from kdeploy.api import check, load_report, optimize  # noqa: F401
+    from kdeploy.api import check, inspect, load_report, optimize  # noqa: F401
     from kdeploy.diff import DiffResult, Thresholds, diff_reports  # noqa: F401
-    from kdeploy.report.model import Report
+    from kdeploy.report.model import Inspection, Report
 
-__all__ = ["__version__", "optimize", "check", "load_report", "diff_reports", "Report", "DiffResult", "Thresholds"]
+__all__ = ["__version__", "optimize", "check", "inspect", "load_report", "diff_reports", "Report", "Inspection",
+           "DiffResult", "Thresholds"]
 _LAZY = {
     "optimize": ("kdeploy.api", "optimize"),
     "check": ("kdeploy.api", "check"),
     "load_report": ("kdeploy.api", "load_report"),
+    "inspect": ("kdeploy.api", "inspect"),
     "Report": ("kdeploy.report.model", "Report"),
+    "Inspection": ("kdeploy.report.model", "Inspection"),
     "diff_reports": ("kdeploy.diff", "diff_reports"),
     "DiffResult": ("kdeploy.diff", "DiffResult"),
     "Thresholds": ("kdeploy.diff", "Thresholds"),

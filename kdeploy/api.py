@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from kdeploy.report.model import Report
+    from kdeploy.report.model import Inspection, Report
 
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 
@@ -101,6 +101,17 @@ def check(model: str | Path, artifacts: Sequence[str | Path], **kwargs: Any) -> 
     from kdeploy.run import check as run
 
     return run(model, artifacts, **kwargs)
+
+
+def inspect(model: str | Path, **kwargs: Any) -> "Inspection":
+    """Readiness before any full conversion; see `kdeploy.inspection.inspect`.
+
+    Returns:
+        The `Inspection` (summary, `layers`, `hazards`, `ready`).
+    """
+    from kdeploy.inspection import inspect as run
+
+    return run(model, **kwargs)
 
 
 def load_report(path: str | Path) -> "Report":

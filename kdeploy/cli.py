@@ -119,16 +119,34 @@ def _guard(fn: Callable[[], int]) -> None:
     """
     _signalled.clear()
     previous = _install_signal_handlers()
+    hook = sys.unraisablehook
+    sys.unraisablehook = _unraisable(hook)
     try:
         code = _run_guarded(fn)
         if _signalled and code in (EXIT_READY, EXIT_NOT_READY):  # swallowed, and no checkpoint came after it
             err.print("[bold red]interrupted:[/] the signal came too late to stop the run; --out is complete")
             code = 143 if _signalled[0] == signal.SIGTERM else 130
     finally:
+        sys.unraisablehook = hook
         for s, h in previous.items():
             signal.signal(s, h)
         _signalled.clear()
     raise typer.Exit(code)
+
+
+def _unraisable(previous):
+    """An unraisable-exception hook that stays silent about our own signal exception.
+
+    A signal can land while a finalizer runs (TensorFlow's `AtomicFunction.__del__`); Python then
+    prints the KeyboardInterrupt with a traceback and carries on. The next checkpoint raises it
+    again (`_checkpoint`), so printing it would only put a traceback on the user's console.
+    """
+    def hook(u) -> None:
+        if _signalled and isinstance(u.exc_value, KeyboardInterrupt):
+            return
+        previous(u)
+
+    return hook
 
 
 def _run_guarded(fn: Callable[[], int]) -> int:
@@ -274,6 +292,39 @@ def check(
     _guard(body)
 
 
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="Keras 3 .keras or legacy .h5 model.")],
+    target: TargetOpt = None,
+    profile: ProfileOpt = None,
+    data: DataOpt = None,
+    seed: SeedOpt = 0,
+    trust_custom_code: TrustOpt = False,
+    custom_objects: CustomOpt = None,
+    input_shape: ShapeOpt = None,
+    quiet: QuietOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the inspection JSON to stdout instead of the tables.")] = False,
+) -> None:
+    """Readiness before any full conversion: summary, op compatibility per Keras layer, hazards.
+
+    Default target: cpu-edge. Exit codes: 0 nothing blocks the target, 1 a hazard blocks it, 2 bad input.
+    """
+
+    def body() -> int:
+        import kdeploy
+
+        res = kdeploy.inspect(model, target=target, profile=profile, data=data, seed=seed,
+                              trust_custom_code=trust_custom_code, custom_objects=custom_objects,
+                              input_shapes=_shapes(input_shape), progress=_progress(quiet))
+        if json_out:
+            sys.stdout.write(res.model_dump_json(indent=2) + "\n")
+        else:
+            _render_inspection(res, model)
+        return EXIT_READY if res.ready else EXIT_NOT_READY
+
+    _guard(body)
+
+
 @targets_app.callback()
 def targets(ctx: typer.Context) -> None:
     """List the built-in target profiles."""
@@ -405,6 +456,36 @@ def _render(report, out_dir: Path) -> None:
     from kdeploy.report.render import append_step_summary
 
     append_step_summary(report)
+
+
+def _render_inspection(res, model: Path) -> None:
+    s = res.summary
+    sizes = ", ".join(f"{p} {b:,}" for p, b in (s.get("predicted_size_bytes") or {}).items())
+    macs = f"{s['macs']:,}" if s.get("macs") is not None else "?"
+    out.print(f"[bold]kdeploy inspect · {escape(str(model))} → {res.target}[/]: {s['layers']} layers, "
+              f"{s['params'] or 0:,} params, {macs} MACs, fp32 {s.get('fp32_bytes') or 0:,} bytes; predicted "
+              f"bytes: {sizes or '?'}", soft_wrap=True)
+    for t in s["inputs"] + s["outputs"]:
+        dyn = f" dynamic axes {t['dynamic_axes']}" if t["dynamic_axes"] else ""
+        out.print(f"  {escape(t['name'])} {t['shape']} {t['dtype']}{dyn}", soft_wrap=True)
+    if "mcu" in s:
+        mcu = s["mcu"]
+        out.print(f"  mcu: predicted flash {mcu['predicted_flash_bytes']:,} / {mcu['max_size_bytes'] or '-'} bytes; "
+                  f"largest activation {mcu['arena_lower_bound_bytes']:,} / arena {mcu['max_arena_bytes'] or '-'} "
+                  f"bytes (fits: {mcu['arena_fits']})", soft_wrap=True)
+    color = {"builtin": "green", "supported": "green", "no-ops": "dim"}
+    table = Table("layer", "class", "tflite", "tflm", "onnx", "ops", box=None, title_justify="left")
+    for r in res.layers:
+        cells = [f"[{color.get(v, 'red')}]{v}[/]" for v in (r.tflite, r.tflm, r.onnx)]
+        table.add_row(escape(r.name), r.class_name, *cells, escape(" ".join(r.ops)))
+    out.print(table)
+    for h in res.hazards:
+        c = "red" if h.blocks else {"error": "red", "warning": "yellow"}.get(h.severity, "dim")
+        tag = "BLOCKS" if h.blocks else h.severity
+        out.print(f"[{c}]{tag}[/] {h.code}{' ' + escape(f'[{h.layer}]') if h.layer else ''}: {escape(h.message)} "
+                  f"[dim]fix:[/] {escape(h.fix)}", soft_wrap=True)
+    verdict = "[bold green]NOTHING BLOCKS[/]" if res.ready else "[bold red]BLOCKED[/]"
+    out.print(f"{verdict} target {res.target} (prediction from one fp32 conversion, {res.duration_s:.1f} s)")
 
 
 def main() -> None:

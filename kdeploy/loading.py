@@ -173,6 +173,7 @@ def load_model(
     custom_objects: dict[str, Any] | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    allow_dynamic: bool = False,
 ) -> LoadedModel:
     """Loads a model safely and derives its signature.
 
@@ -183,6 +184,8 @@ def load_model(
         input_shapes: per-input non-batch shapes for inputs with dynamic non-batch dimensions.
         seed: seeds Keras' random state before loading, so state the model creates on load
             (e.g. a Dropout layer's seed generator) and so every export is the same each run.
+        allow_dynamic: keep dynamic non-batch dimensions instead of refusing them (`kdeploy
+            inspect` reports them as a hazard).
 
     Returns:
         The LoadedModel; `findings` holds the pre-load scan's findings (`kdeploy.scan`).
@@ -207,7 +210,7 @@ def load_model(
     else:
         model = _load_keras(path, fmt, sha, trust_custom_code, custom_objects)
     model.findings = findings + model.findings
-    model.inputs = _resolve_input_shapes(model.inputs, input_shapes or {})
+    model.inputs = _resolve_input_shapes(model.inputs, input_shapes or {}, allow_dynamic)
     return model
 
 
@@ -323,7 +326,8 @@ def _load_savedmodel(path: Path, sha: str) -> LoadedModel:
     )
 
 
-def _resolve_input_shapes(inputs: list[TensorInfo], overrides: dict[str, tuple[int, ...]]) -> list[TensorInfo]:
+def _resolve_input_shapes(inputs: list[TensorInfo], overrides: dict[str, tuple[int, ...]],
+                          allow_dynamic: bool = False) -> list[TensorInfo]:
     names = [t.name for t in inputs]
     unknown = [k for k in overrides if k not in names]
     if unknown:
@@ -338,7 +342,7 @@ def _resolve_input_shapes(inputs: list[TensorInfo], overrides: dict[str, tuple[i
                     f"{_fmt_shape(t.shape)}"
                 )
             t = TensorInfo(t.name, shape, t.dtype)
-        if any(d is None for d in t.shape[1:]):
+        if any(d is None for d in t.shape[1:]) and not allow_dynamic:
             raise UsageError(
                 f"input '{t.name}' has dynamic non-batch dimensions {_fmt_shape(t.shape)}; "
                 f"pass --input-shape {t.name}=D1,D2,... (non-batch dims) to fix them for conversion"

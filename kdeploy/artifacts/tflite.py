@@ -107,3 +107,37 @@ def convert(
         source="tflite-converter(sparsity)" if sparse else "tflite-converter",
         io={"inputs": {k: k for k in input_names}, "outputs": list(signature_outputs)},
     ).measure()
+
+
+def convert_function(frozen_fn, select_tf_ops: bool = False) -> bytes:
+    """fp32 TFLite bytes of a frozen concrete function (variables as constants).
+
+    `kdeploy inspect` converts this way: tracing and freezing the Keras call is several times
+    faster than exporting and re-reading a SavedModel (MobileNetV2 at 96x96 here: 2.9 s vs 12 s),
+    and the traced graph is the one `export_savedmodel` writes.
+
+    Args:
+        frozen_fn: from `convert_variables_to_constants_v2`.
+        select_tf_ops: also allow Select TF (Flex) ops, so ops without a builtin lowering show up
+            in the op list instead of failing the conversion.
+
+    Raises:
+        ConversionError: the converter refused the function.
+    """
+    import logging
+
+    import tensorflow as tf
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "consider providing the trackable_obj": the function is frozen, nothing to track
+    try:
+        c = tf.lite.TFLiteConverter.from_concrete_functions([frozen_fn])
+        if select_tf_ops:
+            c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+        with native_quiet():
+            return c.convert()
+    except Exception as e:
+        raise ConversionError(f"TFLite fp32 conversion failed: {first_error_line(e)}") from e
+    finally:
+        absl.setLevel(level)

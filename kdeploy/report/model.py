@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: `inspection` (kdeploy inspect's section)
 
 
 class _M(BaseModel):
@@ -139,6 +139,49 @@ class Candidate(_M):
     )
 
 
+class LayerCompat(_M):
+    """Where one Keras layer can go, predicted from one fp32 conversion of the model."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    name: str = Field(description="Keras layer path, nested models joined with '/'.")
+    class_name: str = Field(alias="class", description="Keras class name.")
+    tflite: Literal["builtin", "select-tf-ops", "no-ops", "not-converted"] = Field(
+        description="builtin: TFLite builtin ops only; select-tf-ops: needs Flex ops (the LiteRT wheel cannot run "
+                    "them); no-ops: nothing at inference (e.g. Dropout, InputLayer, or folded away); not-converted: "
+                    "the conversion failed")
+    tflm: Literal["supported", "unsupported", "no-ops", "not-converted"] = Field(
+        description="Whether every TFLite op of the layer is registered in the installed TFLite Micro")
+    onnx: Literal["supported", "no-route", "no-ops", "not-converted"] = Field(
+        description="Whether tf2onnx (at kdeploy's opset) has a handler for every TensorFlow op of the layer")
+    ops: list[str] = Field([], description="TFLite ops attributed to the layer (from tensor names)")
+    missing: dict[str, list[str]] = Field(default_factory=dict, description="tflite/tflm/onnx -> ops that block it")
+    repair: str | None = Field(None, description="A repair kdeploy applies before conversion (e.g. RNN unroll)")
+
+
+class Hazard(_M):
+    """Something a user can fix before export."""
+
+    code: str
+    layer: str | None
+    message: str
+    fix: str
+    severity: Literal["info", "warning", "error"] = "warning"
+    blocks: bool = Field(False, description="True when it keeps the model from being ready for the target")
+
+
+class Inspection(_M):
+    """`kdeploy inspect`: readiness before any full conversion (also inside optimize's report)."""
+
+    target: str
+    ready: bool = Field(description="No hazard blocks the target (a prediction, not optimize's verdict)")
+    summary: dict[str, Any] = Field(description="layers, params, MACs, inputs/outputs, sizes per precision, budgets")
+    layers: list[LayerCompat]
+    hazards: list[Hazard]
+    conversion: dict[str, Any] = Field(description="How the one fp32 conversion was done, its op counts and seconds")
+    duration_s: float
+
+
 class Report(_M):
     """What `kdeploy optimize` found. `save()` writes it and publishes the artifacts atomically."""
 
@@ -157,6 +200,7 @@ class Report(_M):
     command: list[str] = []
     seed: int
     duration_s: float
+    inspection: Inspection | None = Field(None, description="Readiness predicted before conversion (kdeploy inspect)")
     reproducibility: dict[str, Any] = Field(
         default_factory=dict,
         description="How to re-run this exactly (shell command, working directory, seed, input hashes) and which "

@@ -126,7 +126,7 @@ def _run(opts: RunOptions, build: Callable[[Context], Built]) -> Report:
         built = build(ctx)
         candidates = evaluate(ctx, built.builds)
         selection = select(candidates, ctx.profile)
-        report = make_report(ctx, candidates, selection, built.reference_artifacts, opts.command, started)
+        report = make_report(ctx, candidates, selection, built, opts.command, started)
         report._staging = ctx.staging
         if out_path is not None:
             ctx.progress("report", str(out_path))

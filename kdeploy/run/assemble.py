@@ -11,11 +11,11 @@ from typing import Any
 
 from kdeploy import __version__
 from kdeploy.report.model import Candidate, ModelInfo, Report, TensorSpecOut
-from kdeploy.run.context import Context
+from kdeploy.run.context import Built, Context
 from kdeploy.util import file_sha256
 
-def make_report(ctx: Context, candidates: list[Candidate], selection: dict[str, Any],
-                reference_artifacts: list[dict], command: list[str] | None, started: float) -> Report:
+def make_report(ctx: Context, candidates: list[Candidate], selection: dict[str, Any], built: Built,
+                command: list[str] | None, started: float) -> Report:
     m = ctx.model
     selected = selection["selected"]
     return Report(
@@ -33,13 +33,14 @@ def make_report(ctx: Context, candidates: list[Candidate], selection: dict[str, 
         data={"source": ctx.data.source, "synthetic": ctx.data.synthetic, "samples": len(ctx.data),
               "calibration_samples": len(ctx.calibration), "validation_samples": len(ctx.validation),
               "split": "disjoint random split (seeded)"},
-        reference_artifacts=reference_artifacts,
+        reference_artifacts=built.reference_artifacts,
         candidates=candidates,
         findings=ctx.findings,
         command=command or [],
         seed=ctx.seed,
         duration_s=round(time.perf_counter() - started, 3),
-        reproducibility=_reproducibility(ctx, command, reference_artifacts),
+        reproducibility=_reproducibility(ctx, command, built.reference_artifacts),
+        inspection=built.inspection,
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from kdeploy.artifacts.flatbuffer import read_tflite_file, tflite_precision
 from kdeploy.errors import ConversionError
 from kdeploy.recipes import ort_recipes, ptq_recipes
+from kdeploy.report.model import Inspection
 from kdeploy.run.context import Build, Built, Context
 from kdeploy.run.convert import ReferenceModel, add_onnx_twin, convert_tflite, release_tflite
 from kdeploy.util import file_sha256
@@ -33,7 +34,7 @@ def build_candidates(ctx: Context) -> Built:
     from kdeploy.artifacts import onnx as onnx_export
 
     m, prof = ctx.model, ctx.profile
-    ref, reference_artifacts = _reference(ctx)
+    ref, reference_artifacts, inspection = _reference(ctx)
     builds: list[Build] = []
     tflite_hashes: dict[str, str] = {}  # sha256 -> precision, to drop recipes that changed nothing
     for recipe in ptq_recipes(prof):
@@ -75,26 +76,31 @@ def build_candidates(ctx: Context) -> Built:
     if not any(b.artifacts for b in builds):
         errors = "; ".join(e for b in builds for e in b.errors)
         raise ConversionError(f"no candidate could be converted for target {prof.name}: {errors}")
-    return Built(builds, reference_artifacts)
+    return Built(builds, reference_artifacts, inspection)
 
 
-def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict]]:
-    """The SavedModel the recipes convert from: exported from a Keras model, or the user's own SavedModel."""
+def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict], Inspection | None]:
+    """The SavedModel the recipes convert from (exported from a Keras model, or the user's own SavedModel),
+    and the inspection of the model it was exported from."""
     from kdeploy.artifacts.savedmodel import conversion_model, export_savedmodel
+    from kdeploy.inspection import inspect_loaded
 
     m = ctx.model
     if m.keras_model is None:  # the user's SavedModel is the reference artifact; it is not copied
-        return ReferenceModel(Path(m.path), list(m.signature_outputs)), []
+        return ReferenceModel(Path(m.path), list(m.signature_outputs)), [], None
     probe = {k: v[:16] for k, v in ctx.validation.inputs.items()}
     keras_model, found = conversion_model(m, probe)
     for sev, code, msg in found:
         ctx.finding(sev, code, msg)
+    ctx.progress("inspect", "op compatibility by Keras layer and hazards")
+    inspection = inspect_loaded(m, ctx.profile, None if ctx.data.synthetic else ctx.data.inputs, seed=ctx.seed,
+                                conversion=(keras_model, found))
     sm_dir = ctx.staging / "reference" / "savedmodel"
     ctx.progress("export", "SavedModel")
     keys = export_savedmodel(keras_model, m, sm_dir)
     art = {**_dir_artifact("savedmodel", sm_dir, ctx.staging), "byte_reproducible": False,
            "note": SAVEDMODEL_NOT_REPRODUCIBLE}
-    return ReferenceModel(sm_dir, keys), [art]
+    return ReferenceModel(sm_dir, keys), [art], inspection
 
 
 def _dir_artifact(fmt: str, path: Path, base: Path) -> dict:

@@ -13,7 +13,7 @@ from kdeploy.data import Dataset
 from kdeploy.loading import LoadedModel
 from kdeploy.profiles import TargetProfile, Tolerance
 from kdeploy.recipes import Recipe
-from kdeploy.report.model import Finding
+from kdeploy.report.model import Finding, Inspection
 
 Progress = Callable[[str, str], None]
 
@@ -60,6 +60,7 @@ class Built:
 
     builds: list[Build]
     reference_artifacts: list[dict]
+    inspection: Inspection | None = None  # op compatibility and hazards, from the model the recipes convert
 
 
 @dataclass

@@ -11,7 +11,8 @@ import numpy as np
 
 from kdeploy.data import load_data, split, synthetic_data
 from kdeploy.errors import UsageError
-from kdeploy.loading import TensorInfo, load_custom_objects, load_model
+from kdeploy.inspection.rules import input_spread, static_batch_inputs
+from kdeploy.loading import load_custom_objects, load_model
 from kdeploy.profiles import resolve_profile
 from kdeploy.report.model import check_out_dir, make_staging
 from kdeploy.run.context import Context, RunOptions, no_progress
@@ -44,10 +45,7 @@ def prepare(opts: RunOptions) -> tuple[Context, Path | None]:
     progress("load", str(opts.model))
     m = load_model(opts.model, trust_custom_code=opts.trust_custom_code, custom_objects=custom,
                    input_shapes=opts.input_shapes, seed=opts.seed)
-    if prof.static_batch is not None:
-        # Dynamic batch lowers to SHAPE/FILL/REDUCE_PROD ops that TFLite Micro lacks: fix it for conversion.
-        m = dataclasses.replace(m, inputs=[TensorInfo(t.name, (prof.static_batch,) + tuple(t.shape[1:]), t.dtype)
-                                           for t in m.inputs])
+    m = dataclasses.replace(m, inputs=static_batch_inputs(m.inputs, prof))
     ds = load_data(opts.data, m.inputs) if opts.data is not None else synthetic_data(m.inputs, SYNTHETIC_SAMPLES,
                                                                                      opts.seed)
     cal, val = split(ds, prof.calibration_samples, opts.seed)
@@ -84,24 +82,10 @@ def _findings(ctx: Context, reference: list[np.ndarray]) -> None:
                     "no candidate can be judged against it")
 
 
-def input_spread_findings(ctx: Context, limit: float = 1e3) -> None:
-    """Warns when an input's features have ranges orders of magnitude apart.
-
-    Full-integer quantization gives each input tensor one scale, so a feature with a range of
-    0.01 next to one with a range of 4000 is quantized to a handful of levels.
-    """
-    for t in ctx.model.inputs:
-        x = ctx.data.inputs[t.name]
-        if x.dtype.kind != "f" or x.ndim < 2:
-            continue
-        flat = x.reshape(-1, x.shape[-1])
-        ranges = flat.max(axis=0) - flat.min(axis=0)
-        ranges = ranges[ranges > 0]
-        if ranges.size > 1 and ranges.max() / ranges.min() > limit:
-            ctx.finding("warning", "input-scale-spread",
-                        f"input '{t.name}' has features whose ranges differ {ranges.max() / ranges.min():.1e}x "
-                        f"({ranges.min():.3g} to {ranges.max():.3g}); int8/int16x8 quantize the input tensor with "
-                        "one scale, so small-range features lose resolution — normalize inputs before the model "
-                        "if those candidates fail")
-
-
+def input_spread_findings(ctx: Context) -> None:
+    """Warns when an input's features have ranges orders of magnitude apart (rule: `inspection.rules.input_spread`)."""
+    for name, ratio, lo, hi in input_spread(ctx.model.inputs, ctx.data.inputs):
+        ctx.finding("warning", "input-scale-spread",
+                    f"input '{name}' has features whose ranges differ {ratio:.1e}x ({lo:.3g} to {hi:.3g}); "
+                    "int8/int16x8 quantize the input tensor with one scale, so small-range features lose "
+                    "resolution — normalize inputs before the model if those candidates fail")
