@@ -274,6 +274,101 @@ def check(
     _guard(body)
 
 
+@app.command()
+def batch(
+    manifest: Annotated[Path, typer.Argument(help="Batch manifest (TOML): [[jobs]] tables of model(s) × targets/profiles.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Batch folder: summary.json/.md/.junit.xml, one report folder per job, logs/ (written atomically).")] = Path("kdeploy-batch"),
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="CPUs of the local Ray instance (default: all cores).")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (ray://HOST:10001, HOST:6379 or auto) instead of a local instance.")] = None,
+    format: FormatOpt = "json,md",
+    mlflow_uri: MlflowUriOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds after which a job is stopped (exit 3 in its row).")] = 3600.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run many `kdeploy optimize` jobs from a manifest on Ray (local, or a cluster with --address).
+
+    Every job is exactly `kdeploy optimize`, in its own process; one that fails, hangs or hits bad
+    input fails alone. Exit code: the worst job's (2 or 3 over 1 over 0). Needs the batch extra.
+    """
+
+    def body() -> int:
+        from kdeploy.batch.runner import run_batch
+
+        with _BatchProgress(quiet) as progress:
+            summary = run_batch(manifest, out_dir, workers=workers, address=address, formats=_formats(format),
+                                mlflow_uri=mlflow_uri, timeout_s=timeout, on_event=progress.event)
+        out.print(progress.table(f"kdeploy batch · {manifest} · {summary.duration_s:.1f} s"))
+        c = summary.counts
+        out.print(f"{c['ready']} ready, {c['not_ready']} not ready, {c['bad_input']} bad input, {c['internal']} "
+                  f"internal · exit {summary.exit_code} · summary: {out_dir / 'summary.json'}")
+        return summary.exit_code
+
+    _guard(body)
+
+
+class _BatchProgress:
+    """The live table of a batch on stderr (a line per finished job without a terminal; nothing with --quiet)."""
+
+    def __init__(self, quiet: bool) -> None:
+        import time
+
+        self.silent = quiet or os.environ.get("CI") == "true" and not sys.stderr.isatty()
+        self.jobs: dict[str, dict] = {}
+        self.clock = time.monotonic
+        self.live = None
+
+    def __enter__(self) -> "_BatchProgress":
+        if not self.silent and err.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self.table(), console=err, refresh_per_second=2, transient=True,
+                             get_renderable=self.table)
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def event(self, kind: str, name: str, data: dict) -> None:
+        _checkpoint()
+        job = self.jobs.setdefault(name, {"state": "queued", "model": "", "target": ""})
+        if kind == "queued":
+            job.update(model=data["model"], target=data["target"])
+        elif kind == "started":
+            job.update(state="running", started=self.clock(), node=data["node"])
+        elif kind == "stage":
+            job["state"] = f"{data['stage']} {data['detail']}".strip()
+        elif kind == "done":
+            job.update(state="done", row=data)
+            if not self.silent and self.live is None:
+                err.print(f"{_EXIT_STYLE.get(data['exit_code'], '[red]')}exit {data['exit_code']}[/] {escape(name)} "
+                          f"({data['duration_s']:.1f} s): {escape(data['message'])}", soft_wrap=True)
+
+    def table(self, title: str = "kdeploy batch") -> Table:
+        from kdeploy.report.figures import fmt_bytes, fmt_ms
+
+        table = Table(title=escape(title), title_justify="left")
+        for col in ("job", "target", "state", "time", "exit", "selected", "size", "latency", "message"):
+            table.add_column(col, justify="right" if col in ("time", "exit", "size", "latency") else "left",
+                             overflow="fold", no_wrap=col in ("job", "exit", "size"))
+        for name, job in self.jobs.items():
+            row = job.get("row")
+            if row is None:
+                since = f"{self.clock() - job['started']:.0f} s" if "started" in job else ""
+                table.add_row(escape(name), escape(job["target"]), escape(job["state"][:60]), since, "", "", "", "", "")
+                continue
+            lat = f"{fmt_ms(row['latency_ms'])} {row['latency_percentile']}" if row["latency_ms"] is not None else "-"
+            style = _EXIT_STYLE.get(row["exit_code"], "[red]")
+            table.add_row(escape(name), escape(row["target"]), f"{style}done[/]", f"{row['duration_s']:.1f} s",
+                          f"{style}{row['exit_code']}[/]", escape(row["selected"] or "-"), fmt_bytes(row["size_bytes"]),
+                          lat, escape(row["message"]))
+        return table
+
+
+_EXIT_STYLE = {0: "[green]", 1: "[yellow]"}
+
+
 @targets_app.callback()
 def targets(ctx: typer.Context) -> None:
     """List the built-in target profiles."""

@@ -472,14 +472,21 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
             desc, _, ref = probes[probe]
             c.robustness += [RobustnessOut(**row) for row in
                              agreement(probe, desc, runtime, ref, got, names, m.output_kinds, prof.robustness)]
-    for runtime, entries in ran.items():
-        _time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on)
-    for c, b in zip(candidates, builds):
-        _cross_compare(ctx, c, b, outputs[c.name], names)
-        c.compute = counted.get(b.name, {})
-        _budget_checks(ctx, c, b)
-        c.estimate = _estimate(c, b, prof, measured_on)
-        c.passed = bool(c.checks) and all(k.passed for k in c.checks) and not c.errors
+    from kdeploy.batch.lock import timing_lock  # HOOK(issue 14)
+
+    with timing_lock() as waited:  # HOOK(issue 14): batch jobs on one host time (and re-measure) one at a time
+        for runtime, entries in ran.items():
+            _time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on)
+        for c, b in zip(candidates, builds):
+            _cross_compare(ctx, c, b, outputs[c.name], names)
+            c.compute = counted.get(b.name, {})
+            _budget_checks(ctx, c, b)
+            c.estimate = _estimate(c, b, prof, measured_on)
+            c.passed = bool(c.checks) and all(k.passed for k in c.checks) and not c.errors
+    if waited is not None:  # HOOK(issue 14)
+        ctx.finding("info", "timing-serialized",  # HOOK(issue 14)
+                    f"batch job: latency was timed holding the host's timing lock (waited {waited:.1f} s for it), so "
+                    "no other batch job timed meanwhile; their builds and fidelity runs may have loaded the host")
     if peak_not_reset:
         ctx.finding("warning", "memory-peak-not-reset",
                     "the kernel refused to reset the peak-RSS counter (/proc/self/clear_refs): memory figures may "

@@ -50,6 +50,7 @@ class JobEntry(_Strict):
     trust_custom_code: bool = Field(False, description="--trust-custom-code.")
     custom_objects: str | None = Field(None, description="--custom-objects module.py.")
     num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs the job's Ray task declares.")
+    timeout_s: float | None = Field(None, gt=0, description="Stop the job after this many seconds (default: --timeout).")
 
 
 class Manifest(_Strict):
@@ -71,6 +72,7 @@ class Job:
     trust_custom_code: bool = False
     custom_objects: str | None = None
     num_cpus: float = 1.0
+    timeout_s: float | None = None
 
     @property
     def is_registry(self) -> bool:
@@ -192,7 +194,8 @@ def _expand(path: Path, i: int, entry: JobEntry) -> list[Job]:
             name = entry.name or _safe_name(f"{_stem(label)}-{target}")
             jobs.append(Job(name=name, model=model, model_label=label, target=target, target_arg=arg, data=data,
                             input_shapes={k: tuple(v) for k, v in entry.input_shapes.items()}, seed=entry.seed,
-                            trust_custom_code=entry.trust_custom_code, custom_objects=custom, num_cpus=entry.num_cpus))
+                            trust_custom_code=entry.trust_custom_code, custom_objects=custom, num_cpus=entry.num_cpus,
+                            timeout_s=entry.timeout_s))
     return jobs
 
 
