@@ -18,7 +18,9 @@ from kdeploy.errors import ManifestError
 from conftest import FIXTURES, make_profile
 from test_optimize import contract_problems
 
-pytest.importorskip("ray", reason="the batch extra (ray) is not installed")
+if os.environ.get("CI") != "true":  # in CI the test extra has both: a missing one fails there
+    pytest.importorskip("ray", reason="the batch extra (ray) is not installed")
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
 
 
 def kdeploy(*args, cwd=None, prelude: str = "") -> subprocess.CompletedProcess:
@@ -104,11 +106,21 @@ def test_batch_without_ray_says_how_to_install(tmp_path):
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
-    """One batch on local Ray with 2 workers: a ready job, a not-ready job, a corrupt model, a job that times out."""
+    """One batch on local Ray with 2 workers: a ready job, a registry version that is not ready (a 1 KB
+    budget), a corrupt model and a job that times out."""
+    from mlflow import MlflowClient
+
     tmp = tmp_path_factory.mktemp("batch")
     edge = make_profile(tmp, "cpu-edge", precisions=["fp32", "int8"], crosscheck_runtimes=[], threads=[1])
-    mcu = make_profile(tmp, "mcu", crosscheck_runtimes=[])
+    tiny = make_profile(tmp, "mcu", crosscheck_runtimes=[], budgets={"max_size_bytes": 1000})
     (tmp / "broken.keras").write_bytes((FIXTURES / "digits_cnn.keras").read_bytes()[:3000])
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("training", artifact_location=(tmp / "artifacts").as_uri()))
+    client.log_artifact(run.info.run_id, str(FIXTURES / "digits_cnn.keras"), artifact_path="model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("digits")
+    client.create_model_version("digits", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
     manifest = write(tmp / "batch.toml", f"""
 [[jobs]]
 model = "{FIXTURES / 'digits_cnn.keras'}"
@@ -116,9 +128,9 @@ data = "{FIXTURES / 'digits.npz'}"
 profiles = ["{edge.name}"]
 
 [[jobs]]
-model = "{FIXTURES / 'cancer_mlp.keras'}"
-data = "{FIXTURES / 'cancer.npz'}"
-profiles = ["{mcu.name}"]
+model = "models:/digits/1"
+data = "{FIXTURES / 'digits.npz'}"
+profiles = ["{tiny.name}"]
 
 [[jobs]]
 model = "broken.keras"
@@ -130,9 +142,9 @@ model = "{FIXTURES / 'diabetes_reg.keras'}"
 targets = ["cpu-edge"]
 timeout_s = 2
 """)
-    started = time.monotonic()
-    res = kdeploy("batch", manifest, "--out", tmp / "out", "--workers", "2", "--format", "json,md,junit", cwd=tmp)
-    return tmp, res, time.monotonic() - started
+    res = kdeploy("batch", manifest, "--out", tmp / "out", "--workers", "2", "--format", "json,md,junit",
+                  "--mlflow-uri", uri, cwd=tmp)
+    return tmp, res, client
 
 
 def test_batch_runs_every_job_and_failures_stay_in_their_rows(batch):
@@ -141,10 +153,10 @@ def test_batch_runs_every_job_and_failures_stay_in_their_rows(batch):
     assert res.returncode == 3, res.stdout + res.stderr  # worst of 0, 1, 2, 3
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["name"]: r for r in summary["jobs"]}
-    assert list(rows) == ["digits_cnn-cpu-edge", "cancer_mlp-mcu", "broken-cpu-edge", "slow"]
+    assert list(rows) == ["digits_cnn-cpu-edge", "digits-1-mcu", "broken-cpu-edge", "slow"]
     assert summary["ray"]["address"] == "local" and summary["ray"]["cpus"] == 2
     assert summary["counts"] == {"ready": 1, "not_ready": 1, "bad_input": 1, "internal": 1}
-    for name in ("digits_cnn-cpu-edge", "cancer_mlp-mcu"):
+    for name in ("digits_cnn-cpu-edge", "digits-1-mcu"):
         row = rows[name]
         rd = json.loads((out / row["report"]).read_text())
         contract_problems(out / name)
@@ -167,6 +179,15 @@ def test_batch_runs_every_job_and_failures_stay_in_their_rows(batch):
     assert "damaged zip" in (out / broken["log"]).read_text()
 
 
+def test_batch_registry_job_records_its_verdict_on_the_model_version(batch):
+    tmp, _, client = batch
+    row = next(r for r in json.loads((tmp / "out" / "summary.json").read_text())["jobs"] if r["name"] == "digits-1-mcu")
+    assert row["exit_code"] == 1 and row["model"] == "models:/digits/1" and "size_bytes: value" in row["message"]
+    tags = client.get_model_version("digits", "1").tags
+    assert tags["kdeploy.ready"] == "false" and tags["kdeploy.target"] == "mcu" and tags["kdeploy.selected"] == "none"
+    assert client.get_run(tags["kdeploy.report_run"]).data.tags["kdeploy.ready"] == "false"
+
+
 def test_batch_writes_markdown_junit_and_a_final_table(batch):
     tmp, res, _ = batch
     out = tmp / "out"
@@ -174,7 +195,7 @@ def test_batch_writes_markdown_junit_and_a_final_table(batch):
     assert "1 ready, 1 not ready, 1 bad input, 1 internal" in md and "| broken-cpu-edge |" in md
     suite = ET.parse(out / "summary.junit.xml").getroot()
     cases = suite.findall(".//testcase")
-    assert [c.get("name") for c in cases] == ["digits_cnn-cpu-edge", "cancer_mlp-mcu", "broken-cpu-edge", "slow"]
+    assert [c.get("name") for c in cases] == ["digits_cnn-cpu-edge", "digits-1-mcu", "broken-cpu-edge", "slow"]
     assert [c.find("failure") is None for c in cases] == [True, False, False, False]
     assert cases[2].find("failure").get("type") == "bad-input"
     assert suite.get("tests") == "4" and suite.get("failures") == "3"
