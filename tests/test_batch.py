@@ -182,7 +182,10 @@ def test_batch_runs_every_job_and_failures_stay_in_their_rows(batch):
 def test_batch_registry_job_records_its_verdict_on_the_model_version(batch):
     tmp, _, client = batch
     row = next(r for r in json.loads((tmp / "out" / "summary.json").read_text())["jobs"] if r["name"] == "digits-1-mcu")
-    assert row["exit_code"] == 1 and row["model"] == "models:/digits/1" and "size_bytes: value" in row["message"]
+    assert row["exit_code"] == 1 and row["model"] == "models:/digits/1" and row["message"].startswith("not ready")
+    rd = json.loads((tmp / "out" / row["report"]).read_text())
+    assert rd["model"]["path"] == "models:/digits/1"
+    assert any(k["name"] == "size_bytes" and not k["passed"] for c in rd["candidates"] for k in c["checks"])
     tags = client.get_model_version("digits", "1").tags
     assert tags["kdeploy.ready"] == "false" and tags["kdeploy.target"] == "mcu" and tags["kdeploy.selected"] == "none"
     assert client.get_run(tags["kdeploy.report_run"]).data.tags["kdeploy.ready"] == "false"
