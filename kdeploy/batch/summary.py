@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kdeploy import __version__
 
 SCHEMA_VERSION = "1.0"
-EXIT_READY, EXIT_NOT_READY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_READY, EXIT_NOT_READY, EXIT_USAGE = 0, 1, 2
 FILES = {"json": "summary.json", "md": "summary.md", "junit": "summary.junit.xml"}
 
 
