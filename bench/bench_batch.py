@@ -76,6 +76,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="Folder for the inputs and outputs (default: a temp folder).")
+    ap.add_argument("--reuse-batch", action="store_true",
+                    help="Keep the batch folder already in --work (its summary's duration_s is the batch time) and "
+                         "only run the single runs.")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kdeploy-bench-batch-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -85,9 +88,16 @@ def main() -> int:
 
     jobs = load_manifest(manifest)
     print(f"{len(jobs)} jobs, manifest {manifest}, {os.cpu_count()} cores, --workers {args.workers}")
-    code, batch_wall, err = kdeploy("batch", str(manifest), "--out", str(work / "batch"), "--workers", str(args.workers))
-    print(f"batch: exit {code}, {batch_wall:.1f} s wall")
-    summary = json.loads((work / "batch" / "summary.json").read_text())
+    if args.reuse_batch:
+        summary = json.loads((work / "batch" / "summary.json").read_text())
+        batch_wall = summary["duration_s"]
+        print(f"batch: reused {work / 'batch'}, exit {summary['exit_code']}, {batch_wall:.1f} s (summary duration_s)")
+    else:
+        code, batch_wall, err = kdeploy("batch", str(manifest), "--out", str(work / "batch"), "--workers",
+                                        str(args.workers))
+        print(f"batch: exit {code}, {batch_wall:.1f} s wall")
+        summary = json.loads((work / "batch" / "summary.json").read_text())
+    (work / "single").mkdir(exist_ok=True)
     rows = {r["name"]: r for r in summary["jobs"]}
     problems, singles = [], 0.0
     for job in jobs:
@@ -103,7 +113,8 @@ def main() -> int:
         else:
             same = same and not (work / "batch" / job.name).exists()
         if not same:
-            problems.append(f"{job.name}: batch exit {row['exit_code']} vs single {scode}, or reports differ")
+            problems.append(f"{job.name}: batch exit {row['exit_code']} vs single {scode} ({serr.strip()[-200:]}), "
+                            "or reports differ")
         print(f"  {job.name:28s} batch exit {row['exit_code']} ({row['duration_s']:5.1f} s)  single exit {scode} "
               f"({wall:5.1f} s)  {'same' if same else 'DIFFERENT'}  {row['message'][:70]}")
     corrupt = rows["corrupt_cnn-cpu-edge"]
