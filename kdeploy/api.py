@@ -10,15 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from kdeploy.registry import is_registry_uri
+
 if TYPE_CHECKING:
     from kdeploy.report.model import Inspection, Report
-
-REGISTRY_SCHEMES = ("models:/", "runs:/")
-
-
-def is_registry_uri(model: Any) -> bool:
-    """True for an MLflow model URI (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN/PATH`)."""
-    return isinstance(model, str) and model.startswith(REGISTRY_SCHEMES)
 
 
 def optimize(

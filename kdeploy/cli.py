@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from kdeploy import __version__
+from kdeploy.console import BatchProgress, err, out, render_inspection, render_report
 from kdeploy.errors import KdeployError, UsageError
 
 EXIT_READY, EXIT_NOT_READY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -35,8 +35,6 @@ app = typer.Typer(
 targets_app = typer.Typer(help="List the built-in target profiles, or show one.", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 _state = {"debug": False}
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any TensorFlow import: no C++ log chatter
 
@@ -230,7 +228,8 @@ def optimize(
     """
 
     def body() -> int:
-        from kdeploy.api import is_registry_uri, optimize as run
+        from kdeploy.api import optimize as run
+        from kdeploy.registry import is_registry_uri
 
         registry = is_registry_uri(model)
         if not registry and mlflow_experiment is not None:
@@ -247,7 +246,7 @@ def optimize(
 
             append_step_summary(report)
         else:
-            _render(report, out_dir)
+            render_report(report, out_dir)
         rec = getattr(report, "_mlflow", None)
         if rec is not None:
             alias = (f"alias {rec.alias} set" if rec.alias_set else f"alias {rec.alias} removed" if rec.alias_removed
@@ -286,7 +285,7 @@ def check(
                      formats=_formats(format), seed=seed, precision=precision, trust_custom_code=trust_custom_code,
                      custom_objects=custom_objects, input_shapes=_shapes(input_shape), progress=_progress(quiet),
                      command=_command())
-        _render(report, out_dir)
+        render_report(report, out_dir)
         return EXIT_READY if report.ready else EXIT_NOT_READY
 
     _guard(body)
@@ -319,8 +318,40 @@ def inspect(
         if json_out:
             sys.stdout.write(res.model_dump_json(indent=2) + "\n")
         else:
-            _render_inspection(res, model)
+            render_inspection(res, model)
         return EXIT_READY if res.ready else EXIT_NOT_READY
+
+    _guard(body)
+
+
+@app.command()
+def batch(
+    manifest: Annotated[Path, typer.Argument(help="Batch manifest (TOML): [[jobs]] tables of model(s) × targets/profiles.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Batch folder: summary.json/.md/.junit.xml, one report folder per job, logs/ (written atomically).")] = Path("kdeploy-batch"),
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="CPUs of the local Ray instance (default: all cores).")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (ray://HOST:10001, HOST:6379 or auto) instead of a local instance.")] = None,
+    format: FormatOpt = "json,md",
+    mlflow_uri: MlflowUriOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds after which a job is stopped (exit 3 in its row).")] = 3600.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run many `kdeploy optimize` jobs from a manifest on Ray (local, or a cluster with --address).
+
+    Every job is exactly `kdeploy optimize`, in its own process; one that fails, hangs or hits bad
+    input fails alone. Exit code: the worst job's (2 or 3 over 1 over 0). Needs the batch extra.
+    """
+
+    def body() -> int:
+        from kdeploy.batch.runner import run_batch
+
+        with BatchProgress(quiet, _checkpoint) as progress:
+            summary = run_batch(manifest, out_dir, workers=workers, address=address, formats=_formats(format),
+                                mlflow_uri=mlflow_uri, timeout_s=timeout, on_event=progress.event)
+        out.print(progress.table(f"kdeploy batch · {manifest} · {summary.duration_s:.1f} s"))
+        c = summary.counts
+        out.print(f"{c['ready']} ready, {c['not_ready']} not ready, {c['bad_input']} bad input, {c['internal']} "
+                  f"internal · exit {summary.exit_code} · summary: {out_dir / 'summary.json'}")
+        return summary.exit_code
 
     _guard(body)
 
@@ -431,61 +462,6 @@ def schema(
 
 def _command() -> list[str]:
     return ["kdeploy", *sys.argv[1:]]
-
-
-def _render(report, out_dir: Path) -> None:
-    from kdeploy.report.render import candidate_rows
-
-    table = Table(title=f"kdeploy · {report.model.path} → {report.target['name']}", title_justify="left")
-    for col in ("candidate", "size", "gzip", "top-1", "cosine min", "max abs err", "p50"):
-        table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=True)
-    table.add_column("verdict", overflow="fold")
-    for r in candidate_rows(report):
-        name = f"[bold]{r['name']} ★[/]" if r["selected"] else r["name"]
-        verdict = "[green]pass[/]" if r["passed"] else f"[red]fail[/] {escape(r['why'])}"
-        table.add_row(escape(name) if not r["selected"] else name, r["size"], r["gzip"], r["top1"], r["cosine"],
-                      r["max_abs"], r["p50"], verdict)
-    out.print(table)
-    for f in report.findings:
-        color = {"error": "red", "warning": "yellow"}.get(f.severity, "dim")
-        out.print(f"[{color}]{f.severity}[/] {f.code}: {escape(f.message)}", soft_wrap=True)
-    if report.ready:
-        out.print(f"[bold green]READY[/] selected [bold]{report.selected}[/] · report: {out_dir / 'report.json'}")
-    else:
-        out.print(f"[bold red]NOT READY[/] no candidate passed every check · report: {out_dir / 'report.json'}")
-    from kdeploy.report.render import append_step_summary
-
-    append_step_summary(report)
-
-
-def _render_inspection(res, model: Path) -> None:
-    s = res.summary
-    sizes = ", ".join(f"{p} {b:,}" for p, b in (s.get("predicted_size_bytes") or {}).items())
-    macs = f"{s['macs']:,}" if s.get("macs") is not None else "?"
-    out.print(f"[bold]kdeploy inspect · {escape(str(model))} → {res.target}[/]: {s['layers']} layers, "
-              f"{s['params'] or 0:,} params, {macs} MACs, fp32 {s.get('fp32_bytes') or 0:,} bytes; predicted "
-              f"bytes: {sizes or '?'}", soft_wrap=True)
-    for t in s["inputs"] + s["outputs"]:
-        dyn = f" dynamic axes {t['dynamic_axes']}" if t["dynamic_axes"] else ""
-        out.print(f"  {escape(t['name'])} {t['shape']} {t['dtype']}{dyn}", soft_wrap=True)
-    if "mcu" in s:
-        mcu = s["mcu"]
-        out.print(f"  mcu: predicted flash {mcu['predicted_flash_bytes']:,} / {mcu['max_size_bytes'] or '-'} bytes; "
-                  f"largest activation {mcu['arena_lower_bound_bytes']:,} / arena {mcu['max_arena_bytes'] or '-'} "
-                  f"bytes (fits: {mcu['arena_fits']})", soft_wrap=True)
-    color = {"builtin": "green", "supported": "green", "no-ops": "dim"}
-    table = Table("layer", "class", "tflite", "tflm", "onnx", "ops", box=None, title_justify="left")
-    for r in res.layers:
-        cells = [f"[{color.get(v, 'red')}]{v}[/]" for v in (r.tflite, r.tflm, r.onnx)]
-        table.add_row(escape(r.name), r.class_name, *cells, escape(" ".join(r.ops)))
-    out.print(table)
-    for h in res.hazards:
-        c = "red" if h.blocks else {"error": "red", "warning": "yellow"}.get(h.severity, "dim")
-        tag = "BLOCKS" if h.blocks else h.severity
-        out.print(f"[{c}]{tag}[/] {h.code}{' ' + escape(f'[{h.layer}]') if h.layer else ''}: {escape(h.message)} "
-                  f"[dim]fix:[/] {escape(h.fix)}", soft_wrap=True)
-    verdict = "[bold green]NOTHING BLOCKS[/]" if res.ready else "[bold red]BLOCKED[/]"
-    out.print(f"{verdict} target {res.target} (prediction from one fp32 conversion, {res.duration_s:.1f} s)")
 
 
 def main() -> None:

@@ -33,3 +33,7 @@ class ConversionError(KdeployError):
     """A converter failed on a model it should handle (exit 3 when nothing could be built)."""
 
     exit_code = 3
+
+
+class ManifestError(UsageError):
+    """A batch manifest is unreadable or invalid."""

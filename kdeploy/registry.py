@@ -24,11 +24,20 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kdeploy.errors import KdeployError, UsageError
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 ALIAS_PREFIX = "deploy-ready-"
+
+
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+
+
+def is_registry_uri(model: Any) -> bool:
+    """True for an MLflow model URI (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN/PATH`)."""
+    return isinstance(model, str) and model.startswith(REGISTRY_SCHEMES)
 
 
 class RegistryError(KdeployError):

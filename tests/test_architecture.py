@@ -75,7 +75,7 @@ def test_package_has_no_import_circles_even_through_function_level_imports():
 
 def test_nothing_below_the_orchestration_imports_it():
     mods = _modules()
-    above = ("kdeploy.run", "kdeploy.api", "kdeploy.cli")
+    above = ("kdeploy.run", "kdeploy.api", "kdeploy.cli", "kdeploy.batch")
 
     def is_above(m: str) -> bool:
         return any(m == a or m.startswith(a + ".") for a in above)

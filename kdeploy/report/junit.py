@@ -5,6 +5,7 @@ one `<testsuite name="kdeploy.<target>.<candidate>">` per candidate with a `<tes
 (a failed check carries `<failure message="value ... vs limit ...">`), a `build` case when the
 candidate had build errors, and a last suite `kdeploy.<target>` whose `ready` case is the gate's
 verdict.
+`render_batch` writes a batch summary the same way: one case per job.
 """
 
 from __future__ import annotations
@@ -83,5 +84,35 @@ def render(report: Any) -> str:
     root.set("tests", str(total + 1))
     root.set("failures", str(failed + (0 if rd.get("ready") else 1)))
     root.set("errors", "0")
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def render_batch(summary: dict) -> str:
+    """Renders a batch summary as JUnit XML: one test case per job, failed unless the job was ready.
+
+    Args:
+        summary: the dict form of `kdeploy.batch.summary.BatchSummary`.
+
+    Returns:
+        The XML text, with an XML declaration.
+    """
+    name = "kdeploy.batch"
+    root = ET.Element("testsuites", name=name)
+    suite = ET.SubElement(root, "testsuite", name=name)
+    failed = 0
+    kinds = {1: "not-ready", 2: "bad-input"}
+    for row in summary.get("jobs") or []:
+        code = row.get("exit_code")
+        msg = None if code == 0 else f"exit {code}: {row.get('message')}"
+        text = f"{msg}\nlog: {row.get('log')}" if msg else ""
+        _case(suite, f"{name}.{row.get('target')}", row.get("name", "job"), msg, text, kind=kinds.get(code, "internal"))
+        failed += code != 0
+    total = str(len(summary.get("jobs") or []))
+    for el in (suite, root):
+        el.set("tests", total)
+        el.set("failures", str(failed))
+        el.set("errors", "0")
+    suite.set("skipped", "0")
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

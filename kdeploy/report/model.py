@@ -234,14 +234,19 @@ class Report(_M):
         return out
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuses an `--out` that is a file, not writable, or a folder kdeploy did not write."""
+def check_out_dir(out: Path, marker: str = "report.json") -> None:
+    """Refuses an `--out` that is a file, not writable, or a folder kdeploy did not write.
+
+    Args:
+        out: the output folder.
+        marker: the file an earlier kdeploy output folder holds (`summary.json` for a batch).
+    """
     from kdeploy.errors import UsageError
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is an existing file; allowed: a new folder or an earlier kdeploy output folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
-        raise UsageError(f"--out {out} is a non-empty folder that kdeploy did not write (no report.json); refusing to overwrite it")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UsageError(f"--out {out} is a non-empty folder that kdeploy did not write (no {marker}); refusing to overwrite it")
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"--out {out}: parent folder {parent} does not exist")

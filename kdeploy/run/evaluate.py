@@ -21,6 +21,7 @@ from kdeploy.report.model import ArtifactOut, Candidate, Check, RobustnessOut
 from kdeploy.robustness import agreement, make_probes
 from kdeploy.run.checks import add_fidelity, budget_checks
 from kdeploy.run.context import Build, Context
+from kdeploy.run.lock import timing_lock
 from kdeploy.run.timing import latency_findings, settle_budget_latency, time_candidates
 from kdeploy.runtimes import RUNTIME_FORMATS
 from kdeploy.runtimes.jobs import RunJob
@@ -99,14 +100,19 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
             desc, _, ref = probes[probe]
             c.robustness += [RobustnessOut(**row) for row in
                              agreement(probe, desc, runtime, ref, got, names, m.output_kinds, prof.robustness)]
-    for runtime, entries in ran.items():
-        time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on)
-    for c, b in zip(candidates, builds):
-        _cross_compare(ctx, c, b, outputs[c.name], names)
-        c.compute = counted.get(b.name, {})
-        budget_checks(c, b, prof, settle_budget_latency(ctx, c, b))
-        c.estimate = _estimate(c, b, prof, measured_on)
-        c.passed = bool(c.checks) and all(k.passed for k in c.checks) and not c.errors
+    with timing_lock() as waited:  # batch jobs on one host time (and re-measure) one at a time
+        for runtime, entries in ran.items():
+            time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on)
+        for c, b in zip(candidates, builds):
+            _cross_compare(ctx, c, b, outputs[c.name], names)
+            c.compute = counted.get(b.name, {})
+            budget_checks(c, b, prof, settle_budget_latency(ctx, c, b))
+            c.estimate = _estimate(c, b, prof, measured_on)
+            c.passed = bool(c.checks) and all(k.passed for k in c.checks) and not c.errors
+    if waited is not None:
+        ctx.finding("info", "timing-serialized",
+                    f"batch job: latency was timed holding the host's timing lock (waited {waited:.1f} s for it), so "
+                    "no other batch job timed meanwhile; their builds and fidelity runs may have loaded the host")
     if peak_not_reset:
         ctx.finding("warning", "memory-peak-not-reset",
                     "the kernel refused to reset the peak-RSS counter (/proc/self/clear_refs): memory figures may "
