@@ -100,6 +100,32 @@ def diagnose(ctx: Context, candidates: list[Candidate], builds: list[Build]) -> 
                 c.first_divergence = _first_divergence(ctx, b, art)
         except ChildFailure as e:
             ctx.finding("warning", "layer-error-unavailable", f"candidate {c.name}: per-layer tensors not measured ({e})")
+    for c in candidates:
+        if c.recipe.get("float_layers"):
+            c.recipe["cost"] = _cost(ctx, c, {x.name: x for x in candidates})
+
+
+def _cost(ctx: Context, c: Candidate, by_name: dict[str, Candidate]) -> dict[str, str]:
+    """What keeping layers in float cost against full int8 and fp32: size and p50 on the deployed runtime."""
+    from kdeploy.report.figures import budget_row, deployed_artifact
+
+    rt = ctx.profile.runtimes[0]
+
+    def figures(x: Candidate):
+        a, lat = deployed_artifact(x.artifacts, rt), budget_row(x.latency, rt, "p50")
+        return (a.size_bytes if a else None), (lat.p50_ms if lat else None)
+
+    size, p50 = figures(c)
+    out = {}
+    for other in ("int8", "fp32"):
+        if other not in by_name or size is None:
+            continue
+        s2, l2 = figures(by_name[other])
+        text = f"size {size:,} vs {s2:,} bytes ({size - s2:+,})" if s2 else "size not comparable"
+        if p50 is not None and l2:
+            text += f", p50 {p50:.4f} vs {l2:.4f} ms on {rt} (host)"
+        out[other] = text
+    return out
 
 
 def _fidelity_passed(c: Candidate) -> bool:
