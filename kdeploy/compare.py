@@ -128,11 +128,56 @@ def judge(m: OutputMetrics, ref: np.ndarray, got: np.ndarray, tol: Tolerance) ->
         if limit is None or value is None:
             continue
         good = value >= limit if higher_is_better else value <= limit
+        note = ""
+        if name == "top1":
+            good, note = _top1_verdict(ref, got, value, limit, tol.near_tie_margin)
         ok &= good
-        parts.append(f"{name}={value:.5g} ({'>=' if higher_is_better else '<='} {limit:g}{'' if good else ' FAILED'})")
+        parts.append(f"{name}={value:.5g} ({'>=' if higher_is_better else '<='} {limit:g}{'' if good else ' FAILED'}"
+                     f"{note})")
     if not parts:
         parts.append(f"max_abs={m.max_abs_err:.2e} (no criterion set)")
     return bool(ok), ", ".join(parts)
+
+
+def flip_margins(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Keras' margin (top-1 minus top-2 probability; binary: |2p - 1|) of each sample whose top-1 class flipped."""
+    a = ref.reshape(len(ref), -1).astype(np.float64)
+    b = got.reshape(len(got), -1).astype(np.float64)
+    if a.shape[1] == 1:
+        flipped = (a[:, 0] > 0.5) != (b[:, 0] > 0.5)
+        return np.abs(2 * a[flipped, 0] - 1)
+    flipped = a.argmax(1) != b.argmax(1)
+    top2 = np.sort(a[flipped], axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def samples_needed(min_top1: float, confidence: float = 0.95) -> int:
+    """Samples that must all agree to show top-1 agreement >= min_top1 at `confidence` (one-sided binomial)."""
+    return int(np.ceil(np.log(1 - confidence) / np.log(min_top1))) if 0 < min_top1 < 1 else 1
+
+
+def _top1_verdict(ref: np.ndarray, got: np.ndarray, value: float, limit: float,
+                  near_tie: float | None) -> tuple[bool, str]:
+    """The top-1 verdict on this sample count, and a note on the flips (margins, what a verdict would need)."""
+    from math import comb
+
+    n = len(ref)
+    margins = flip_margins(ref, got)
+    flips = len(margins)
+    if flips == 0:
+        return True, ""
+    # P(at least `flips` flips in n samples | agreement exactly min_top1): a small p says the data
+    # show agreement below the tolerance; a large one says the sample count cannot tell.
+    p = 1 - limit
+    p_value = max(0.0, 1 - sum(comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(flips)))
+    text = (f": {flips} flip(s) of {n}, Keras margin{'s' if flips > 1 else ''} "
+            f"{', '.join(f'{x:.3f}' for x in np.sort(margins)[:5])}; {samples_needed(limit)} agreeing samples "
+            f"would show >= {limit:g} at 95%")
+    if value >= limit:
+        return True, text
+    if near_tie is not None and p_value >= 0.05 and float(margins.max()) < near_tie:
+        return True, text + f"; accepted: near-ties (margin < {near_tie:g}) and consistent with {limit:g} (p={p_value:.2f})"
+    return False, text + (f"; p={p_value:.2g}" if near_tie is not None else "")
 
 
 def compare(

@@ -39,6 +39,11 @@ class Tolerance(_Strict):
     min_cosine: float | None = Field(None, ge=-1, le=1, description="Minimum per-sample cosine similarity (cosine_min).")
     min_cosine_mean: float | None = Field(None, ge=-1, le=1, description="Minimum mean per-sample cosine similarity.")
     min_top1: float | None = Field(None, ge=0, le=1, description="Minimum top-1 agreement, classifier outputs only.")
+    near_tie_margin: float | None = Field(
+        None, ge=0, le=1,
+        description="Top-1 agreement below min_top1 still passes when every flipped sample was a near-tie in Keras "
+                    "(top-1 minus top-2 probability below this) and the flip count is consistent with min_top1 at 95% "
+                    "confidence for the sample count (one-sided binomial); unset: strict.")
 
 
 class Budgets(_Strict):
@@ -52,6 +57,13 @@ class Budgets(_Strict):
     max_arena_bytes: int | None = Field(
         None, gt=0, description="TFLite Micro tensor arena (RAM on a microcontroller), bytes; measured by the tflm runtime."
     )
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="With labels in --data: accuracy lost against Keras, absolute (e.g. 0.01); a "
+                                      "check. A candidate below min_top1 agreement passes its fidelity check when "
+                                      "its accuracy drop is within this budget (the report says so).")
+    max_mae_increase: float | None = Field(
+        None, ge=0, description="With labels in --data: mean absolute error gained against Keras (regression "
+                                "outputs, label units); a check.")
 
 
 class Timing(_Strict):
@@ -93,6 +105,15 @@ class Robustness(_Strict):
     min_cosine_mean: float | None = Field(
         None, ge=-1, le=1, description="Required mean cosine similarity with Keras on each probe; a check."
     )
+
+
+class Selective(_Strict):
+    """Selective int8 (`int8-mixed`): when full int8 fails, keep the layers that break it in float."""
+
+    enabled: bool = Field(True, description="Search for layers to keep in float when full int8 fails (int8 allowed).")
+    max_tries: int = Field(
+        6, ge=1, le=100, description="Conversions the search may try at most (each one converts and runs the model).")
+    samples: int = Field(64, ge=1, le=10000, description="Validation samples the per-layer error is measured on.")
 
 
 class Device(_Strict):
@@ -200,6 +221,10 @@ class TargetProfile(_Strict):
         description="Precision order that decides between candidates whose measured figures are equal.",
     )
     calibration_samples: int = Field(64, ge=1, le=10000, description="Samples used to calibrate int8/int16x8.")
+    full_integer: bool = Field(
+        False, description="The target runs integer kernels only (TFLite Micro on a microcontroller, an NPU): no "
+                           "selective int8; the layers that break full int8 are named with the fix instead.")
+    selective: Selective = Field(default_factory=Selective, description="Selective int8 search (int8-mixed).")
     budgets: Budgets = Field(default_factory=Budgets)
     timing: Timing = Field(default_factory=Timing)
     robustness: Robustness = Field(default_factory=Robustness)
@@ -297,6 +322,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
             model = Clustering
         elif part == "finetune":
             model = FineTune
+        elif part == "selective":
+            model = Selective
         elif part in ("tolerances", "tolerance") or part in PRECISIONS:
             model = Tolerance
     return sorted(model.model_fields)

@@ -45,6 +45,8 @@ NO_INT16_ONNX = "tf2onnx cannot express int16 activations in the opsets it suppo
 # failed with "failed to delegate FULLY_CONNECTED ... TfLiteXNNPackDelegate failed to prepare".
 SPARSE_RUNNABLE = ("fp32", "fp16")
 ORT_DYNAMIC = "ort-dynamic"
+# Selective int8: full int8 except the Keras layers a search keeps in float (`kdeploy.run.selective`).
+SELECTIVE_INT8 = "int8-mixed"
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Recipe:
 
     name: str
     precision: str
-    technique: str = "ptq"  # "ptq" | "ort-quantization" | "pruning" | "clustering"
+    technique: str = "ptq"  # "ptq" | "selective" | "ort-quantization" | "pruning" | "clustering"
     converter: str = "tflite"  # "tflite" | "onnxruntime.quantization.quantize_dynamic"
     onnx: str | None = "tflite"
     no_onnx: str | None = None
@@ -109,6 +111,13 @@ def ptq_recipes(prof: "TargetProfile") -> list[Recipe]:
         else:
             out.append(Recipe(p, p))
     return out
+
+
+def selective_recipe(prof: "TargetProfile") -> Recipe | None:
+    """Selective int8, where int8 is allowed, the search is on and the target runs float kernels too."""
+    if "int8" not in prof.precisions or not prof.selective.enabled or prof.full_integer:
+        return None
+    return Recipe(SELECTIVE_INT8, "int8", technique="selective")
 
 
 def ort_recipes(prof: "TargetProfile") -> list[Recipe]:

@@ -85,10 +85,11 @@ def test_fault_hook_is_inert_outside_pytest(tmp_path):
     """The hook needs PYTEST_CURRENT_TEST as well: a user who sets the variable by accident gets a normal run."""
     from kdeploy.runtimes import worker
 
-    job = {"runtime": "litert", "artifact_path": "/x/fp32.tflite"}
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
-    code = ("import os, kdeploy.runtimes.worker as w; os.environ['KDEPLOY_TEST_WORKER_FAULT']='segv:litert:fp32.tflite';"
-            f"w._test_fault({job!r}); print('alive')")
+    code = ("import os, kdeploy.runtimes.worker as w; from kdeploy.runtimes.jobs import RunJob;"
+            "os.environ['KDEPLOY_TEST_WORKER_FAULT']='segv:litert:fp32.tflite';"
+            "w._test_fault(RunJob(runtime='litert', artifact_path='/x/fp32.tflite', io={}, feeds_path=''));"
+            "print('alive')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "alive"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -141,3 +141,56 @@ def convert_function(frozen_fn, select_tf_ops: bool = False) -> bytes:
         raise ConversionError(f"TFLite fp32 conversion failed: {first_error_line(e)}") from e
     finally:
         absl.setLevel(level)
+
+
+def convert_selective(
+    saved_model_dir: Path,
+    out_path: Path,
+    calibration: dict[str, np.ndarray],
+    input_order: list[str],
+    signature_outputs: list[str],
+    float_nodes: list[str],
+) -> Artifact:
+    """Full int8 except the ops named in `float_nodes`, which stay float (as do their inputs).
+
+    TensorFlow's `QuantizationDebugger` with `denylisted_nodes` and `get_nondebug_quantized_model`:
+    the converter quantizes around the denylisted ops, so a kept-float op at the graph input
+    reads the float model input and a QUANTIZE op follows it (a `no_quantize` rule of
+    ai-edge-quantizer on the same ops still quantized the graph input). Same bytes for the same
+    inputs (seen here).
+
+    Args:
+        calibration: model input name -> (N, ...) arrays, one sample at a time.
+        input_order: model input names in the order of the float model's input tensors (the
+            debugger feeds positional lists).
+        float_nodes: TFLite node names (each op's output tensor name in the float model).
+
+    Raises:
+        ConversionError: the converter refused the model.
+    """
+    import tensorflow as tf
+
+    n = len(next(iter(calibration.values())))
+
+    def representative():
+        for i in range(n):
+            yield {k: v[i : i + 1] for k, v in calibration.items()}
+
+    def positional():
+        for i in range(n):
+            yield [calibration[k][i : i + 1] for k in input_order]
+
+    try:
+        c = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=["serving_default"])
+        _int8(c, representative)
+        opts = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(float_nodes))
+        with native_quiet():
+            debugger = tf.lite.experimental.QuantizationDebugger(converter=c, debug_dataset=positional,
+                                                                 debug_options=opts)
+            data = debugger.get_nondebug_quantized_model()
+    except Exception as e:
+        raise ConversionError(f"TFLite selective int8 conversion failed: {first_error_line(e)}") from e
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(data)
+    return Artifact(format="tflite", path=out_path, precision="int8", source="tflite-converter(quantization-debugger)",
+                    io={"inputs": {k: k for k in input_order}, "outputs": list(signature_outputs)}).measure()

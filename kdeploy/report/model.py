@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-SCHEMA_VERSION = "1.1"  # 1.1: `inspection` (kdeploy inspect's section)
+SCHEMA_VERSION = "1.1"  # 1.1: inspection; candidates[].sensitivity, task_metrics, first_divergence
 
 
 class _M(BaseModel):
@@ -137,6 +137,18 @@ class Candidate(_M):
                           "(targets, loss, epochs, loss_first/last), per-layer figures, and `tflite`: sparsity and unique "
                           "weight values counted in the exported .tflite weight buffers",
     )
+    sensitivity: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Quantized .tflite candidates: per Keras layer, error against the float .tflite on the validation "
+                    "inputs as {layer, op, metric, value} (added_cosine_loss: what the layer adds to its inputs' "
+                    "1 - cosine, the ranking; rel_rmse: RMSE / float range; cosine_mean), layers worst first")
+    task_metrics: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="With labels: {name, output, keras, value, drop} on the validation samples (accuracy for "
+                    "classifiers, mae/rmse for regression); drop: how much worse than Keras")
+    first_divergence: dict[str, Any] | None = Field(
+        None, description="fp32 .tflite failing its tolerance: the first Keras layer whose output exceeds it, "
+                          "{layer, max_abs_err, tolerance}")
 
 
 class LayerCompat(_M):

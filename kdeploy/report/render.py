@@ -128,6 +128,7 @@ def markdown(report) -> str:
             gz = min((a.gzip_bytes for a in c.artifacts if a.format == "tflite"), default=None)
             lines.append(f"| {c.name} | {t.get('sparsity', 0):.3f} | {t.get('unique_max', '-')} | {_size(gz)} | "
                          f"{'yes' if c.passed else 'no'} |")
+    lines += _why_not(report)
     failed = [(c.name, k) for c in report.candidates for k in c.checks if not k.passed]
     if failed:
         lines += ["", "**Failed checks**", ""]
@@ -151,6 +152,26 @@ def markdown(report) -> str:
         lines += [f"- `{f.code}`: {f.message}" for f in info]
         lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def _why_not(report) -> list[str]:
+    """Selective int8 (float layers, cost) and the worst layers of failing quantized candidates."""
+    out = []
+    for c in report.candidates:
+        if c.recipe.get("float_layers"):
+            cost = c.recipe.get("cost") or {}
+            out += ["", f"**`{c.name}`** keeps {', '.join(f'`{x}`' for x in c.recipe['float_layers'])} in float: "
+                    f"{c.recipe.get('why', '')}"]
+            out += [f"- vs `{k}`: {v}" for k, v in cost.items()]
+        if not c.passed and c.sensitivity:
+            worst = [r for r in c.sensitivity if r["metric"] == "cosine_mean"][:3]
+            out += ["", f"**`{c.name}` worst layers** (int8 vs float output cosine): "
+                    + ", ".join(f"`{r['layer']}` ({r['op']}) {r['value']:.3f}" for r in worst)]
+        if c.first_divergence:
+            d = c.first_divergence
+            out += ["", f"**`{c.name}` first diverging layer**: `{d['layer']}` (max abs err {d['max_abs_err']:.3g}, "
+                        f"tolerance {d['tolerance']:.3g})"]
+    return out
 
 
 def _selected_details(c) -> list[str]:

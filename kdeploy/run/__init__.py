@@ -17,6 +17,7 @@ from kdeploy.errors import UsageError
 from kdeploy.report.model import Report
 from kdeploy.run.assemble import make_report
 from kdeploy.run.context import Build, Built, Context, Progress, RunOptions
+from kdeploy.run.diagnose import diagnose
 from kdeploy.run.evaluate import evaluate
 from kdeploy.run.prepare import prepare
 from kdeploy.run.select import select
@@ -125,6 +126,7 @@ def _run(opts: RunOptions, build: Callable[[Context], Built]) -> Report:
     try:
         built = build(ctx)
         candidates = evaluate(ctx, built.builds)
+        diagnose(ctx, candidates, built.builds)
         selection = select(candidates, ctx.profile)
         report = make_report(ctx, candidates, selection, built, opts.command, started)
         report._staging = ctx.staging

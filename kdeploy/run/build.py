@@ -58,6 +58,9 @@ def build_candidates(ctx: Context) -> Built:
         tflite_hashes[tfl.sha256] = recipe.precision
         add_onnx_twin(ctx, b, recipe, tfl, ref)
         release_tflite(ctx, b, tfl)
+    from kdeploy.run.selective import selective_builds
+
+    builds += selective_builds(ctx, ref, builds)  # int8-mixed, when full int8 fails and float layers fix it
     for recipe in ort_recipes(prof):
         b = Build(recipe.name, recipe.precision, recipe.describe(len(ctx.calibration)), spec=recipe)
         builds.append(b)

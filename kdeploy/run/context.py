@@ -82,6 +82,7 @@ class Context:
     progress: Progress
     host: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
+    layer_errors: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> per-layer tensors (run/diagnose)
 
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))

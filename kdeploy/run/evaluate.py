@@ -21,6 +21,7 @@ from kdeploy.report.model import ArtifactOut, Candidate, Check, RobustnessOut
 from kdeploy.robustness import agreement, make_probes
 from kdeploy.run.checks import add_fidelity, budget_checks
 from kdeploy.run.context import Build, Context
+from kdeploy.run.diagnose import task_checks
 from kdeploy.run.lock import timing_lock
 from kdeploy.run.timing import latency_findings, settle_budget_latency, time_candidates
 from kdeploy.runtimes import RUNTIME_FORMATS
@@ -106,6 +107,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
         for c, b in zip(candidates, builds):
             _cross_compare(ctx, c, b, outputs[c.name], names)
             c.compute = counted.get(b.name, {})
+            task_checks(ctx, c, b, outputs[c.name])
             budget_checks(c, b, prof, settle_budget_latency(ctx, c, b))
             c.estimate = _estimate(c, b, prof, measured_on)
             c.passed = bool(c.checks) and all(k.passed for k in c.checks) and not c.errors

@@ -1,0 +1,97 @@
+"""Task metrics with labels: accuracy for classifiers, MAE/RMSE for regression, for Keras and each artifact.
+
+Pure functions over arrays and report rows (no run context). Labels come from `--data` as `y`
+(one-output models) or `y_<output>`. Budgets of the profile (`max_accuracy_drop`,
+`max_mae_increase`) become checks; with labels, a fidelity check that failed on top-1 agreement
+alone passes when the task accuracy of that output stays within its budget, and says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kdeploy.compare import output_kind
+from kdeploy.report.model import Check
+
+
+def labels_for(labels: dict[str, np.ndarray] | None, names: list[str]) -> list[np.ndarray | None]:
+    """Per output, its labels: `y_<output>`, or `y` for a one-output model; None where there are none."""
+    labels = labels or {}
+    return [labels.get(f"y_{n}", labels.get("y") if len(names) == 1 else None) for n in names]
+
+
+def metric_values(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Task metrics of `pred` against labels `y` for an output of `kind`.
+
+    Binary: accuracy at 0.5; multiclass: accuracy of the argmax (labels as class ids or one-hot);
+    regression: MAE and RMSE. Other kinds (multilabel): no metric.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    y = np.asarray(y)
+    if kind == "binary":
+        return {"accuracy": float(np.mean((pred.reshape(len(pred), -1)[:, 0] > 0.5) == (y.reshape(len(y), -1)[:, 0] > 0.5)))}
+    if kind == "multiclass":
+        ids = y.reshape(len(y), -1).argmax(1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(-1).astype(int)
+        return {"accuracy": float(np.mean(pred.reshape(len(pred), -1).argmax(1) == ids))}
+    if kind == "regression":
+        d = pred.reshape(len(pred), -1) - y.reshape(len(y), -1).astype(np.float64)
+        return {"mae": float(np.mean(np.abs(d))), "rmse": float(np.sqrt(np.mean(d ** 2)))}
+    return {}
+
+
+def task_rows(names: list[str], kinds: list[str], labels: list[np.ndarray | None], keras: list[np.ndarray],
+              got: list[np.ndarray]) -> list[dict[str, Any]]:
+    """`candidates[].task_metrics`: `{name, output, keras, value, drop}` per output with labels.
+
+    `drop` is how much worse the artifact is than Keras: accuracy lost, or MAE/RMSE gained.
+    """
+    rows = []
+    for name, kind, y, ref, out in zip(names, kinds, labels, keras, got):
+        if y is None:
+            continue
+        kind = output_kind(kind, ref)
+        k, v = metric_values(kind, y, ref), metric_values(kind, y, np.asarray(out).reshape(ref.shape))
+        for metric in k:
+            drop = k[metric] - v[metric] if metric == "accuracy" else v[metric] - k[metric]
+            rows.append({"name": metric, "output": name, "keras": round(k[metric], 6), "value": round(v[metric], 6),
+                         "drop": round(drop, 6)})
+    return rows
+
+
+def budget_checks(rows: list[dict[str, Any]], max_accuracy_drop: float | None,
+                  max_mae_increase: float | None) -> list[Check]:
+    """The profile's task budgets over task metric rows, one check per (output, metric) budgeted."""
+    checks = []
+    for r in rows:
+        limit = {"accuracy": max_accuracy_drop, "mae": max_mae_increase}.get(r["name"])
+        if limit is None:
+            continue
+        what = "drop" if r["name"] == "accuracy" else "increase"
+        checks.append(Check(name=f"task {r['name']} {what} [{r['output']}]", value=r["drop"], limit=limit,
+                            passed=r["drop"] <= limit + 1e-12,  # rounding of the rows only
+                            detail=f"{r['name']} {r['value']:.4f} vs Keras {r['keras']:.4f} on the labelled "
+                                   "validation samples"))
+    return checks
+
+
+def accept_on_task(fidelity_check: Check, top1_only: bool, task: list[Check]) -> bool:
+    """Passes a fidelity check that failed on top-1 agreement alone when the output's task accuracy is in budget.
+
+    Args:
+        fidelity_check: a failed `fidelity ... [output]` check (changed in place when accepted).
+        top1_only: the comparison passes every other criterion of the tolerance.
+        task: the candidate's task budget checks.
+
+    Returns:
+        True when accepted.
+    """
+    output = fidelity_check.name.rsplit("[", 1)[-1].rstrip("]")
+    acc = next((k for k in task if k.name == f"task accuracy drop [{output}]"), None)
+    if fidelity_check.passed or not top1_only or acc is None or not acc.passed:
+        return False
+    fidelity_check.passed = True
+    fidelity_check.detail += (f"; top-1 agreement below min_top1, accepted on the task metric: accuracy drop "
+                              f"{acc.value:.4f} <= max_accuracy_drop {acc.limit:g} (labels)")
+    return True
