@@ -397,6 +397,8 @@ def diff(
     min_latency_delta_ms: Annotated[Optional[float], typer.Option("--min-latency-delta-ms", help="Latency increases below this are timer noise (default: the profile's latency_tie_ms).")] = None,
     max_top1_drop: Annotated[float, typer.Option("--max-top1-drop", help="Allowed absolute drop of top-1 agreement with Keras.")] = 0.01,
     max_cosine_drop: Annotated[float, typer.Option("--max-cosine-drop", help="Allowed absolute drop of cosine similarity with Keras.")] = 0.005,
+    max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Allowed absolute drop of a task accuracy (reports made with labels).")] = 0.01,
+    max_error_increase: Annotated[float, typer.Option("--max-error-increase", help="Allowed relative increase of a task MAE/RMSE (reports made with labels).")] = 0.05,
     show_all: Annotated[bool, typer.Option("--all", help="Show every compared figure, not only the selected candidate and regressions.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -413,7 +415,8 @@ def diff(
         try:
             th = Thresholds(max_size_increase=max_size_increase, max_latency_increase=max_latency_increase,
                             min_latency_delta_ms=min_latency_delta_ms, max_top1_drop=max_top1_drop,
-                            max_cosine_drop=max_cosine_drop)
+                            max_cosine_drop=max_cosine_drop, max_accuracy_drop=max_accuracy_drop,
+                            max_error_increase=max_error_increase)
         except ValidationError as e:
             er = e.errors()[0]
             raise UsageError(f"--{er['loc'][0].replace('_', '-')} {er.get('input')!r}: {er['msg']}") from None

@@ -45,6 +45,8 @@ class Thresholds(BaseModel):
     max_top1_drop: float = Field(0.01, ge=0, le=1, description="Absolute drop of top-1 agreement with Keras.")
     max_cosine_drop: float = Field(0.005, ge=0, le=2, description="Absolute drop of cosine similarity with Keras "
                                                                    "(mean per-sample cosine where recorded, else min).")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Absolute drop of a task accuracy (with labels).")
+    max_error_increase: float = Field(0.05, ge=0, description="Relative increase of a task MAE / RMSE (with labels).")
 
 
 @dataclass
@@ -139,6 +141,8 @@ def _figures(rd: dict, cd: dict) -> dict[str, Any]:
         "top1": fid["top1_agreement"],
         "cosine": fid["cosine_mean"] if fid["cosine_mean"] is not None else fid["cosine_min"],
         "cosine_kind": "cosine mean" if fid["cosine_mean"] is not None else "cosine min",
+        "task": {(t.get("name"), t.get("output")): t.get("value") for t in cd.get("task_metrics") or []
+                 if t.get("value") is not None},
     }
 
 
@@ -166,6 +170,19 @@ def _compare_figures(scope: str, old: dict, new: dict, th: Thresholds, floor_ms:
         d = new["cosine"] - old["cosine"]
         rows.append(DiffRow(scope, f"{new['cosine_kind']} vs Keras", round(old["cosine"], 6), round(new["cosine"], 6),
                             f"{d:+.6f}", f"-{th.max_cosine_drop:g}", -d > th.max_cosine_drop))
+    for (metric, output), was in old.get("task", {}).items():
+        now = new.get("task", {}).get((metric, output))
+        if now is None:
+            continue
+        label = f"task {metric} [{output}]"
+        if metric == "accuracy":  # higher is better; compared in absolute terms, like the profile budget
+            d = now - was
+            rows.append(DiffRow(scope, label, round(was, 6), round(now, 6), f"{d:+.4f}", f"-{th.max_accuracy_drop:g}",
+                                -d > th.max_accuracy_drop))
+        else:  # mae / rmse: lower is better; relative, like size
+            r = _rel(was, now)
+            rows.append(DiffRow(scope, label, round(was, 6), round(now, 6), _pct(r), f"+{th.max_error_increase:.0%}",
+                                r > th.max_error_increase))
     return rows
 
 

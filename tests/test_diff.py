@@ -110,3 +110,18 @@ def test_diff_refuses_reports_of_different_targets_with_exit_2(runs, tmp_path):
     assert kdeploy_cli("diff", base, tmp_path / "bad.json").returncode == 2
     with pytest.raises(UsageError, match="not a kdeploy report"):
         diff_reports(base, {"hello": 1})
+
+
+def test_diff_compares_task_metrics_against_their_own_thresholds(runs):
+    base, _, _, _ = runs
+    old = json.loads((base / "report.json").read_text())
+    cand = next(c for c in old["candidates"] if c["name"] == old["selected"])
+    acc = next(t for t in cand["task_metrics"] if t["name"] == "accuracy")  # digits.npz has labels
+    new = copy.deepcopy(old)
+    worse = next(t for c in new["candidates"] if c["name"] == old["selected"] for t in c["task_metrics"]
+                 if t["name"] == "accuracy")
+    worse["value"] = acc["value"] - 0.03
+    label = f"task accuracy [{acc['output']}]"
+    flagged = [r for r in diff_reports(old, new).regressions if r.metric == label]
+    assert flagged and flagged[0].old == pytest.approx(acc["value"]) and flagged[0].new == pytest.approx(worse["value"])
+    assert not [r for r in diff_reports(old, new, Thresholds(max_accuracy_drop=0.05)).regressions if r.metric == label]
