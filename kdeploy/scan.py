@@ -9,8 +9,14 @@ bytecode, classes from modules outside Keras, custom classes, and non-modeling K
 (`get_file`, `load_model`, ...). What a user did not explicitly trust is refused with
 `UnsafeModelError`; everything else becomes findings for the report.
 
-Run it as `scan_model(path, fmt, trust_custom_code=..., custom_names=...)`; it returns the
-findings as `(severity, code, message)` tuples.
+Classes an allow-listed installed package registers (`keras_hub` by default, more with
+`trusted_packages`) pass when the config's module and registered name agree on that package
+(`module: keras_hub.src...`, `registered_name: keras_hub>BertBackbone`); the loader then imports
+the package and checks that it really registers each of them (`kdeploy.loading`).
+
+Run it as `scan_model(path, fmt, trust_custom_code=..., custom_names=..., trusted_packages=...)`;
+it returns a `ScanVerdict`: findings as `(severity, code, message)` tuples and the
+trusted-package classes the model uses.
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ import binascii
 import json
 import re
 import stat
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from kdeploy.errors import ModelLoadError, UnsafeModelError
+from kdeploy.errors import ModelLoadError, UnsafeModelError, UsageError
 
 KERAS_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp", "keras_rs")  # Keras imports only these
+DEFAULT_TRUSTED_PACKAGES = ("keras_hub",)  # installed packages whose registered classes load without --custom-objects
 KERAS_ENTRIES = ("config.json", "metadata.json", "model.weights.h5", "model.weights.npz")
 WEIGHT_ENTRIES = ("model.weights.h5", "model.weights.npz")
 # Class names Keras' own deserializer handles without importing anything.
@@ -77,9 +85,29 @@ class Hazard:
     where: str  # "layer 'double' (Lambda)"
     what: str  # what was found, for the message
     names: tuple[str, ...] = ()  # names a --custom-objects module could provide
+    package: str | None = None  # the installed package the object claims (module and registered name agree)
+    module: str | None = None  # the module the config names for it
 
     def text(self) -> str:
         return f"{self.where} {self.what}"
+
+
+@dataclass(frozen=True)
+class TrustedClass:
+    """A class (or function) of a trusted package the model uses; the loader verifies it is registered."""
+
+    package: str
+    registered_name: str  # "keras_hub>BertBackbone"
+    module: str | None  # the module the config names, None for functions
+    where: str  # "layer 'bert_backbone' (BertBackbone)"
+
+
+@dataclass
+class ScanVerdict:
+    """What the scan let through: findings for the report and the trusted-package classes used."""
+
+    findings: list[tuple[str, str, str]]
+    trusted: list[TrustedClass] = field(default_factory=list)
 
 
 @dataclass
@@ -99,8 +127,9 @@ def scan_model(
     *,
     trust_custom_code: bool = False,
     custom_names: Iterable[str] = (),
+    trusted_packages: Iterable[str] = DEFAULT_TRUSTED_PACKAGES,
     limits: ScanLimits | None = None,
-) -> list[tuple[str, str, str]]:
+) -> ScanVerdict:
     """Scans a model file as data and refuses what the user did not trust.
 
     Args:
@@ -108,10 +137,12 @@ def scan_model(
         fmt: "keras", "h5" or "savedmodel".
         trust_custom_code: accept Python code from the file (Lambda layers, bytecode, unsafe ops).
         custom_names: names of the classes/functions the user provides (`--custom-objects`).
+        trusted_packages: installed packages whose registered classes are accepted (checked
+            with `check_package_names`).
         limits: size limits; `ScanLimits()` when None.
 
     Returns:
-        Findings `(severity, code, message)` for the report.
+        The `ScanVerdict`: findings `(severity, code, message)` and trusted-package classes used.
 
     Raises:
         UnsafeModelError: the file would run code or import modules it was not trusted to, or
@@ -121,7 +152,26 @@ def scan_model(
     path = Path(path)
     limits = limits or ScanLimits()
     result = inspect_model(path, fmt, limits)
-    return enforce(path, result, trust_custom_code=trust_custom_code, custom_names=set(custom_names))
+    return enforce(path, result, trust_custom_code=trust_custom_code, custom_names=set(custom_names),
+                   trusted_packages=set(check_package_names(trusted_packages)))
+
+
+def check_package_names(names: Iterable[str]) -> list[str]:
+    """Validates trusted-package names: top-level import names of installed packages, not the standard library.
+
+    Raises:
+        UsageError: a name that is not a top-level package name, or a standard-library module
+            (`os`, `builtins`, ... would let a config call arbitrary functions).
+    """
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise UsageError(f"trusted package {name!r} is not a top-level import name; allowed: e.g. keras_hub")
+        if name in sys.stdlib_module_names or name in ("__main__", "builtins"):
+            raise UsageError(f"trusted package {name!r} is part of the Python standard library, whose functions "
+                             "act outside the model; allowed: installed packages of Keras layers, e.g. keras_hub")
+        out.append(name)
+    return out
 
 
 def inspect_model(path: Path, fmt: str, limits: ScanLimits) -> ScanResult:
@@ -140,16 +190,19 @@ def inspect_model(path: Path, fmt: str, limits: ScanLimits) -> ScanResult:
     raise ModelLoadError(f"cannot scan model format {fmt!r}; allowed: keras, h5, savedmodel")
 
 
-def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_names: set[str]) -> list[tuple[str, str, str]]:
+def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_names: set[str],
+            trusted_packages: set[str] = frozenset()) -> ScanVerdict:
     """Applies the trust policy to a scan result.
 
     Code (Lambda, bytecode), non-modeling APIs and unsafe SavedModel ops need `trust_custom_code`;
-    custom classes need their definition in `custom_names` (or `trust_custom_code`).
+    custom classes need their definition in `custom_names`, a package in `trusted_packages` that
+    both their module and registered name name (verified by the loader), or `trust_custom_code`.
 
     Raises:
         UnsafeModelError: one line naming the first refused item, how many more, and the way out.
     """
     refused: list[Hazard] = []
+    trusted: list[TrustedClass] = []
     findings = list(result.findings)
     # One entry per place and kind: a Lambda layer also holds bytecode, reported once.
     hazards = list({(h.kind, h.where): h for h in reversed(result.hazards)}.values())[::-1]
@@ -157,6 +210,8 @@ def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_n
         provided = h.kind == "custom" and any(n in custom_names for n in h.names)
         if provided:
             findings.append(("info", "custom-object", f"{h.text()}; provided by --custom-objects"))
+        elif h.kind == "custom" and h.package in trusted_packages:
+            trusted.append(TrustedClass(h.package, h.names[0], h.module, h.where))
         elif trust_custom_code:
             findings.append(("warning", "trusted-code", f"{h.text()}; allowed by --trust-custom-code"))
         else:
@@ -175,7 +230,7 @@ def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_n
                + (f", {result.entries} archive entries" if result.entries else "")
                + (f", {len(hazards)} item(s) needing trust" if hazards else ", no code or custom classes found"))
     findings.insert(0, ("info", "model-scan", summary))
-    return findings
+    return ScanVerdict(findings, trusted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,11 +558,13 @@ def _check_object(node: dict, cls: str, where: str, legacy: bool, known: frozens
     if cls == "function":
         if module == "builtins":
             if isinstance(inner, str) and ">" in inner:  # a registered custom function ("package>name")
-                hazards.append(Hazard("custom", where, f"calls custom function {inner!r}, which is not part of Keras", (inner,)))
+                hazards.append(Hazard("custom", where, f"calls custom function {inner!r}, which is not part of Keras", (inner,),
+                                      package=inner.split(">", 1)[0]))
             return  # otherwise a Keras built-in function (relu, mse, ...) named by string
         provided = tuple(n for n in (registered, inner if isinstance(inner, str) else None) if isinstance(n, str))
         if not _keras_module(module):
-            hazards.append(Hazard("custom", where, f"calls function {(registered or inner)!r} from module {module!r}, which is not Keras", provided))
+            hazards.append(Hazard("custom", where, f"calls function {(registered or inner)!r} from module {module!r}, which is not Keras", provided,
+                                  package=_package_of(module, registered), module=module))
         return
     if "module" in node:
         if module is None:
@@ -515,15 +572,25 @@ def _check_object(node: dict, cls: str, where: str, legacy: bool, known: frozens
             hazards.append(Hazard("custom", where, f"uses custom class {(registered or cls)!r}, which is not part of Keras", names))
         elif not _keras_module(module):
             names = tuple(dict.fromkeys(n for n in (registered, cls) if isinstance(n, str)))
-            hazards.append(Hazard("custom", where, f"uses class {cls!r} from module {module!r}, which is not Keras", names))
+            hazards.append(Hazard("custom", where, f"uses class {cls!r} from module {module!r}, which is not Keras", names,
+                                  package=_package_of(module, registered), module=module))
         elif isinstance(registered, str) and ">" in registered:
-            hazards.append(Hazard("custom", where, f"claims Keras module {module!r} but registers custom name {registered!r}", (registered, cls)))
+            hazards.append(Hazard("custom", where, f"claims Keras module {module!r} but registers custom name {registered!r}", (registered, cls),
+                                  package=_package_of(module, registered), module=module))
         return
     # No module key: a legacy (.h5) object resolved by class name among Keras' own, or a custom one.
     if legacy and (">" in cls or (known and cls not in known and _looks_like_layer(node))):
         hazards.append(Hazard("custom", where, f"uses custom class {cls!r}, which is not part of Keras", (cls, cls.split(">")[-1])))
     elif not legacy and _looks_like_layer(node):
         hazards.append(Hazard("custom", where, f"uses class {cls!r} without a module, which Keras resolves only from custom objects", (cls,)))
+
+
+def _package_of(module: Any, registered: Any) -> str | None:
+    """The package an object claims, when its module and its registered name ("pkg>Name") agree on it."""
+    if not (isinstance(module, str) and isinstance(registered, str) and ">" in registered):
+        return None
+    package = module.split(".", 1)[0]
+    return package if package == registered.split(">", 1)[0] else None
 
 
 def _looks_like_layer(node: dict) -> bool:

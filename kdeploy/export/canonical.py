@@ -17,15 +17,16 @@ import re
 from pathlib import Path
 
 _COUNTER = re.compile(r"__(\d+)")
-_DIRS = re.compile(r"(?:[A-Za-z]:)?[/\\]?(?:[^\s/\\]+[/\\])+")
+_CONVERTED_FROM = "converted from "
 
 
 def canonicalize_onnx(path: str | Path) -> bool:
     """Rewrites `path` in place with canonical generated names.
 
     Returns:
-        True when the file was rewritten; False when it was left as it was (no generated names,
-        external data, or a renaming that would collide with an existing name).
+        True when the file was rewritten; False when it was left as it was (no generated names
+        and no path in doc_string, external data, or a renaming that would collide with an
+        existing name; the doc_string path is removed even then).
     """
     import onnx
 
@@ -61,6 +62,12 @@ def canonicalize_onnx(path: str | Path) -> bool:
             note(v.name)
 
     visit(g)
+    # tf2onnx writes the source path into doc_string ("converted from /tmp/.out.partial-x1y2/...");
+    # keep only the last path component, so neither the staging folder's random name nor any
+    # local path is in the artifact.
+    doc = _path_free(g.doc_string)
+    path_free = doc != g.doc_string
+    g.doc_string = doc
     counters: dict[str, str] = {}
     for name in order:
         if name not in keep:
@@ -75,11 +82,11 @@ def canonicalize_onnx(path: str | Path) -> bool:
             mapping[name] = f"const__k{len(mapping)}"
         else:
             mapping[name] = _COUNTER.sub(lambda m: counters[m.group(1)], name)
-    if not mapping:
-        return False
     untouched = seen - set(mapping)
-    if untouched & set(mapping.values()) or len(set(mapping.values())) != len(mapping):
-        return False
+    if not mapping or untouched & set(mapping.values()) or len(set(mapping.values())) != len(mapping):
+        if path_free:
+            onnx.save(model, str(path))
+        return path_free
     rank = {name: i for i, name in enumerate(order)}
 
     def rename(graph) -> None:
@@ -106,8 +113,13 @@ def canonicalize_onnx(path: str | Path) -> bool:
         return reverse.get(name, name)
 
     rename(g)
-    # tf2onnx writes the source path into doc_string ("converted from /tmp/.out.partial-x1y2/...");
-    # keep only the last path component, so the staging folder's random name does not leak in.
-    g.doc_string = _DIRS.sub("", g.doc_string)
     onnx.save(model, str(path))
     return True
+
+
+def _path_free(doc: str) -> str:
+    """tf2onnx's "converted from <path>" with the path cut to its last component (spaces allowed)."""
+    if not doc.startswith(_CONVERTED_FROM):
+        return doc
+    source = doc[len(_CONVERTED_FROM):].rstrip("/\\")
+    return _CONVERTED_FROM + re.split(r"[/\\]", source)[-1]

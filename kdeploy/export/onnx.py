@@ -12,6 +12,7 @@ from typing import Any
 from kdeploy.errors import ConversionError
 from kdeploy.export import Artifact, first_error_line, native_quiet
 from kdeploy.export.canonical import canonicalize_onnx
+from kdeploy.export.onnx_ops import rewrite_unsupported_ops
 from kdeploy.loading import LoadedModel
 
 OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx were verified on here.
@@ -52,7 +53,9 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path) 
         if missing or len(graph_inputs) != len(model.inputs):
             raise ConversionError(f"ONNX graph names {sorted(graph_inputs)} -> {sorted(graph_outputs)} do not match "
                                   f"the signature (missing {missing})")
+        rewritten = rewrite_unsupported_ops(out_path)  # e.g. Erfc from an exact GELU
         canonicalize_onnx(out_path)  # same model, same bytes (tf2onnx's generated names vary per process)
+        _check_loads(out_path)
     except Exception as e:
         out_path.unlink(missing_ok=True)
         if isinstance(e, ConversionError):
@@ -62,7 +65,7 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path) 
         format="onnx",
         path=out_path,
         precision="fp32",
-        source="tf2onnx(saved_model)",
+        source=_source("tf2onnx(saved_model)", rewritten),
         io={"inputs": {t.name: t.name for t in model.inputs}, "outputs": list(model.signature_outputs)},
     ).measure()
 
@@ -79,6 +82,7 @@ def from_tflite(tflite: Artifact, out_path: Path) -> Artifact:
     try:
         with _quiet():
             tf2onnx.convert.from_tflite(str(tflite.path), opset=OPSET, output_path=str(out_path))
+        rewritten = rewrite_unsupported_ops(out_path)  # e.g. TFL_GELU, which tf2onnx has no handler for
         canonicalize_onnx(out_path)  # same model, same bytes (tf2onnx's generated names vary per process)
         _check_loads(out_path)
     except Exception as e:
@@ -88,7 +92,7 @@ def from_tflite(tflite: Artifact, out_path: Path) -> Artifact:
         format="onnx",
         path=out_path,
         precision=tflite.precision,
-        source="tf2onnx(tflite)",
+        source=_source("tf2onnx(tflite)", rewritten),
         io={"inputs": in_names, "outputs": out_names},
     ).measure()
 
@@ -104,6 +108,11 @@ def quantize_dynamic(fp32: Artifact, out_path: Path) -> Artifact:
         out_path.unlink(missing_ok=True)
         raise ConversionError(f"onnxruntime dynamic quantization failed: {first_error_line(e)}") from e
     return Artifact(format="onnx", path=out_path, precision="dynamic", source="onnxruntime.quantize_dynamic", io=dict(fp32.io)).measure()
+
+
+def _source(converter: str, rewritten: list[str]) -> str:
+    """How the file was produced: the converter, and the ops rewritten after it (`onnx_ops`)."""
+    return f"{converter}+rewrite({','.join(sorted(set(rewritten)))})" if rewritten else converter
 
 
 def _check_loads(path: Path) -> None:
