@@ -112,6 +112,7 @@ def optimize(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: Progress | None = None,
     command: list[str] | None = None,
+    trusted_packages: Sequence[str] = (),  # HOOK(issue 11): --trust-package
 ) -> Report:
     """Builds every candidate the target allows, checks and measures them, selects the best.
 
@@ -128,6 +129,8 @@ def optimize(
         custom_objects: a `.py` file whose classes the user trusts.
         input_shapes: non-batch shapes for inputs with dynamic dimensions.
         progress: callback `(stage, detail)`.
+        trusted_packages: installed packages whose registered classes load without
+            `custom_objects`, besides `keras_hub` and the profile's `trusted_packages`.
 
     Returns:
         The Report (saved to `out` when given).
@@ -139,7 +142,7 @@ def optimize(
     progress = progress or _noop
     started = time.perf_counter()
     ctx, out_path = _prepare(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects,
-                             input_shapes, progress)
+                             input_shapes, progress, trusted_packages)  # HOOK(issue 11): trusted_packages
     return _finish(ctx, out_path, build_candidates, formats, command, started)
 
 
@@ -159,6 +162,7 @@ def check(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: Progress | None = None,
     command: list[str] | None = None,
+    trusted_packages: Sequence[str] = (),  # HOOK(issue 11): --trust-package
 ) -> Report:
     """Gates artifacts built elsewhere (`.tflite`, `.onnx`) against the reference model; no optimization.
 
@@ -172,7 +176,7 @@ def check(
         if not p.is_file() or p.suffix.lower() not in (".tflite", ".onnx"):
             raise UsageError(f"artifact {p}: not found or not a .tflite/.onnx file (allowed: .tflite, .onnx)")
     ctx, out_path = _prepare(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects,
-                             input_shapes, progress)
+                             input_shapes, progress, trusted_packages)  # HOOK(issue 11): trusted_packages
     return _finish(ctx, out_path, lambda c: (_external_builds(c, paths, precision), []), formats, command, started)
 
 
@@ -216,7 +220,8 @@ def _finish(ctx: Context, out_path: Path | None, build: Callable[[Context], tupl
 # ----------------------------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------------------------
-def _prepare(model, target, profile, data, out, formats, seed, trust, custom_objects, input_shapes, progress):
+def _prepare(model, target, profile, data, out, formats, seed, trust, custom_objects, input_shapes, progress,
+             trusted_packages=()):  # HOOK(issue 11): trusted_packages
     """Validates everything cheap first (profile, --out, formats, data file) before loading the model."""
     from kdeploy.report.render import validate_formats
 
@@ -229,7 +234,8 @@ def _prepare(model, target, profile, data, out, formats, seed, trust, custom_obj
         raise UsageError(f"data file not found: {data} (allowed: .npz, .npy, .csv)")
     custom = load_custom_objects(custom_objects) if custom_objects else None
     progress("load", str(model))
-    m = load_model(model, trust_custom_code=trust, custom_objects=custom, input_shapes=input_shapes, seed=seed)
+    m = load_model(model, trust_custom_code=trust, custom_objects=custom, input_shapes=input_shapes, seed=seed,
+                   trusted_packages=[*prof.trusted_packages, *trusted_packages])  # HOOK(issue 11)
     if prof.static_batch is not None:
         # Dynamic batch lowers to SHAPE/FILL/REDUCE_PROD ops that TFLite Micro lacks: fix it for conversion.
         m.inputs = [TensorInfo(t.name, (prof.static_batch,) + tuple(t.shape[1:]), t.dtype) for t in m.inputs]
@@ -452,6 +458,11 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     ran: dict[str, list[tuple[Candidate, Artifact]]] = {rt: [] for rt in prof.runtimes}
     peak_not_reset = False
     for (c, b, art, runtime, _, _), res in zip(runs, results):
+        if isinstance(res, RuntimeFailure) and runtime not in prof.runtimes:  # HOOK(issue 11): cross-check only
+            ctx.finding("warning", "crosscheck-failed",
+                        f"candidate {b.name}: not cross-checked on {runtime}, which failed to run it "
+                        f"({str(res).replace(str(ctx.staging) + os.sep, '')}); judged on {', '.join(prof.runtimes)}")
+            continue
         if isinstance(res, RuntimeFailure):
             c.checks.append(Check(name=f"runs on {runtime}", value="failed", limit="runs", passed=False, detail=str(res)))
             ctx.finding("error", "runtime-failure", f"candidate {b.name}: {res}")
@@ -1062,6 +1073,7 @@ def _make_report(ctx: Context, candidates: list[Candidate], reference_artifacts:
             path=str(m.path), sha256=m.sha256, format=m.format, keras_version=m.keras_version, params=m.params,
             inputs=[TensorSpecOut(**t.to_dict()) for t in m.inputs],
             outputs=[TensorSpecOut(**t.to_dict()) for t in m.outputs], output_kinds=m.output_kinds,
+            trusted_package_classes=m.trusted_classes,  # HOOK(issue 11)
         ),
         target=ctx.profile.model_dump(mode="json"),
         host=ctx.host,

@@ -206,6 +206,9 @@ class TargetProfile(_Strict):
         description="Precision order that decides between candidates whose measured figures are equal.",
     )
     calibration_samples: int = Field(64, ge=1, le=10000, description="Samples used to calibrate int8/int16x8.")
+    trusted_packages: list[str] = Field(
+        [], description="Installed packages (top-level import names) whose registered Keras classes load without "
+                        "--custom-objects, besides keras_hub (always trusted).")
     budgets: Budgets = Field(default_factory=Budgets)
     timing: Timing = Field(default_factory=Timing)
     robustness: Robustness = Field(default_factory=Robustness)

@@ -212,6 +212,7 @@ def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_n
             findings.append(("info", "custom-object", f"{h.text()}; provided by --custom-objects"))
         elif h.kind == "custom" and h.package in trusted_packages:
             trusted.append(TrustedClass(h.package, h.names[0], h.module, h.where))
+            findings.append(("info", "trusted-package-class", f"{h.where} is {h.names[0]!r} of trusted package {h.package}"))
         elif trust_custom_code:
             findings.append(("warning", "trusted-code", f"{h.text()}; allowed by --trust-custom-code"))
         else:

@@ -20,9 +20,18 @@ OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx 
 
 @contextlib.contextmanager
 def _quiet():
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), native_quiet():
-        yield
+    # tf2onnx logs unsupported ops at ERROR from its own child loggers; the cause reaches the
+    # caller through the exception (or the ONNX Runtime load check), not through the log.
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("tf2onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), native_quiet():
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path) -> Artifact:
