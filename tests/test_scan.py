@@ -234,7 +234,7 @@ def test_scan_requires_config_and_weights_and_flags_extras(tmp_path):
     with pytest.raises(ModelLoadError, match="missing config.json"):
         scan_model(rewrite_keras(tmp_path / "noc.keras", drop=("config.json",)), "keras")
     findings = scan_model(rewrite_keras(tmp_path / "x.keras", drop=("metadata.json",), extra={"run.sh": b"rm -rf /"}),
-                          "keras")
+                          "keras").findings
     assert {"archive-extra-entries", "archive-metadata-missing"} <= codes(findings)
 
 
