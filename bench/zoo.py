@@ -211,10 +211,9 @@ def quick_profile(work: Path) -> Path:
     text = (ROOT / "profiles" / "cpu-edge.toml").read_text()
     data = tomllib.loads(text)
     path = work / "cpu-edge-zoo.toml"
-    lines = [ln for ln in text.splitlines() if not ln.startswith(("name =", "threads ="))]
-    assert "timing" not in data
-    path.write_text('name = "cpu-edge-zoo"\nthreads = [1]\n' + "\n".join(lines)
-                    + "\n\n[timing]\nwarmup = 2\nmin_iters = 10\nmin_seconds = 0.2\nmax_iters = 200\nmax_seconds = 1.0\n")
+    assert "timing" not in data and text.startswith('name = "cpu-edge"')
+    text = text.replace('name = "cpu-edge"', 'name = "cpu-edge-zoo"', 1).replace("threads = [1, 2]", "threads = [1]", 1)
+    path.write_text(text + "\n[timing]\nwarmup = 2\nmin_iters = 10\nmin_seconds = 0.2\nmax_iters = 200\nmax_seconds = 1.0\n")
     return path
 
 

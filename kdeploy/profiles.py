@@ -232,6 +232,13 @@ class TargetProfile(_Strict):
             extra = [p for p in getattr(self, section).precisions or [] if p not in self.precisions]
             if extra:
                 raise ValueError(f"{section}.precisions {extra} are not in precisions {list(self.precisions)}")
+        from kdeploy.errors import UsageError
+        from kdeploy.scan import check_package_names
+
+        try:
+            check_package_names(self.trusted_packages)
+        except UsageError as e:
+            raise ValueError(str(e)) from None
         return self
 
 

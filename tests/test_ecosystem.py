@@ -162,3 +162,12 @@ def test_attention_block_with_gelu_has_a_valid_onnx_equal_to_keras(tmp_path):
     twin = [f for f in by_name["int8"]["fidelity"] if f["runtime"] == "onnxruntime" and f["reference"] == "litert"]
     assert twin and all(f["passed"] for f in twin)
     assert not [f for f in rep["findings"] if f["code"] in ("crosscheck-unavailable", "crosscheck-failed")]
+
+
+def test_profile_trusted_packages_refuse_the_standard_library(tmp_path):
+    from kdeploy.errors import ProfileError
+    from kdeploy.profiles import resolve_profile
+
+    assert resolve_profile(profile_file=make_profile(tmp_path, trusted_packages=["keras_hub"])).trusted_packages == ["keras_hub"]
+    with pytest.raises(ProfileError, match="'builtins' is part of the Python standard library"):
+        resolve_profile(profile_file=make_profile(tmp_path, trusted_packages=["builtins"]))
