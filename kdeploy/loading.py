@@ -437,6 +437,14 @@ def _resolve_input_shapes(inputs: list[TensorInfo], overrides: dict[str, tuple[i
     unknown = [k for k in overrides if k not in names]
     if unknown:
         raise UsageError(f"--input-shape names unknown input(s) {unknown}; model inputs: {names}")
+    dynamic = [t for t in inputs if t.name not in overrides and any(d is None for d in t.shape[1:])]
+    if dynamic:  # all of them in one line (KerasHub backbones have two or three, all of dynamic length)
+        flags = " ".join(f"--input-shape {t.name}={','.join('D' if d is None else str(d) for d in t.shape[1:])}"
+                         for t in dynamic)
+        raise UsageError(
+            f"input(s) {', '.join(f'{t.name!r} {_fmt_shape(t.shape)}' for t in dynamic)} have dynamic non-batch "
+            f"dimensions; fix them for conversion with {flags} (D: the size to convert for)"
+        )
     out = []
     for t in inputs:
         if t.name in overrides:
@@ -447,11 +455,6 @@ def _resolve_input_shapes(inputs: list[TensorInfo], overrides: dict[str, tuple[i
                     f"{_fmt_shape(t.shape)}"
                 )
             t = TensorInfo(t.name, shape, t.dtype)
-        if any(d is None for d in t.shape[1:]):
-            raise UsageError(
-                f"input '{t.name}' has dynamic non-batch dimensions {_fmt_shape(t.shape)}; "
-                f"pass --input-shape {t.name}=D1,D2,... (non-batch dims) to fix them for conversion"
-            )
         if t.dtype not in ("float32", "float16", "float64", "int32", "int64", "uint8", "int8", "bool"):
             raise UsageError(f"input '{t.name}' has dtype {t.dtype}; supported: float, integer and bool inputs")
         out.append(t)
