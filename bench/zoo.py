@@ -72,8 +72,7 @@ def _fit_and_save(model, x, y, folder: Path, epochs: int = 1) -> None:
     model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
     model.save(folder / "model.keras")
     idx = np.random.default_rng(0).permutation(len(x))[:SAMPLES]
-    name = model.inputs[0].name
-    np.savez(folder / "data.npz", **{name: x[idx]}, y=y[idx])
+    np.savez(folder / "data.npz", x=x[idx], y=y[idx])  # "x": the single input, whatever its name
 
 
 def build_application(name: str, folder: Path) -> None:
