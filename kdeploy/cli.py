@@ -46,6 +46,7 @@ FormatOpt = Annotated[str, typer.Option("--format", help="Report formats, comma-
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the data split and synthetic inputs.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-custom-code", help="Allow code from the model file (Lambda layers). Only for files you trust.")]
 CustomOpt = Annotated[Optional[Path], typer.Option("--custom-objects", help="A .py file whose classes/functions the model needs (trusted code).")]
+TrustPackageOpt = Annotated[Optional[list[str]], typer.Option("--trust-package", help="An installed package (import name) whose registered Keras classes load without --custom-objects (repeatable; keras_hub always is).")]
 ShapeOpt = Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=D1,D2,... non-batch shape for an input with dynamic dimensions (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report JSON to stdout instead of the table.")]
@@ -214,6 +215,7 @@ def optimize(
     seed: SeedOpt = 0,
     trust_custom_code: TrustOpt = False,
     custom_objects: CustomOpt = None,
+    trust_package: TrustPackageOpt = None,
     input_shape: ShapeOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -238,7 +240,7 @@ def optimize(
         report = run(
             model, target=target, profile=profile, data=data, out=out_dir, formats=_formats(format), seed=seed,
             trust_custom_code=trust_custom_code, custom_objects=custom_objects, input_shapes=_shapes(input_shape),
-            progress=_progress(quiet), command=_command(),
+            trusted_packages=trust_package or (), progress=_progress(quiet), command=_command(),
             **({"mlflow_uri": mlflow_uri, "mlflow_experiment": mlflow_experiment} if registry else {}))
         if json_out:
             sys.stdout.write(report.to_json() + "\n")
@@ -270,6 +272,7 @@ def check(
     precision: Annotated[Optional[str], typer.Option("--precision", help="Precision of the artifacts (fp32, dynamic, fp16, int8, int16x8); detected when omitted.")] = None,
     trust_custom_code: TrustOpt = False,
     custom_objects: CustomOpt = None,
+    trust_package: TrustPackageOpt = None,
     input_shape: ShapeOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -283,7 +286,8 @@ def check(
             raise UsageError(f"--precision {precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
         report = run(model, artifacts, target=target, profile=profile, data=data, out=out_dir,
                      formats=_formats(format), seed=seed, precision=precision, trust_custom_code=trust_custom_code,
-                     custom_objects=custom_objects, input_shapes=_shapes(input_shape), progress=_progress(quiet),
+                     custom_objects=custom_objects, input_shapes=_shapes(input_shape),
+                     trusted_packages=trust_package or (), progress=_progress(quiet),
                      command=_command())
         render_report(report, out_dir)
         return EXIT_READY if report.ready else EXIT_NOT_READY

@@ -15,7 +15,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -53,6 +53,7 @@ class LoadedModel:
     keras_version: str | None = None
     params: int | None = None
     findings: list[tuple[str, str, str]] = field(default_factory=list)  # (severity, code, message)
+    trusted_classes: list[dict] = field(default_factory=list)  # classes of trusted packages (ModelInfo field)
 
     def predict(self, feeds: dict[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
         """Reference outputs (inference mode), in model output order."""
@@ -66,11 +67,7 @@ class LoadedModel:
             x = {t.name: a for t, a in zip(self.inputs, args)} if isinstance(struct, dict) else (
                 args if len(args) > 1 else args[0])
             out = self.keras_model.predict(x, batch_size=batch_size, verbose=0)
-            if isinstance(out, dict):
-                out = [out[t.name] for t in self.outputs]
-            elif not isinstance(out, (list, tuple)):
-                out = [out]
-            return [np.asarray(o) for o in out]
+            return [np.asarray(o) for o in flatten_outputs(out)]
         n = len(next(iter(feeds.values())))
         chunks: list[list[np.ndarray]] = []
         for start in range(0, n, batch_size):
@@ -92,16 +89,33 @@ def import_frameworks() -> None:
 def call_keras(keras_model: Any, args: list, model: "LoadedModel") -> list:
     """Calls a Keras model in inference mode with inputs in model order; outputs in model order.
 
-    Models built with dict inputs/outputs get dicts (keyed by input/output name), others lists.
+    Models built with dict inputs get dicts (keyed by input name), others lists; dict and nested
+    outputs are flattened (`flatten_outputs`).
     """
     struct = getattr(keras_model, "_inputs_struct", None)
     if isinstance(struct, dict):
         x = {t.name: a for t, a in zip(model.inputs, args)}
     else:
         x = list(args) if len(args) > 1 else args[0]
-    out = keras_model(x, training=False)
-    if isinstance(out, dict):  # functional model built with dict outputs
-        return [out[t.name] for t in model.outputs]
+    return flatten_outputs(keras_model(x, training=False))
+
+
+def is_nested(struct: Any) -> bool:
+    """True for an output structure that is a dict, or a list/tuple holding dicts or lists."""
+    return isinstance(struct, dict) or (
+        isinstance(struct, (list, tuple)) and any(isinstance(s, (dict, list, tuple)) for s in struct))
+
+
+def flatten_outputs(out: Any) -> list:
+    """A model's outputs (a tensor, a list, a dict or a nested structure) in `model.outputs` order.
+
+    Keras flattens a model's output structure with `keras.tree.flatten` (dict keys sorted) to
+    build `model.outputs`; the same flattening of a call's or `predict`'s result lines up with it.
+    """
+    if is_nested(out):
+        import keras
+
+        return keras.tree.flatten(out)
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
@@ -173,6 +187,7 @@ def load_model(
     custom_objects: dict[str, Any] | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    trusted_packages: Sequence[str] = (),
     allow_dynamic: bool = False,
 ) -> LoadedModel:
     """Loads a model safely and derives its signature.
@@ -186,6 +201,8 @@ def load_model(
             (e.g. a Dropout layer's seed generator) and so every export is the same each run.
         allow_dynamic: keep dynamic non-batch dimensions instead of refusing them (`kdeploy
             inspect` reports them as a hazard).
+        trusted_packages: installed packages whose registered classes load without
+            `custom_objects`, besides `kdeploy.scan.DEFAULT_TRUSTED_PACKAGES` (`keras_hub`).
 
     Returns:
         The LoadedModel; `findings` holds the pre-load scan's findings (`kdeploy.scan`).
@@ -194,24 +211,85 @@ def load_model(
         ModelLoadError: not a model, truncated or corrupt.
         UnsafeModelError: the file would run code or import classes the user did not trust
             (found by the pre-load scan, before any deserialization), or is a hostile archive.
-        UsageError: `input_shapes` do not fit, or an input dtype kdeploy cannot feed.
+        UsageError: `input_shapes` do not fit, or an input dtype kdeploy cannot feed; a trusted
+            package is not installed, or does not register a class the model names for it.
     """
-    from kdeploy.scan import scan_model
+    from kdeploy.scan import DEFAULT_TRUSTED_PACKAGES, scan_model
 
     path = Path(path)
     fmt = detect_format(path)
     # Read as data before anything deserializes it: refuses code the user did not trust.
-    findings = scan_model(path, fmt, trust_custom_code=trust_custom_code, custom_names=set(custom_objects or {}))
+    verdict = scan_model(path, fmt, trust_custom_code=trust_custom_code, custom_names=set(custom_objects or {}),
+                         trusted_packages=dict.fromkeys([*DEFAULT_TRUSTED_PACKAGES, *trusted_packages]))
     sha = file_sha256(path)
     import_frameworks()
     _seed_frameworks(seed)
+    trusted = verify_trusted_classes(path, verdict.trusted)
     if fmt == "savedmodel":
         model = _load_savedmodel(path, sha)
     else:
         model = _load_keras(path, fmt, sha, trust_custom_code, custom_objects)
-    model.findings = findings + model.findings
+    model.trusted_classes = trusted
+    model.findings = verdict.findings + model.findings
     model.inputs = _resolve_input_shapes(model.inputs, input_shapes or {}, allow_dynamic)
     return model
+
+
+# pip extras that install a trusted package with what it needs (pyproject.toml).
+PACKAGE_EXTRAS = {"keras_hub": "keras-hub"}
+
+
+def verify_trusted_classes(path: Path, trusted: Sequence[Any]) -> list[dict]:
+    """Imports each trusted package the model uses and checks it registers every class named for it.
+
+    Importing the package runs its registration decorators, so Keras' `safe_mode` finds the
+    classes in its registry. A name the package does not register (a typo, an older version, or
+    a config claiming the package for a class of its own) is refused.
+
+    Args:
+        path: the model file, for messages.
+        trusted: `kdeploy.scan.TrustedClass` entries from the pre-load scan.
+
+    Returns:
+        One dict per registered name: package, package_version, registered_name, module, used_by.
+
+    Raises:
+        ModelLoadError: the package is not installed (says what to install).
+        UnsafeModelError: the package does not register a name the model claims it does.
+    """
+    import importlib
+    from importlib import metadata
+
+    import keras
+
+    out: dict[str, dict] = {}
+    for t in trusted:
+        try:
+            package = importlib.import_module(t.package)
+        except ImportError as e:
+            extra = PACKAGE_EXTRAS.get(t.package)
+            how = f"pip install 'kdeploy[{extra}]'" if extra else f"pip install {t.package}"
+            raise ModelLoadError(f"{path} uses {t.where} of package {t.package!r}, which cannot be imported "
+                                 f"({type(e).__name__}: {e}); install it: {how}") from None
+        obj = keras.saving.get_registered_object(t.registered_name)
+        owner = getattr(obj, "__module__", "") or ""
+        if obj is None or owner.split(".", 1)[0] != t.package:
+            raise UnsafeModelError(
+                f"refused to load {path}: {t.where} names {t.registered_name!r}, which the installed {t.package} "
+                f"{getattr(package, '__version__', '')} does not register; allowed: classes {t.package} registers"
+            )
+        row = out.setdefault(t.registered_name, {
+            "package": t.package, "package_version": _dist_version(metadata, t.package, package),
+            "registered_name": t.registered_name, "module": t.module, "used_by": []})
+        row["used_by"].append(t.where)
+    return list(out.values())
+
+
+def _dist_version(metadata: Any, name: str, module: Any) -> str | None:
+    try:
+        return metadata.version(name.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return getattr(module, "__version__", None)
 
 
 def _seed_frameworks(seed: int) -> None:
@@ -269,6 +347,19 @@ def _tensor_name(t: Any, i: int, prefix: str) -> str:
 
 
 def _output_names(m: Any) -> list[str]:
+    """Output names in `m.outputs` order: dict keys (nested paths joined by '_'), else the layers' names.
+
+    Keras' `output_names` are the producing layers' names, while a dict-output model's `predict`
+    returns its own keys (KerasHub's BertBackbone: layer `pooled_dense`, key `pooled_output`):
+    the keys are what a user knows the outputs by, and what the SavedModel signature uses.
+    """
+    struct = getattr(m, "_outputs_struct", None)
+    if is_nested(struct):
+        import keras
+
+        names = ["_".join(str(p) for p in path) for path, _ in keras.tree.flatten_with_path(struct)]
+        if len(names) == len(m.outputs) and len(set(names)) == len(names):
+            return names
     names = list(getattr(m, "output_names", None) or [])
     if len(names) != len(m.outputs) or len(set(names)) != len(names):
         names = [f"output_{i}" for i in range(len(m.outputs))]
@@ -332,6 +423,14 @@ def _resolve_input_shapes(inputs: list[TensorInfo], overrides: dict[str, tuple[i
     unknown = [k for k in overrides if k not in names]
     if unknown:
         raise UsageError(f"--input-shape names unknown input(s) {unknown}; model inputs: {names}")
+    dynamic = [t for t in inputs if t.name not in overrides and any(d is None for d in t.shape[1:])]
+    if dynamic and not allow_dynamic:  # all of them in one line (KerasHub backbones have two or three, all of dynamic length)
+        flags = " ".join(f"--input-shape {t.name}={','.join('D' if d is None else str(d) for d in t.shape[1:])}"
+                         for t in dynamic)
+        raise UsageError(
+            f"input(s) {', '.join(f'{t.name!r} {_fmt_shape(t.shape)}' for t in dynamic)} have dynamic non-batch "
+            f"dimensions; fix them for conversion with {flags} (D: the size to convert for)"
+        )
     out = []
     for t in inputs:
         if t.name in overrides:
@@ -342,11 +441,6 @@ def _resolve_input_shapes(inputs: list[TensorInfo], overrides: dict[str, tuple[i
                     f"{_fmt_shape(t.shape)}"
                 )
             t = TensorInfo(t.name, shape, t.dtype)
-        if any(d is None for d in t.shape[1:]) and not allow_dynamic:
-            raise UsageError(
-                f"input '{t.name}' has dynamic non-batch dimensions {_fmt_shape(t.shape)}; "
-                f"pass --input-shape {t.name}=D1,D2,... (non-batch dims) to fix them for conversion"
-            )
         if t.dtype not in ("float32", "float16", "float64", "int32", "int64", "uint8", "int8", "bool"):
             raise UsageError(f"input '{t.name}' has dtype {t.dtype}; supported: float, integer and bool inputs")
         out.append(t)

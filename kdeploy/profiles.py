@@ -225,6 +225,9 @@ class TargetProfile(_Strict):
         False, description="The target runs integer kernels only (TFLite Micro on a microcontroller, an NPU): no "
                            "selective int8; the layers that break full int8 are named with the fix instead.")
     selective: Selective = Field(default_factory=Selective, description="Selective int8 search (int8-mixed).")
+    trusted_packages: list[str] = Field(
+        [], description="Installed packages (top-level import names) whose registered Keras classes load without "
+                        "--custom-objects, besides keras_hub (always trusted).")
     budgets: Budgets = Field(default_factory=Budgets)
     timing: Timing = Field(default_factory=Timing)
     robustness: Robustness = Field(default_factory=Robustness)
@@ -248,6 +251,13 @@ class TargetProfile(_Strict):
             extra = [p for p in getattr(self, section).precisions or [] if p not in self.precisions]
             if extra:
                 raise ValueError(f"{section}.precisions {extra} are not in precisions {list(self.precisions)}")
+        from kdeploy.errors import UsageError
+        from kdeploy.scan import check_package_names
+
+        try:
+            check_package_names(self.trusted_packages)
+        except UsageError as e:
+            raise ValueError(str(e)) from None
         return self
 
 

@@ -9,88 +9,57 @@ bytecode, classes from modules outside Keras, custom classes, and non-modeling K
 (`get_file`, `load_model`, ...). What a user did not explicitly trust is refused with
 `UnsafeModelError`; everything else becomes findings for the report.
 
-Run it as `scan_model(path, fmt, trust_custom_code=..., custom_names=...)`; it returns the
-findings as `(severity, code, message)` tuples.
+Classes an allow-listed installed package registers (`keras_hub` by default, more with
+`trusted_packages`) pass when the config's module and registered name agree on that package
+(`module: keras_hub.src...`, `registered_name: keras_hub>BertBackbone`); the loader then imports
+the package and checks that it really registers each of them (`kdeploy.loading`).
+
+Run it as `scan_model(path, fmt, trust_custom_code=..., custom_names=..., trusted_packages=...)`;
+it returns a `ScanVerdict`: findings as `(severity, code, message)` tuples and the
+trusted-package classes the model uses.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import stat
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from kdeploy.errors import ModelLoadError, UnsafeModelError
+from kdeploy.errors import ModelLoadError, UnsafeModelError, UsageError
+from kdeploy.scan_config import Hazard, ScanLimits, ScanResult, walk_config
 
-KERAS_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp", "keras_rs")  # Keras imports only these
+DEFAULT_TRUSTED_PACKAGES = ("keras_hub",)  # installed packages whose registered classes load without --custom-objects
 KERAS_ENTRIES = ("config.json", "metadata.json", "model.weights.h5", "model.weights.npz")
 WEIGHT_ENTRIES = ("model.weights.h5", "model.weights.npz")
-# Class names Keras' own deserializer handles without importing anything.
-SPECIAL_CLASSES = frozenset(
-    {"__keras_tensor__", "__tensor__", "__numpy__", "__bytes__", "__ellipsis__", "__slice__", "__typespec__"}
-)
-# Keras APIs that are not modeling code (Keras 3.15 `NON_MODELING_APIS`, by short name): a
-# config that names them is an attack (CVE-2025-1550 style), whatever the module says.
-NON_MODELING_NAMES = frozenset({
-    "clear_session", "enable_unsafe_deserialization", "load_model", "model_from_json", "save_model",
-    "image_dataset_from_directory", "load_img", "save_img", "text_dataset_from_directory",
-    "deserialize_keras_object", "load_weights", "register_keras_serializable", "save_weights",
-    "serialize_keras_object", "audio_dataset_from_directory", "get_file", "timeseries_dataset_from_array",
-})
 # SavedModel ops that act outside the tensor graph when the serving signature runs.
 SAVEDMODEL_UNSAFE_OPS = frozenset({"WriteFile", "PyFunc", "PyFuncStateless", "EagerPyFunc"})
 SAVEDMODEL_READ_OPS = frozenset({
     "ReadFile", "MatchingFiles", "ImmutableConst", "TFRecordDataset", "TextLineDataset",
     "FixedLengthRecordDataset", "LoadAndRemapMatrix",
 })
-_B64 = re.compile(r"^[A-Za-z0-9+/=\s]{24,}$")
-_MARSHAL_CODE = (0x63, 0xE3)  # marshal TYPE_CODE, without / with FLAG_REF: a Python code object
 
 
 @dataclass(frozen=True)
-class ScanLimits:
-    """Size limits for archives and configs. The defaults allow any model an edge target could hold."""
+class TrustedClass:
+    """A class (or function) of a trusted package the model uses; the loader verifies it is registered."""
 
-    max_entries: int = 10_000
-    max_entry_bytes: int = 8 << 30  # 8 GiB uncompressed per archive entry
-    max_total_bytes: int = 8 << 30  # 8 GiB uncompressed in all
-    max_ratio: float = 100.0  # Keras stores entries uncompressed (ratio ~1); deflated float weights stay < 10
-    ratio_floor_bytes: int = 1 << 20  # entries below 1 MiB are too small to be a bomb
-    max_config_bytes: int = 64 << 20  # config.json / model_config
-    max_depth: int = 200  # nesting of the config
-
-
-@dataclass(frozen=True)
-class Hazard:
-    """One thing in a model file that would run or import code.
-
-    `kind` is "code" (Python bytecode, Lambda), "custom" (a class or function Keras does not
-    provide), "api" (a non-modeling Keras API) or "op" (a SavedModel op acting outside the graph).
-    """
-
-    kind: str
-    where: str  # "layer 'double' (Lambda)"
-    what: str  # what was found, for the message
-    names: tuple[str, ...] = ()  # names a --custom-objects module could provide
-
-    def text(self) -> str:
-        return f"{self.where} {self.what}"
+    package: str
+    registered_name: str  # "keras_hub>BertBackbone"
+    module: str | None  # the module the config names, None for functions
+    where: str  # "layer 'bert_backbone' (BertBackbone)"
 
 
 @dataclass
-class ScanResult:
-    """What the scan saw: hazards (to refuse or accept) and findings for the report."""
+class ScanVerdict:
+    """What the scan let through: findings for the report and the trusted-package classes used."""
 
-    format: str
-    hazards: list[Hazard] = field(default_factory=list)
-    findings: list[tuple[str, str, str]] = field(default_factory=list)
-    layers: int = 0
-    entries: int = 0
+    findings: list[tuple[str, str, str]]
+    trusted: list[TrustedClass] = field(default_factory=list)
 
 
 def scan_model(
@@ -99,8 +68,9 @@ def scan_model(
     *,
     trust_custom_code: bool = False,
     custom_names: Iterable[str] = (),
+    trusted_packages: Iterable[str] = DEFAULT_TRUSTED_PACKAGES,
     limits: ScanLimits | None = None,
-) -> list[tuple[str, str, str]]:
+) -> ScanVerdict:
     """Scans a model file as data and refuses what the user did not trust.
 
     Args:
@@ -108,10 +78,12 @@ def scan_model(
         fmt: "keras", "h5" or "savedmodel".
         trust_custom_code: accept Python code from the file (Lambda layers, bytecode, unsafe ops).
         custom_names: names of the classes/functions the user provides (`--custom-objects`).
+        trusted_packages: installed packages whose registered classes are accepted (checked
+            with `check_package_names`).
         limits: size limits; `ScanLimits()` when None.
 
     Returns:
-        Findings `(severity, code, message)` for the report.
+        The `ScanVerdict`: findings `(severity, code, message)` and trusted-package classes used.
 
     Raises:
         UnsafeModelError: the file would run code or import modules it was not trusted to, or
@@ -121,7 +93,26 @@ def scan_model(
     path = Path(path)
     limits = limits or ScanLimits()
     result = inspect_model(path, fmt, limits)
-    return enforce(path, result, trust_custom_code=trust_custom_code, custom_names=set(custom_names))
+    return enforce(path, result, trust_custom_code=trust_custom_code, custom_names=set(custom_names),
+                   trusted_packages=set(check_package_names(trusted_packages)))
+
+
+def check_package_names(names: Iterable[str]) -> list[str]:
+    """Validates trusted-package names: top-level import names of installed packages, not the standard library.
+
+    Raises:
+        UsageError: a name that is not a top-level package name, or a standard-library module
+            (`os`, `builtins`, ... would let a config call arbitrary functions).
+    """
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise UsageError(f"trusted package {name!r} is not a top-level import name; allowed: e.g. keras_hub")
+        if name in sys.stdlib_module_names or name in ("__main__", "builtins"):
+            raise UsageError(f"trusted package {name!r} is part of the Python standard library, whose functions "
+                             "act outside the model; allowed: installed packages of Keras layers, e.g. keras_hub")
+        out.append(name)
+    return out
 
 
 def inspect_model(path: Path, fmt: str, limits: ScanLimits) -> ScanResult:
@@ -140,16 +131,19 @@ def inspect_model(path: Path, fmt: str, limits: ScanLimits) -> ScanResult:
     raise ModelLoadError(f"cannot scan model format {fmt!r}; allowed: keras, h5, savedmodel")
 
 
-def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_names: set[str]) -> list[tuple[str, str, str]]:
+def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_names: set[str],
+            trusted_packages: set[str] = frozenset()) -> ScanVerdict:
     """Applies the trust policy to a scan result.
 
     Code (Lambda, bytecode), non-modeling APIs and unsafe SavedModel ops need `trust_custom_code`;
-    custom classes need their definition in `custom_names` (or `trust_custom_code`).
+    custom classes need their definition in `custom_names`, a package in `trusted_packages` that
+    both their module and registered name name (verified by the loader), or `trust_custom_code`.
 
     Raises:
         UnsafeModelError: one line naming the first refused item, how many more, and the way out.
     """
     refused: list[Hazard] = []
+    trusted: list[TrustedClass] = []
     findings = list(result.findings)
     # One entry per place and kind: a Lambda layer also holds bytecode, reported once.
     hazards = list({(h.kind, h.where): h for h in reversed(result.hazards)}.values())[::-1]
@@ -157,6 +151,9 @@ def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_n
         provided = h.kind == "custom" and any(n in custom_names for n in h.names)
         if provided:
             findings.append(("info", "custom-object", f"{h.text()}; provided by --custom-objects"))
+        elif h.kind == "custom" and h.package in trusted_packages:
+            trusted.append(TrustedClass(h.package, h.names[0], h.module, h.where))
+            findings.append(("info", "trusted-package-class", f"{h.where} is {h.names[0]!r} of trusted package {h.package}"))
         elif trust_custom_code:
             findings.append(("warning", "trusted-code", f"{h.text()}; allowed by --trust-custom-code"))
         else:
@@ -175,7 +172,7 @@ def enforce(path: Path, result: ScanResult, *, trust_custom_code: bool, custom_n
                + (f", {result.entries} archive entries" if result.entries else "")
                + (f", {len(hazards)} item(s) needing trust" if hazards else ", no code or custom classes found"))
     findings.insert(0, ("info", "model-scan", summary))
-    return findings
+    return ScanVerdict(findings, trusted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +217,7 @@ def _inspect_keras(path: Path, limits: ScanLimits) -> ScanResult:
             if info.compress_type == zipfile.ZIP_STORED:  # seekable in place; Keras writes it stored
                 with zf.open(info) as f:
                     _check_h5_structure(path, f, "model.weights.h5", limits)
-    _walk_config(config, result, limits, legacy=False, path=path)
+    walk_config(config, result, limits, legacy=False, path=path)
     return result
 
 
@@ -339,7 +336,7 @@ def _inspect_h5(path: Path, limits: ScanLimits) -> ScanResult:
             result.findings.append(("info", "saved-keras-version", f"{path.name} was saved with Keras {version[:32]}"))
         _check_h5_structure(path, f, None, limits)
     config = _parse_json(raw, f"{path}:model_config")
-    _walk_config(config, result, limits, legacy=True, path=path)
+    walk_config(config, result, limits, legacy=True, path=path)
     return result
 
 
@@ -436,127 +433,6 @@ def _inspect_savedmodel(path: Path, limits: ScanLimits) -> ScanResult:
         f"calls, but cannot vouch for op attributes, restore functions or its {len(assets)} asset file(s)",
     ))
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# The config walk
-# ----------------------------------------------------------------------------------------------
-def _walk_config(config: Any, result: ScanResult, limits: ScanLimits, *, legacy: bool, path: Path) -> None:
-    """Walks a Keras config (as plain data) and records hazards, each named by its layer.
-
-    `legacy` configs (`.h5`) name layers by class only (no `module`); Keras resolves those names
-    among its own layers, so an unknown name there is a custom class.
-    """
-    if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
-        raise ModelLoadError(f"{path}: the model config is not a Keras object (no class_name at the top level)")
-    known = _keras_class_names() if legacy else frozenset()
-    # (node, where: enclosing layer description, is_layer, depth)
-    stack: list[tuple[Any, str, bool, int]] = [(config, "model", True, 0)]
-    while stack:
-        node, where, is_layer, depth = stack.pop()
-        if depth > limits.max_depth:
-            raise ModelLoadError(f"{path}: the model config is nested deeper than {limits.max_depth} levels")
-        if isinstance(node, list):  # pushed reversed: hazards come out in document order
-            stack.extend((v, where, False, depth + 1) for v in reversed(node))
-            continue
-        if isinstance(node, str):
-            if _is_bytecode(node):
-                result.hazards.append(Hazard("code", where, "holds Python bytecode (a serialized function)"))
-            continue
-        if not isinstance(node, dict):
-            continue
-        cls = node.get("class_name")
-        if isinstance(cls, str):
-            inner = node.get("config")
-            name = inner.get("name") if isinstance(inner, dict) and isinstance(inner.get("name"), str) else None
-            if is_layer:
-                result.layers += depth > 0  # the model itself is not counted
-                where = f"layer {name!r} ({cls})" if name else f"{cls} object"
-            _check_object(node, cls, where, legacy, known, result)
-        for key, value in reversed(node.items()):
-            if key == "layers" and isinstance(value, list):
-                stack.extend((v, where, True, depth + 2) for v in reversed(value))
-            elif isinstance(value, (dict, list, str)):
-                stack.append((value, where, key in ("layer", "backward_layer"), depth + 1))
-
-
-def _check_object(node: dict, cls: str, where: str, legacy: bool, known: frozenset, result: ScanResult) -> None:
-    module = node.get("module")
-    registered = node.get("registered_name")
-    inner = node.get("config")
-    hazards = result.hazards
-    if cls in ("Lambda", "TFOpLambda", "SlicingOpLambda") or cls.endswith(">Lambda"):
-        if cls == "Lambda" or cls.endswith(">Lambda"):
-            hazards.append(Hazard("code", where, "is a Lambda layer (Python code stored in the model file)"))
-        else:
-            hazards.append(Hazard("custom", where, f"is a tf_keras {cls} layer, which Keras 3 cannot load", (cls,)))
-        return
-    if cls == "__lambda__" or (isinstance(inner, dict) and inner.get("function_type") == "lambda"):
-        hazards.append(Hazard("code", where, "holds a Python lambda serialized as bytecode"))
-        return
-    if cls in SPECIAL_CLASSES and cls != "__typespec__":
-        return
-    short = inner if cls == "function" and isinstance(inner, str) else cls
-    if short.split(">")[-1] in NON_MODELING_NAMES:
-        hazards.append(Hazard("api", where, f"names the non-modeling API {module or ''}.{short} (loading it runs file or network I/O)"))
-        return
-    if cls == "function":
-        if module == "builtins":
-            if isinstance(inner, str) and ">" in inner:  # a registered custom function ("package>name")
-                hazards.append(Hazard("custom", where, f"calls custom function {inner!r}, which is not part of Keras", (inner,)))
-            return  # otherwise a Keras built-in function (relu, mse, ...) named by string
-        provided = tuple(n for n in (registered, inner if isinstance(inner, str) else None) if isinstance(n, str))
-        if not _keras_module(module):
-            hazards.append(Hazard("custom", where, f"calls function {(registered or inner)!r} from module {module!r}, which is not Keras", provided))
-        return
-    if "module" in node:
-        if module is None:
-            names = tuple(dict.fromkeys(n for n in (registered, cls) if isinstance(n, str)))
-            hazards.append(Hazard("custom", where, f"uses custom class {(registered or cls)!r}, which is not part of Keras", names))
-        elif not _keras_module(module):
-            names = tuple(dict.fromkeys(n for n in (registered, cls) if isinstance(n, str)))
-            hazards.append(Hazard("custom", where, f"uses class {cls!r} from module {module!r}, which is not Keras", names))
-        elif isinstance(registered, str) and ">" in registered:
-            hazards.append(Hazard("custom", where, f"claims Keras module {module!r} but registers custom name {registered!r}", (registered, cls)))
-        return
-    # No module key: a legacy (.h5) object resolved by class name among Keras' own, or a custom one.
-    if legacy and (">" in cls or (known and cls not in known and _looks_like_layer(node))):
-        hazards.append(Hazard("custom", where, f"uses custom class {cls!r}, which is not part of Keras", (cls, cls.split(">")[-1])))
-    elif not legacy and _looks_like_layer(node):
-        hazards.append(Hazard("custom", where, f"uses class {cls!r} without a module, which Keras resolves only from custom objects", (cls,)))
-
-
-def _looks_like_layer(node: dict) -> bool:
-    return isinstance(node.get("config"), dict) and ("name" in node["config"] or "inbound_nodes" in node)
-
-
-def _keras_module(module: Any) -> bool:
-    return isinstance(module, str) and module.split(".", 1)[0] in KERAS_PACKAGES
-
-
-def _is_bytecode(s: str) -> bool:
-    """True for base64 text that decodes to a marshalled Python code object (Keras' func_dump)."""
-    if len(s) < 24 or not _B64.match(s):
-        return False
-    try:
-        raw = base64.b64decode("".join(s.split()), validate=True)
-    except (binascii.Error, ValueError):
-        try:
-            raw = base64.decodebytes(s.encode("ascii"))
-        except (binascii.Error, ValueError):
-            return False
-    return len(raw) >= 16 and raw[0] in _MARSHAL_CODE
-
-
-def _keras_class_names() -> frozenset:
-    """Class names a legacy `.h5` config may use without a module: Keras' layers and models."""
-    from kdeploy.util import native_quiet
-
-    with native_quiet():
-        import keras
-
-    names = {n for n in dir(keras.layers) if n[:1].isupper()}
-    return frozenset(names | {"Functional", "Sequential", "Model"})
 
 
 def _one_line(e: BaseException) -> str:

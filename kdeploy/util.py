@@ -26,14 +26,22 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# The cause inside long converter / runtime messages, which name the failing node first (node
+# names of fused ops run to hundreds of characters): said first, so no cut-off hides it.
+_CAUSES = re.compile(r"No Op registered for \S+ with domain_version of \d+|Unsupported ops: Counter\([^)]*\)"
+                     r"|Select TensorFlow op\(s\)[^.]*")
+
+
 def first_error_line(e: BaseException, limit: int = 300) -> str:
-    """The most telling line of a converter exception (they are often pages long)."""
+    """The most telling line of a converter exception (they are often pages long), its cause first."""
     text = str(e) or type(e).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        if "error:" in ln.lower() or "not supported" in ln.lower():
-            return ln[:limit]
-    return (lines[0] if lines else type(e).__name__)[:limit]
+    line = next((ln for ln in lines if "error:" in ln.lower() or "not supported" in ln.lower()),
+                lines[0] if lines else type(e).__name__)
+    cause = _CAUSES.search(text)
+    if cause and cause.group(0) not in line[:limit]:
+        return f"{cause.group(0)}: {line}"[:limit]
+    return line[:limit]
 
 
 @contextlib.contextmanager

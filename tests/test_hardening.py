@@ -63,8 +63,9 @@ def test_crashing_and_hanging_runtimes_fail_their_candidate_and_the_run_goes_on(
     profile = make_profile(tmp_path, "cpu-edge", precisions=["fp32", "fp16", "dynamic"],
                            timing={"timeout_s": 10}, robustness={"enabled": False})
     # Test-only fault hook of kdeploy.runtimes.worker (honoured under pytest only): the LiteRT child
-    # of the fp32 candidate kills itself with SIGSEGV; the ONNX Runtime cross-check of fp16 hangs.
-    fault = "segv:litert:fp32.tflite,hang:onnxruntime:fp16.onnx"
+    # of the fp32 candidate kills itself with SIGSEGV; the LiteRT child of fp16 hangs; the ONNX
+    # Runtime cross-check of dynamic crashes, which is a finding only (LiteRT is the deployed runtime).
+    fault = "segv:litert:fp32.tflite,hang:litert:fp16.tflite,segv:onnxruntime:dynamic.onnx"
     started = time.monotonic()
     res = kdeploy(tmp_path, "optimize", CNN, "--profile", profile, "--data", DIGITS, "--out", tmp_path / "out", "-q",
                   KDEPLOY_TEST_WORKER_FAULT=fault)
@@ -79,6 +80,9 @@ def test_crashing_and_hanging_runtimes_fail_their_candidate_and_the_run_goes_on(
     assert any("fp16" in m and "did not finish within 10 s" in m for m in failures), failures
     runs = {k["name"]: k for k in by_name["fp32"]["checks"]}
     assert runs["runs on litert"]["passed"] is False
+    crosscheck = [f["message"] for f in report["findings"] if f["code"] == "crosscheck-failed"]
+    assert len(crosscheck) == 1 and "candidate dynamic" in crosscheck[0] and "SIGSEGV" in crosscheck[0], crosscheck
+    assert "runs on onnxruntime" not in {k["name"] for k in by_name["dynamic"]["checks"]}
 
 
 def test_fault_hook_is_inert_outside_pytest(tmp_path):

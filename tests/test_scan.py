@@ -53,7 +53,7 @@ def _set_activation(value):
                                   "multi_io.keras", "iris_legacy.h5"])
 def test_scan_accepts_benign_fixtures_without_hazards(name):
     path = FIXTURES / name
-    findings = scan_model(path, "h5" if name.endswith(".h5") else "keras")
+    findings = scan_model(path, "h5" if name.endswith(".h5") else "keras").findings
     summary = [m for _, c, m in findings if c == "model-scan"]
     assert summary and "no code or custom classes found" in summary[0]
     assert not codes(findings) & {"trusted-code", "custom-object", "archive-extra-entries"}
@@ -101,7 +101,7 @@ def test_scan_refuses_custom_class_unless_custom_objects_provide_it(tmp_path):
     path = rewrite_keras(tmp_path / "custom.keras", config=edit)
     with pytest.raises(UnsafeModelError, match=r"\(MyDense\) uses custom class 'my>MyDense'.*--custom-objects"):
         scan_model(path, "keras")
-    findings = scan_model(path, "keras", custom_names={"my>MyDense"})
+    findings = scan_model(path, "keras", custom_names={"my>MyDense"}).findings
     assert "custom-object" in codes(findings)
 
 
@@ -154,7 +154,7 @@ def test_scan_refuses_code_in_a_builtin_layer_argument(tmp_path, activation, pat
 def test_scan_trust_turns_refusals_into_warnings(tmp_path):
     path = rewrite_keras(tmp_path / "act.keras", config=_set_activation(
         {"class_name": "__lambda__", "config": {"value": base64.b64encode(marshal.dumps((lambda t: t).__code__)).decode()}}))
-    findings = scan_model(path, "keras", trust_custom_code=True)
+    findings = scan_model(path, "keras", trust_custom_code=True).findings
     assert [sev for sev, code, _ in findings if code == "trusted-code"] == ["warning"]
 
 
@@ -233,7 +233,7 @@ def test_scan_requires_config_and_weights_and_flags_extras(tmp_path):
     with pytest.raises(ModelLoadError, match="missing config.json"):
         scan_model(rewrite_keras(tmp_path / "noc.keras", drop=("config.json",)), "keras")
     findings = scan_model(rewrite_keras(tmp_path / "x.keras", drop=("metadata.json",), extra={"run.sh": b"rm -rf /"}),
-                          "keras")
+                          "keras").findings
     assert {"archive-extra-entries", "archive-metadata-missing"} <= codes(findings)
 
 

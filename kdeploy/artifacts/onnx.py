@@ -10,8 +10,9 @@ from pathlib import Path
 
 from kdeploy.errors import ConversionError
 from kdeploy.artifacts import Artifact
-from kdeploy.util import first_error_line, native_quiet
 from kdeploy.artifacts.canonical import canonicalize_onnx
+from kdeploy.artifacts.onnx_ops import rewrite_unsupported_ops
+from kdeploy.util import first_error_line, native_quiet
 from kdeploy.loading import LoadedModel
 
 OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx were verified on here.
@@ -19,9 +20,18 @@ OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx 
 
 @contextlib.contextmanager
 def _quiet():
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), native_quiet():
-        yield
+    # tf2onnx logs unsupported ops at ERROR from its own child loggers; the cause reaches the
+    # caller through the exception (or the ONNX Runtime load check), not through the log.
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("tf2onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), native_quiet():
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path, signature_outputs: list[str]) -> Artifact:
@@ -53,7 +63,9 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path, 
         if missing or len(graph_inputs) != len(model.inputs):
             raise ConversionError(f"ONNX graph names {sorted(graph_inputs)} -> {sorted(graph_outputs)} do not match "
                                   f"the signature (missing {missing})")
+        rewritten = rewrite_unsupported_ops(out_path)  # e.g. Erfc from an exact GELU
         canonicalize_onnx(out_path)  # same model, same bytes (tf2onnx's generated names vary per process)
+        _check_loads(out_path)
     except Exception as e:
         out_path.unlink(missing_ok=True)
         if isinstance(e, ConversionError):
@@ -63,7 +75,7 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path, 
         format="onnx",
         path=out_path,
         precision="fp32",
-        source="tf2onnx(saved_model)",
+        source=_source("tf2onnx(saved_model)", rewritten),
         io={"inputs": {t.name: t.name for t in model.inputs}, "outputs": list(signature_outputs)},
     ).measure()
 
@@ -80,6 +92,7 @@ def from_tflite(tflite: Artifact, out_path: Path) -> Artifact:
     try:
         with _quiet():
             tf2onnx.convert.from_tflite(str(tflite.path), opset=OPSET, output_path=str(out_path))
+        rewritten = rewrite_unsupported_ops(out_path)  # e.g. TFL_GELU, which tf2onnx has no handler for
         canonicalize_onnx(out_path)  # same model, same bytes (tf2onnx's generated names vary per process)
         _check_loads(out_path)
     except Exception as e:
@@ -89,7 +102,7 @@ def from_tflite(tflite: Artifact, out_path: Path) -> Artifact:
         format="onnx",
         path=out_path,
         precision=tflite.precision,
-        source="tf2onnx(tflite)",
+        source=_source("tf2onnx(tflite)", rewritten),
         io={"inputs": in_names, "outputs": out_names},
     ).measure()
 
@@ -105,6 +118,11 @@ def quantize_dynamic(fp32: Artifact, out_path: Path) -> Artifact:
         out_path.unlink(missing_ok=True)
         raise ConversionError(f"onnxruntime dynamic quantization failed: {first_error_line(e)}") from e
     return Artifact(format="onnx", path=out_path, precision="dynamic", source="onnxruntime.quantize_dynamic", io=dict(fp32.io)).measure()
+
+
+def _source(converter: str, rewritten: list[str]) -> str:
+    """How the file was produced: the converter, and the ops rewritten after it (`onnx_ops`)."""
+    return f"{converter}+rewrite({','.join(sorted(set(rewritten)))})" if rewritten else converter
 
 
 def _check_loads(path: Path) -> None:

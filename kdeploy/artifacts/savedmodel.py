@@ -9,7 +9,7 @@ import numpy as np
 
 from kdeploy.errors import ConversionError
 from kdeploy.util import first_error_line, native_quiet
-from kdeploy.loading import LoadedModel, call_keras
+from kdeploy.loading import LoadedModel, call_keras, is_nested
 
 RNN_CLASSES = ("LSTM", "GRU", "SimpleRNN")
 
@@ -89,10 +89,21 @@ def _unrolled_config(layer: Any, cfg: dict) -> dict:
 def export_savedmodel(keras_model: Any, model: LoadedModel, out_dir: Path) -> list[str]:
     """Writes the serving SavedModel (signature inputs named after the model inputs).
 
+    A SavedModel signature returns a flat dict of tensors: a model with nested outputs (a dict
+    holding dicts or lists) is exported through a functional wrapper whose flat dict outputs are
+    named as in `model.outputs`.
+
     Returns:
         the serving signature's output keys, in model output order.
     """
+    import keras
     import tensorflow as tf
+
+    struct = getattr(keras_model, "_outputs_struct", None)
+    flat_dict = isinstance(struct, dict) and not any(isinstance(v, (dict, list, tuple)) for v in struct.values())
+    if is_nested(struct) and not flat_dict:
+        keras_model = keras.Model(keras_model.input, {t.name: o for t, o in zip(model.outputs, keras_model.outputs)},
+                                  name=keras_model.name)
 
     specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in model.inputs]
     if isinstance(getattr(keras_model, "_inputs_struct", None), dict):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-SCHEMA_VERSION = "1.1"  # 1.1: inspection; candidates[].sensitivity, task_metrics, first_divergence
+SCHEMA_VERSION = "1.1"  # 1.1: inspection; model.trusted_package_classes; candidates[].sensitivity, task_metrics, first_divergence
 
 
 class _M(BaseModel):
@@ -29,6 +29,14 @@ class TensorSpecOut(_M):
     dtype: str
 
 
+class TrustedClassOut(_M):
+    package: str
+    package_version: str | None
+    registered_name: str
+    module: str | None
+    used_by: list[str]
+
+
 class ModelInfo(_M):
     path: str
     sha256: str
@@ -38,6 +46,9 @@ class ModelInfo(_M):
     inputs: list[TensorSpecOut]
     outputs: list[TensorSpecOut]
     output_kinds: list[str]
+    trusted_package_classes: list[TrustedClassOut] = Field(
+        default_factory=list,
+        description="Classes of trusted installed packages (e.g. keras_hub) the model uses, loaded without --custom-objects.")
 
 
 class ArtifactOut(_M):

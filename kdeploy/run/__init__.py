@@ -37,6 +37,7 @@ def optimize(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: Progress | None = None,
     command: list[str] | None = None,
+    trusted_packages: Sequence[str] = (),
 ) -> Report:
     """Builds every candidate the target allows, checks and measures them, selects the best.
 
@@ -53,6 +54,8 @@ def optimize(
         custom_objects: a `.py` file whose classes the user trusts.
         input_shapes: non-batch shapes for inputs with dynamic dimensions.
         progress: callback `(stage, detail)`.
+        trusted_packages: installed packages whose registered classes load without
+            `custom_objects`, besides `keras_hub` and the profile's `trusted_packages`.
 
     Returns:
         The Report (saved to `out` when given).
@@ -64,7 +67,7 @@ def optimize(
     from kdeploy.run.build import build_candidates
 
     opts = RunOptions(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects, input_shapes,
-                      progress, command)
+                      progress, command, trusted_packages)
     return _run(opts, build_candidates)
 
 
@@ -84,6 +87,7 @@ def check(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: Progress | None = None,
     command: list[str] | None = None,
+    trusted_packages: Sequence[str] = (),
 ) -> Report:
     """Gates artifacts built elsewhere (`.tflite`, `.onnx`) against the reference model; no optimization.
 
@@ -95,7 +99,7 @@ def check(
         if not p.is_file() or p.suffix.lower() not in (".tflite", ".onnx"):
             raise UsageError(f"artifact {p}: not found or not a .tflite/.onnx file (allowed: .tflite, .onnx)")
     opts = RunOptions(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects, input_shapes,
-                      progress, command)
+                      progress, command, trusted_packages)
     return _run(opts, lambda c: Built(_external_builds(c, paths, precision), []))
 
 

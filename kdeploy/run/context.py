@@ -38,6 +38,7 @@ class RunOptions:
     input_shapes: dict[str, tuple[int, ...]] | None = None
     progress: Progress | None = None
     command: list[str] | None = None
+    trusted_packages: Sequence[str] = ()  # besides keras_hub and the profile's trusted_packages (--trust-package)
 
 
 @dataclass

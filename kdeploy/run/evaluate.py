@@ -81,6 +81,11 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     ran: dict[str, list[tuple[Candidate, Artifact]]] = {rt: [] for rt in prof.runtimes}
     peak_not_reset = False
     for (c, b, art, runtime, _, _), res in zip(runs, results):
+        if isinstance(res, RuntimeFailure) and runtime not in prof.runtimes:  # a cross-check: not the deployed one
+            ctx.finding("warning", "crosscheck-failed",
+                        f"candidate {b.name}: not cross-checked on {runtime}, which failed to run it "
+                        f"({str(res).replace(str(ctx.staging) + os.sep, '')}); judged on {', '.join(prof.runtimes)}")
+            continue
         if isinstance(res, RuntimeFailure):
             c.checks.append(Check(name=f"runs on {runtime}", value="failed", limit="runs", passed=False, detail=str(res)))
             ctx.finding("error", "runtime-failure", f"candidate {b.name}: {res}")

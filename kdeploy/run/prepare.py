@@ -44,7 +44,8 @@ def prepare(opts: RunOptions) -> tuple[Context, Path | None]:
     custom = load_custom_objects(opts.custom_objects) if opts.custom_objects else None
     progress("load", str(opts.model))
     m = load_model(opts.model, trust_custom_code=opts.trust_custom_code, custom_objects=custom,
-                   input_shapes=opts.input_shapes, seed=opts.seed)
+                   input_shapes=opts.input_shapes, seed=opts.seed,
+                   trusted_packages=[*prof.trusted_packages, *opts.trusted_packages])
     m = dataclasses.replace(m, inputs=static_batch_inputs(m.inputs, prof))
     ds = load_data(opts.data, m.inputs) if opts.data is not None else synthetic_data(m.inputs, SYNTHETIC_SAMPLES,
                                                                                      opts.seed)
