@@ -33,3 +33,9 @@ class ConversionError(KdeployError):
     """A converter failed on a model it should handle (exit 3 when nothing could be built)."""
 
     exit_code = 3
+
+
+class MemoryLimitError(KdeployError):
+    """The run's resident memory (all its processes) went above `--max-memory`; stopped cleanly (exit 3)."""
+
+    exit_code = 3

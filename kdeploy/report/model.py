@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: `cache`; selection `tie`
 
 
 class _M(BaseModel):
@@ -139,6 +139,21 @@ class Candidate(_M):
     )
 
 
+class CacheInfo(_M):
+    """What this run took from the result cache (`kdeploy.cache`) and what it wrote to it."""
+
+    status: Literal["disabled", "miss", "hit", "retimed", "rebuilt"] = Field(
+        description="disabled (--no-cache), miss (no entry: built and stored), hit (everything from the cache), "
+                    "retimed (artifacts, fidelity and checks from the cache, latency measured again: --retime), "
+                    "rebuilt (an entry failed verification: deleted, built again and stored)")
+    key: str | None = Field(None, description="sha256 of the run's inputs (model, data, profile, recipes, options, "
+                                              "kdeploy and library versions, host)")
+    detail: str = ""
+    from_cache: list[str] = Field(default_factory=list, description="Report sections taken from the cache entry.")
+    entry_created: str | None = Field(None, description="When the reused entry was written (UTC).")
+    stored: bool = Field(False, description="This run wrote (or replaced) the entry.")
+
+
 class Report(_M):
     """What `kdeploy optimize` found. `save()` writes it and publishes the artifacts atomically."""
 
@@ -162,6 +177,8 @@ class Report(_M):
         description="How to re-run this exactly (shell command, working directory, seed, input hashes) and which "
                     "outputs are byte-identical across runs and which are not (with the reason)",
     )
+
+    cache: CacheInfo | None = Field(None, description="What came from the result cache (None: written before 1.1).")
 
     _staging: Path | None = PrivateAttr(default=None)
     _mlflow: Any = PrivateAttr(default=None)  # kdeploy.registry.GateRecord when gated from an MLflow URI

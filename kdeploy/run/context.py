@@ -38,6 +38,9 @@ class RunOptions:
     input_shapes: dict[str, tuple[int, ...]] | None = None
     progress: Progress | None = None
     command: list[str] | None = None
+    cache: bool = True  # reuse and store results in the result cache (`kdeploy.cache`)
+    retime: bool = False  # on a cache hit, measure latency again (artifacts and fidelity from the cache)
+    max_memory_mb: float | None = None  # the whole process tree's resident memory limit (`kdeploy.memory`)
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""Benchmark: kdeploy's overhead, cache and memory against a bare converter script, all in one run.
+
+Not a test (it takes many minutes). Run from the repository root:
+
+    .venv/bin/python bench/bench_lean.py [--model mobilenetv2|resnet50v2] [--rounds 3] [--work DIR]
+                                         [--kdeploy-root PATH]
+
+Each round runs, one after the other (interleaved, so a change of host load hits both sides):
+1. the bare script (`bench_optimize.py --bare`: the same TFLite and ONNX conversions, the usual
+   way, nothing else);
+2. `kdeploy optimize --target cpu-edge` with an empty cache folder (the first run; it fills the
+   cache);
+3. the same command again on the same cache (the cached re-run).
+
+Every process tree is sampled every 50 ms (the sum of VmRSS over the process and all its
+descendants, read from /proc), so peak memory is that of the whole run, not the largest child.
+Printed: per-round figures, then the ratios over the rounds (median, min..max): overhead
+(first kdeploy run / bare), cached re-run / first run, peak memory kdeploy / bare; the verdicts
+of every run and the candidate each first (uncached) run selected.
+
+`--kdeploy-root` runs another checkout's kdeploy (e.g. `git archive` of main: the "before").
+Goals (issue 13): overhead <= 1.0x, cached <= 0.25x with the same verdicts, peak memory
+<= 1.2x bare, ResNet50V2 (32x32) under 3 GB, the same selection in every uncached run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Sum of VmRSS (kB) of `pid` and all its descendants (0 when it is gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += next((int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")), 0)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def run_sampled(cmd: list[str], env: dict, stderr_lines: list | None = None) -> tuple[float, float, int]:
+    """Runs `cmd`; returns (wall seconds, peak process-tree RSS in MB, exit code)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss_kb(proc.pid))
+            done.wait(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    for line in proc.stderr:
+        if stderr_lines is not None:
+            stderr_lines.append((time.perf_counter() - start, line.rstrip()))
+    proc.wait()
+    wall = time.perf_counter() - start
+    done.set()
+    th.join()
+    return wall, peak[0] / 1024, proc.returncode
+
+
+def build(model_name: str, work: Path) -> tuple[Path, Path]:
+    """The model and its held-out data (built once per work folder)."""
+    model, data = work / f"{model_name}.keras", work / f"{model_name}.npz"
+    if model.is_file() and data.is_file():
+        return model, data
+    print(f"building {model_name} (weights=None) and training it briefly ...", flush=True)
+    if model_name == "mobilenetv2":
+        import bench_optimize
+
+        bench_optimize.build_model(model, data)
+        return model, data
+    import keras
+    from sklearn.datasets import load_digits
+
+    keras.utils.set_random_seed(0)
+    d = load_digits()
+    x = np.repeat(np.repeat(d.images[..., None] / 16.0, 4, axis=1), 4, axis=2)
+    x = np.repeat(x, 3, axis=3).astype(np.float32)  # 32x32x3
+    m = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3))  # 25.6 M parameters
+    m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    m.fit(x[:1024], d.target[:1024], batch_size=32, epochs=1, verbose=0)
+    m.save(model)
+    np.savez(data, x=x[1024:1152], y=d.target[1024:1152])
+    return model, data
+
+
+def kdeploy_cmd(model: Path, data: Path, out: Path, target: str) -> list[str]:
+    return [sys.executable, "-m", "kdeploy", "optimize", str(model), "--target", target, "--data", str(data),
+            "--out", str(out)]
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x (min {min(values):.2f}, max {max(values):.2f}, n={len(values)})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["mobilenetv2", "resnet50v2"], default="mobilenetv2")
+    ap.add_argument("--target", default="cpu-edge")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=None, help="keep files here (default: a temporary folder)")
+    ap.add_argument("--kdeploy-root", type=Path, default=ROOT, help="the kdeploy checkout to run (default: this one)")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="kdeploy-lean-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model, data = build(args.model, work)
+    base_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CI="false", COLUMNS="200",
+                    PYTHONPATH=str(args.kdeploy_root.resolve()))
+    base_env.pop("KDEPLOY_CACHE_DIR", None)
+    rows = []
+    for r in range(args.rounds):
+        bare_out = work / f"bare-{r}"
+        bare_out.mkdir(exist_ok=True)
+        b_wall, b_peak, code = run_sampled(
+            [sys.executable, str(BENCH / "bench_optimize.py"), "--target", args.target, "--bare", str(model),
+             str(data), str(bare_out)], base_env)
+        if code != 0:
+            raise SystemExit(f"bare script failed (exit {code})")
+        env = dict(base_env, KDEPLOY_CACHE_DIR=str(work / f"cache-{r}"))
+        runs = {}
+        for kind in ("first", "cached"):
+            out = work / f"kdeploy-{r}-{kind}"
+            lines: list = []
+            wall, peak, code = run_sampled(kdeploy_cmd(model, data, out, args.target), env, lines)
+            if code not in (0, 1):
+                raise SystemExit(f"kdeploy failed (exit {code}): {[l for _, l in lines[-3:]]}")
+            rep = json.loads((out / "report.json").read_text())
+            runs[kind] = {"wall": wall, "peak": peak, "ready": rep["ready"], "selected": rep["selected"],
+                          "verdicts": {c["name"]: c["passed"] for c in rep["candidates"]},
+                          "cache": rep.get("cache"), "lines": lines}
+        rows.append({"bare": {"wall": b_wall, "peak": b_peak}, **runs})
+        f, c = runs["first"], runs["cached"]
+        print(f"round {r + 1}: bare {b_wall:6.1f} s {b_peak:6.0f} MB | kdeploy first {f['wall']:6.1f} s "
+              f"{f['peak']:6.0f} MB selected {f['selected']} | cached {c['wall']:6.1f} s {c['peak']:6.0f} MB "
+              f"selected {c['selected']}", flush=True)
+    print("\nkdeploy first run, by stage (round 1; each progress line owns the time until the next):")
+    import bench_optimize
+
+    first = rows[0]["first"]
+    for label, s in sorted(bench_optimize.stages(first["lines"], first["wall"]).items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {s:6.1f} s  {label}")
+    print(f"\n{args.model}, target {args.target}, {args.rounds} round(s), {os.cpu_count()} cores "
+          f"(load average at the end {os.getloadavg()[0]:.1f}):")
+    print("OVERHEAD   kdeploy first run / bare script wall:  " + spread([x["first"]["wall"] / x["bare"]["wall"] for x in rows])
+          + "  (goal <= 1.0x)")
+    print("CACHE      cached re-run / first run wall:         " + spread([x["cached"]["wall"] / x["first"]["wall"] for x in rows])
+          + "  (goal <= 0.25x)")
+    print("MEMORY     kdeploy first run / bare peak tree RSS: " + spread([x["first"]["peak"] / x["bare"]["peak"] for x in rows])
+          + f"  (goal <= 1.2x; kdeploy peak max {max(x['first']['peak'] for x in rows):.0f} MB, cached "
+            f"{max(x['cached']['peak'] for x in rows):.0f} MB, bare {max(x['bare']['peak'] for x in rows):.0f} MB)")
+    same = all(x["first"]["verdicts"] == x["cached"]["verdicts"] and x["first"]["ready"] == x["cached"]["ready"]
+               for x in rows)
+    print(f"VERDICTS   cached re-runs give the same verdicts as their first run: {'yes' if same else 'NO'}")
+    picks = [x["first"]["selected"] for x in rows]
+    print(f"SELECTION  uncached runs selected: {picks} -> {'stable' if len(set(picks)) == 1 else 'NOT stable'}")
+    print(f"cache section of the last cached report: {json.dumps(rows[-1]['cached']['cache'])[:400]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Resident memory of a whole process tree, and a guard that stops a run above a limit.
+
+`tree_rss_mb` sums VmRSS over this process and all its descendants (from /proc, Linux): the
+figure a CI runner's memory limit or the kernel's OOM killer sees, not the largest process
+alone. `MemoryGuard` samples it in a thread; above the limit it kills the child processes at
+once (their jobs fail) and the run stops at its next stage boundary with `MemoryLimitError`
+(exit 3, with the figure), instead of the OOM killer ending it without a word.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+from kdeploy.errors import MemoryLimitError
+
+SAMPLE_S = 0.1
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                out += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    except OSError:
+        pass
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant process of `pid` (children first)."""
+    found, todo = [], _children(pid)
+    while todo:
+        p = todo.pop(0)
+        found.append(p)
+        todo += _children(p)
+    return found
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def tree_rss_mb(pid: int | None = None) -> float:
+    """Resident memory of `pid` (default: this process) and all its descendants, in MiB (0 off Linux)."""
+    pid = os.getpid() if pid is None else pid
+    return sum(_rss_kb(p) for p in [pid, *descendants(pid)]) / 1024
+
+
+def supported() -> bool:
+    """True where the process tree can be read (/proc with task children lists)."""
+    return Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
+
+
+class MemoryGuard:
+    """Samples this process tree's resident memory; records the peak; enforces `limit_mb` when given.
+
+    Use as a context manager around a run and call `check()` at stage boundaries.
+    """
+
+    def __init__(self, limit_mb: float | None, interval_s: float = SAMPLE_S):
+        self.limit_mb = limit_mb
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self.exceeded_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "MemoryGuard":
+        if self.limit_mb is not None and not supported():
+            raise MemoryLimitError("--max-memory needs /proc (Linux) to read the memory of the process tree; "
+                                   "not available on this system")
+        self.sample()
+        self._thread = threading.Thread(target=self._watch, name="kdeploy-memory-guard", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def sample(self) -> float:
+        now = tree_rss_mb()
+        self.peak_mb = max(self.peak_mb, now)
+        if self.limit_mb is not None and now > self.limit_mb and self.exceeded_mb is None:
+            self.exceeded_mb = now
+            for p in descendants(os.getpid()):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+        return now
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def check(self, where: str = "") -> None:
+        """Raises MemoryLimitError once the limit was exceeded (the children are already gone).
+
+        Raises:
+            MemoryLimitError: the process tree's resident memory went above the limit (exit 3).
+        """
+        if self.exceeded_mb is None:
+            self.sample()
+        if self.exceeded_mb is not None:
+            raise MemoryLimitError(
+                f"resident memory of the run (kdeploy and its child processes) reached {self.exceeded_mb:,.0f} MB, "
+                f"above --max-memory {self.limit_mb:,.0f} MB" + (f", during '{where}'" if where else "")
+                + "; stopped (child processes killed). Raise --max-memory or use a smaller model/profile")
