@@ -58,10 +58,10 @@ def tree_rss_kb(pid: int) -> int:
     return total
 
 
-def run_sampled(cmd: list[str], env: dict, stderr_lines: list | None = None) -> tuple[float, float, int]:
-    """Runs `cmd`; returns (wall seconds, peak process-tree RSS in MB, exit code)."""
+def run_sampled(cmd: list[str], env: dict, cwd: Path, stderr_lines: list | None = None) -> tuple[float, float, int]:
+    """Runs `cmd` in `cwd`; returns (wall seconds, peak process-tree RSS in MB, exit code)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = [0]
     done = threading.Event()
 
@@ -128,8 +128,9 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="kdeploy-lean-"))
     work.mkdir(parents=True, exist_ok=True)
     model, data = build(args.model, work)
+    kd_root = args.kdeploy_root.resolve()  # `python -m kdeploy` imports from the working folder first
     base_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CI="false", COLUMNS="200",
-                    PYTHONPATH=str(args.kdeploy_root.resolve()))
+                    PYTHONPATH=str(kd_root))
     base_env.pop("KDEPLOY_CACHE_DIR", None)
     rows = []
     for r in range(args.rounds):
@@ -137,7 +138,7 @@ def main() -> None:
         bare_out.mkdir(exist_ok=True)
         b_wall, b_peak, code = run_sampled(
             [sys.executable, str(BENCH / "bench_optimize.py"), "--target", args.target, "--bare", str(model),
-             str(data), str(bare_out)], base_env)
+             str(data), str(bare_out)], base_env, ROOT)
         if code != 0:
             raise SystemExit(f"bare script failed (exit {code})")
         env = dict(base_env, KDEPLOY_CACHE_DIR=str(work / f"cache-{r}"))
@@ -145,7 +146,7 @@ def main() -> None:
         for kind in ("first", "cached"):
             out = work / f"kdeploy-{r}-{kind}"
             lines: list = []
-            wall, peak, code = run_sampled(kdeploy_cmd(model, data, out, args.target), env, lines)
+            wall, peak, code = run_sampled(kdeploy_cmd(model, data, out, args.target), env, kd_root, lines)
             if code not in (0, 1):
                 raise SystemExit(f"kdeploy failed (exit {code}): {[l for _, l in lines[-3:]]}")
             rep = json.loads((out / "report.json").read_text())

@@ -81,6 +81,8 @@ class LatencyOut(_M):
     samples: int
     warmup: int
     throughput_items_s: float | None = None
+    p25_ms: float | None = Field(None, description="First quartile of the timed samples (noise band: p25..p75).")
+    p75_ms: float | None = Field(None, description="Third quartile of the timed samples.")
     min_ms: float | None = None
     max_ms: float | None = None
     noisy: bool = Field(False, description="cv above the profile's timing.noisy_cv: the host was busy or the timer coarse.")
