@@ -12,8 +12,9 @@ Each round runs, one after the other (interleaved, so a change of host load hits
    cache);
 3. the same command again on the same cache (the cached re-run).
 
-Every process tree is sampled every 50 ms (the sum of VmRSS over the process and all its
-descendants, read from /proc), so peak memory is that of the whole run, not the largest child.
+Every process tree is sampled every 50 ms (`kdeploy.memory.tree_memory_mb`: the process and all
+its descendants, read from /proc, as PSS (shared pages counted once) and as the sum of VmRSS),
+so peak memory is that of the whole run, not the largest child.
 Printed: per-round figures, then the ratios over the rounds (median, min..max): overhead
 (first kdeploy run / bare), cached re-run / first run, peak memory kdeploy / bare; the verdicts
 of every run and the candidate each first (uncached) run selected.
@@ -40,34 +41,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+sys.path[:0] = [str(BENCH), str(ROOT)]
+
+from kdeploy.memory import tree_memory_mb  # noqa: E402 - this checkout's sampler, whichever kdeploy runs
 
 
-def tree_rss_kb(pid: int) -> int:
-    """Sum of VmRSS (kB) of `pid` and all its descendants (0 when it is gone)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += next((int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")), 0)
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-    return total
-
-
-def run_sampled(cmd: list[str], env: dict, cwd: Path, stderr_lines: list | None = None) -> tuple[float, float, int]:
-    """Runs `cmd` in `cwd`; returns (wall seconds, peak process-tree RSS in MB, exit code)."""
+def run_sampled(cmd: list[str], env: dict, cwd: Path, stderr_lines: list | None = None) -> tuple[float, dict, int]:
+    """Runs `cmd` in `cwd`; returns (wall seconds, peak process-tree PSS and RSS-sum in MB, exit code)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    peak = {"pss": 0.0, "rss": 0.0}
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], tree_rss_kb(proc.pid))
+            for m in peak:
+                peak[m] = max(peak[m], tree_memory_mb(proc.pid, m))
             done.wait(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -79,7 +68,7 @@ def run_sampled(cmd: list[str], env: dict, cwd: Path, stderr_lines: list | None 
     wall = time.perf_counter() - start
     done.set()
     th.join()
-    return wall, peak[0] / 1024, proc.returncode
+    return wall, peak, proc.returncode
 
 
 def build(model_name: str, work: Path) -> tuple[Path, Path]:
@@ -155,9 +144,10 @@ def main() -> None:
                           "cache": rep.get("cache"), "lines": lines}
         rows.append({"bare": {"wall": b_wall, "peak": b_peak}, **runs})
         f, c = runs["first"], runs["cached"]
-        print(f"round {r + 1}: bare {b_wall:6.1f} s {b_peak:6.0f} MB | kdeploy first {f['wall']:6.1f} s "
-              f"{f['peak']:6.0f} MB selected {f['selected']} | cached {c['wall']:6.1f} s {c['peak']:6.0f} MB "
-              f"selected {c['selected']}", flush=True)
+        print(f"round {r + 1}: bare {b_wall:6.1f} s {b_peak['pss']:6.0f} MB | kdeploy first {f['wall']:6.1f} s "
+              f"{f['peak']['pss']:6.0f} MB selected {f['selected']} | cached {c['wall']:6.1f} s "
+              f"{c['peak']['pss']:6.0f} MB selected {c['selected']}  (peak PSS of the process tree; RSS sums: bare "
+              f"{b_peak['rss']:.0f}, first {f['peak']['rss']:.0f}, cached {c['peak']['rss']:.0f} MB)", flush=True)
     print("\nkdeploy first run, by stage (round 1; each progress line owns the time until the next):")
     import bench_optimize
 
@@ -170,9 +160,11 @@ def main() -> None:
           + "  (goal <= 1.0x)")
     print("CACHE      cached re-run / first run wall:         " + spread([x["cached"]["wall"] / x["first"]["wall"] for x in rows])
           + "  (goal <= 0.25x)")
-    print("MEMORY     kdeploy first run / bare peak tree RSS: " + spread([x["first"]["peak"] / x["bare"]["peak"] for x in rows])
-          + f"  (goal <= 1.2x; kdeploy peak max {max(x['first']['peak'] for x in rows):.0f} MB, cached "
-            f"{max(x['cached']['peak'] for x in rows):.0f} MB, bare {max(x['bare']['peak'] for x in rows):.0f} MB)")
+    for m, label in (("pss", "PSS"), ("rss", "RSS sum")):
+        print(f"MEMORY     kdeploy first run / bare, peak tree {label:7s}: "
+              + spread([x["first"]["peak"][m] / x["bare"]["peak"][m] for x in rows])
+              + f"  (goal <= 1.2x; peaks: kdeploy {max(x['first']['peak'][m] for x in rows):.0f} MB, cached "
+                f"{max(x['cached']['peak'][m] for x in rows):.0f} MB, bare {max(x['bare']['peak'][m] for x in rows):.0f} MB)")
     same = all(x["first"]["verdicts"] == x["cached"]["verdicts"] and x["first"]["ready"] == x["cached"]["ready"]
                for x in rows)
     print(f"VERDICTS   cached re-runs give the same verdicts as their first run: {'yes' if same else 'NO'}")

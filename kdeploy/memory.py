@@ -1,6 +1,7 @@
 """Resident memory of a whole process tree, and a guard that stops a run above a limit.
 
-`tree_rss_mb` sums VmRSS over this process and all its descendants (from /proc, Linux): the
+`tree_memory_mb` sums the memory of this process and all its descendants (from /proc, Linux;
+proportional set size, so a shared library mapped by two processes counts once): about the
 figure a CI runner's memory limit or the kernel's OOM killer sees, not the largest process
 alone. `MemoryGuard` samples it in a thread; above the limit it kills the child processes at
 once (their jobs fail) and the run stops at its next stage boundary with `MemoryLimitError`
@@ -42,20 +43,56 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _rss_kb(pid: int) -> int:
+def _status_kb(pid: int, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError):
         pass
     return 0
 
 
-def tree_rss_mb(pid: int | None = None) -> float:
-    """Resident memory of `pid` (default: this process) and all its descendants, in MiB (0 off Linux)."""
+def _pss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def tree_memory_mb(pid: int | None = None, measure: str = "pss") -> float:
+    """Memory of `pid` (default: this process) and all its descendants, in MiB (0 where /proc is missing).
+
+    Args:
+        measure: "pss" (proportional set size: a page shared by several processes of the tree,
+            e.g. the same shared library, is counted once overall; falls back to RSS where the
+            kernel has no smaps_rollup) or "rss" (the sum of every process's VmRSS; shared pages
+            counted once per process).
+
+    A child that has not exec'd yet (same command line as its parent: the moment between fork
+    and exec, when it still shows the parent's memory) is not counted.
+    """
     pid = os.getpid() if pid is None else pid
-    return sum(_rss_kb(p) for p in [pid, *descendants(pid)]) / 1024
+    total, todo = 0, [(pid, None)]
+    while todo:
+        p, parent_cmd = todo.pop()
+        cmd = _cmdline(p)
+        if parent_cmd is not None and cmd == parent_cmd:
+            continue
+        kb = _pss_kb(p) if measure == "pss" else None
+        total += kb if kb is not None else _status_kb(p, "VmRSS")
+        todo += [(c, cmd) for c in _children(p)]
+    return total / 1024
 
 
 def supported() -> bool:
@@ -64,7 +101,7 @@ def supported() -> bool:
 
 
 class MemoryGuard:
-    """Samples this process tree's resident memory; records the peak; enforces `limit_mb` when given.
+    """Samples this process tree's memory (`tree_memory_mb`); records the peak; enforces `limit_mb` when given.
 
     Use as a context manager around a run and call `check()` at stage boundaries.
     """
@@ -92,7 +129,7 @@ class MemoryGuard:
             self._thread.join()
 
     def sample(self) -> float:
-        now = tree_rss_mb()
+        now = tree_memory_mb()
         self.peak_mb = max(self.peak_mb, now)
         if self.limit_mb is not None and now > self.limit_mb and self.exceeded_mb is None:
             self.exceeded_mb = now
@@ -117,6 +154,6 @@ class MemoryGuard:
             self.sample()
         if self.exceeded_mb is not None:
             raise MemoryLimitError(
-                f"resident memory of the run (kdeploy and its child processes) reached {self.exceeded_mb:,.0f} MB, "
+                f"memory of the run (kdeploy and its child processes, PSS) reached {self.exceeded_mb:,.0f} MB, "
                 f"above --max-memory {self.limit_mb:,.0f} MB" + (f", during '{where}'" if where else "")
                 + "; stopped (child processes killed). Raise --max-memory or use a smaller model/profile")

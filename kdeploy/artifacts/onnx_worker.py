@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from kdeploy.child import child_main, progress
+from kdeploy.util import release_memory
 
 POLL_S = 0.05
 REFERENCE = "reference"  # marker: the SavedModel is exported (its content: path and signature output keys)
@@ -66,6 +67,7 @@ def run(job: dict) -> dict:
             results[name] = {"error": str(e)}
             continue
         results[name] = {"artifact": {**asdict(art), "path": str(art.path)}}
+        release_memory()  # tf2onnx's freed graphs go back to the OS before the next twin
     return {"results": results}
 
 

@@ -120,6 +120,7 @@ def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict]]:
     sm_dir = ctx.staging / "reference" / "savedmodel"
     ctx.progress("export", "SavedModel")
     keys = export_savedmodel(keras_model, m, sm_dir)
+    release_memory()  # tracing's intermediates
     art = {**_dir_artifact("savedmodel", sm_dir, ctx.staging), "byte_reproducible": False,
            "note": SAVEDMODEL_NOT_REPRODUCIBLE}
     return ReferenceModel(sm_dir, keys), [art]

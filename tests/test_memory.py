@@ -1,0 +1,35 @@
+"""Memory of the whole process tree, and the --max-memory guard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from kdeploy.memory import descendants, tree_memory_mb
+
+from conftest import FIXTURES, ROOT
+
+
+def test_tree_memory_counts_child_processes_too():
+    alone = tree_memory_mb()
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(300 << 20); b[::4096] = b'x' * "
+                              "len(b[::4096]); print('ok', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"  # its 300 MB are resident now
+        assert child.pid in descendants(__import__("os").getpid())
+        assert tree_memory_mb() >= alone + 250
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_max_memory_stops_the_run_with_exit_3_and_the_figure(tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "kdeploy", "optimize", str(FIXTURES / "cancer_mlp.keras"),
+                          "--target", "cpu-edge", "--data", str(FIXTURES / "cancer.npz"), "--out", str(out),
+                          "--max-memory", "60"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 3
+    assert "above --max-memory 60 MB" in res.stderr and "reached" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()  # nothing half-written
