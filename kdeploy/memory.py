@@ -101,7 +101,7 @@ def supported() -> bool:
 
 
 class MemoryGuard:
-    """Samples this process tree's memory (`tree_memory_mb`); records the peak; enforces `limit_mb` when given.
+    """Samples this process tree's memory (`tree_memory_mb`) and enforces `limit_mb` (None: does nothing).
 
     Use as a context manager around a run and call `check()` at stage boundaries.
     """
@@ -109,13 +109,14 @@ class MemoryGuard:
     def __init__(self, limit_mb: float | None, interval_s: float = SAMPLE_S):
         self.limit_mb = limit_mb
         self.interval_s = interval_s
-        self.peak_mb = 0.0
         self.exceeded_mb: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "MemoryGuard":
-        if self.limit_mb is not None and not supported():
+        if self.limit_mb is None:
+            return self
+        if not supported():
             raise MemoryLimitError("--max-memory needs /proc (Linux) to read the memory of the process tree; "
                                    "not available on this system")
         self.sample()
@@ -129,8 +130,10 @@ class MemoryGuard:
             self._thread.join()
 
     def sample(self) -> float:
-        now = tree_memory_mb()
-        self.peak_mb = max(self.peak_mb, now)
+        """The tree's memory now: the RSS sum (cheap, never below PSS), and PSS only when that is above the limit."""
+        now = tree_memory_mb(measure="rss")
+        if self.limit_mb is not None and now > self.limit_mb:
+            now = tree_memory_mb(measure="pss")  # ~0.1 s per GB mapped: only when the cheap figure says it may matter
         if self.limit_mb is not None and now > self.limit_mb and self.exceeded_mb is None:
             self.exceeded_mb = now
             for p in descendants(os.getpid()):
@@ -150,6 +153,8 @@ class MemoryGuard:
         Raises:
             MemoryLimitError: the process tree's resident memory went above the limit (exit 3).
         """
+        if self.limit_mb is None:
+            return
         if self.exceeded_mb is None:
             self.sample()
         if self.exceeded_mb is not None:
