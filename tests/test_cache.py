@@ -85,7 +85,7 @@ def _verdicts(r: dict) -> dict:
 
 
 def test_optimize_reuses_verified_results_rebuilds_a_corrupt_entry_and_retimes_on_request(tmp_path):
-    profile = make_profile(tmp_path, precisions=["fp32", "int8"], crosscheck_runtimes=[],
+    profile = make_profile(tmp_path, precisions=["fp32", "dynamic"], crosscheck_runtimes=[],
                            robustness={"enabled": False})
     code1, first, _ = _optimize(profile, tmp_path / "o1")
     assert first["cache"]["status"] == "miss" and first["cache"]["stored"] is True

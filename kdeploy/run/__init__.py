@@ -168,11 +168,12 @@ def _cached_or_fresh(opts: RunOptions, prof: TargetProfile, build: Callable[[Con
     from kdeploy.report.model import CacheInfo, make_staging
     from kdeploy.run import reuse
     from kdeploy.run.build import build_candidates
-    
-    cache, key, entry = Cache(), None, None
+
+    key = entry = None
     info = CacheInfo(status="disabled", detail="--no-cache" if build is None else "`check` results are not cached")
     if opts.cache and build is None:
         key = reuse.key_for(opts, prof, describe_host())
+    cache = Cache() if key is not None else None
     if key is not None:
         opts.progress("cache", f"look up {key[:12]} in {cache.root}")
         entry, why = cache.lookup(key)

@@ -112,6 +112,11 @@ def onnx_missing(ctx: Context, b: Build, error: str) -> None:
                     f"candidate {b.name}: no ONNX artifact, so it is not cross-checked on onnxruntime ({error})")
 
 
+# The ONNX lane converts what the parent would convert in-process, where no time limit applies; this
+# only bounds a child that somehow outlives its parent's markers (the parent kills it on any error).
+LANE_TIMEOUT_S = 6 * 3600
+
+
 class OnnxLane:
     """The ONNX twins of the post-training recipes, converted in one child process beside the parent's TFLite work.
 
@@ -154,7 +159,7 @@ class OnnxLane:
 
         try:
             self.result = run_child("kdeploy.artifacts.onnx_worker", job, self.dir, what="the ONNX conversion child",
-                                    timeout_s=self.ctx.profile.timing.timeout_s, on_start=started,
+                                    timeout_s=LANE_TIMEOUT_S, on_start=started,
                                     on_progress=lambda text: self.ctx.progress("convert", text))
         except BaseException as e:  # re-raised in the calling thread by `finish` (Ctrl-C included)
             self.result = e
