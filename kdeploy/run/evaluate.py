@@ -25,6 +25,7 @@ from kdeploy.run.timing import LATENCY_FINDINGS, latency_findings, settle_budget
 from kdeploy.runtimes import RUNTIME_FORMATS
 from kdeploy.runtimes.jobs import RunJob
 from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
+from kdeploy.util import release_memory
 
 FIDELITY_BATCH = 64
 # Fidelity/probe child processes run at most this many at a time (never more than the host's
@@ -229,6 +230,7 @@ def _probe_inputs(ctx: Context, fixed_batch: int | None) -> tuple[dict[str, tupl
         ctx.progress("probe", f"Keras outputs on robustness probe '{name}'")
         probes[name] = (desc, feeds, ctx.model.predict(feeds))
         flat.update({f"{name}/{k}": v for k, v in feeds.items()})
+    release_memory()  # Keras' batch activations, before the runtime children start
     if not probes:
         return {}, None
     path = ctx.work / "probes.npz"

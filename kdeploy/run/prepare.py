@@ -16,6 +16,7 @@ from kdeploy.profiles import TargetProfile, resolve_profile
 from kdeploy.report.model import check_out_dir, make_staging
 from kdeploy.run.context import Context, RunOptions, no_progress
 from kdeploy.run.host import describe_host
+from kdeploy.util import release_memory
 
 SYNTHETIC_SAMPLES = 128
 
@@ -64,6 +65,7 @@ def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None) -> Con
     cal, val = split(ds, prof.calibration_samples, opts.seed)
     progress("reference", f"Keras outputs on {len(val)} validation samples")
     reference = m.predict(val.inputs)
+    release_memory()  # the batch activations are freed; hand their pages back before the conversions
     staging = make_staging(out_path)
     work = None
     try:  # from here on the caller cleans up through ctx; until then, this does (Ctrl-C, SIGTERM)
