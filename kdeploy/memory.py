@@ -95,6 +95,22 @@ def tree_memory_mb(pid: int | None = None, measure: str = "pss") -> float:
     return total / 1024
 
 
+# One batch of inputs holds at most this many bytes where kdeploy runs a model on many samples
+# (Keras reference outputs, fidelity and probe runs): activations grow with the batch, and at 64
+# samples of 224x224x3 the runtimes' activations alone took about 1 GB per process here.
+BATCH_INPUT_BYTES = 4 << 20
+
+
+def batch_size_for(inputs: dict, cap: int) -> int:
+    """Samples per batch so that one batch of `inputs` (name -> (N, ...) arrays) stays within BATCH_INPUT_BYTES.
+
+    Args:
+        cap: the most samples per batch (also when the inputs are tiny).
+    """
+    per_sample = sum(a[:1].nbytes for a in inputs.values()) or 1
+    return max(1, min(cap, BATCH_INPUT_BYTES // per_sample))
+
+
 def supported() -> bool:
     """True where the process tree can be read (/proc with task children lists)."""
     return Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()

@@ -41,6 +41,7 @@ class RunOptions:
     cache: bool = True  # reuse and store results in the result cache (`kdeploy.cache`)
     retime: bool = False  # on a cache hit, measure latency again (artifacts and fidelity from the cache)
     max_memory_mb: float | None = None  # the whole process tree's resident memory limit (`kdeploy.memory`)
+    parallel: bool = False  # ONNX twins in a second process beside the TFLite conversions (`run.convert.OnnxLane`)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Context:
     progress: Progress
     host: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
+    parallel: bool = False  # RunOptions.parallel
 
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))

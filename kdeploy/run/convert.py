@@ -147,8 +147,12 @@ class OnnxLane:
 
     @staticmethod
     def applies(ctx: Context, recipes: list[Recipe]) -> bool:
-        """On a multi-core host, when ONNX Runtime deploys or cross-checks and some recipe has a twin."""
-        return (os.cpu_count() or 1) > 1 and "onnxruntime" in ctx.wanted_runtimes \
+        """When asked (`--parallel`), on a multi-core host, when ONNX Runtime runs the twins and some recipe has one.
+
+        Not by default: the second process holds its own TensorFlow and tf2onnx's intermediates
+        (about 1.5 GB more at the peak on MobileNetV2 here), against one process converting in turn.
+        """
+        return ctx.parallel and (os.cpu_count() or 1) > 1 and "onnxruntime" in ctx.wanted_runtimes \
             and any(r.onnx in ("savedmodel", "tflite") for r in recipes)
 
     def _run(self, job: dict) -> None:

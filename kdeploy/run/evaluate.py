@@ -15,19 +15,21 @@ import numpy as np
 
 from kdeploy.artifacts import Artifact
 from kdeploy.compare import compare
+from kdeploy.memory import batch_size_for
 from kdeploy.profiles import TargetProfile
 from kdeploy.report.figures import budget_row
 from kdeploy.report.model import ArtifactOut, Candidate, Check, RobustnessOut
 from kdeploy.robustness import agreement, make_probes
 from kdeploy.run.checks import add_fidelity, budget_checks, is_latency_check, latency_check
 from kdeploy.run.context import Build, Context
+from kdeploy.run.prepare import REFERENCE_BATCH
 from kdeploy.run.timing import LATENCY_FINDINGS, latency_findings, settle_budget_latency, time_candidates
 from kdeploy.runtimes import RUNTIME_FORMATS
 from kdeploy.runtimes.jobs import RunJob
 from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
 from kdeploy.util import release_memory
 
-FIDELITY_BATCH = 64
+FIDELITY_BATCH = 64  # at most; fewer for large inputs (`memory.batch_size_for`)
 # Fidelity/probe child processes run at most this many at a time (never more than the host's
 # cores). Latency is never timed while anything else runs.
 PARALLEL_RUNS = 2
@@ -64,7 +66,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
                                            gzip_bytes=art.gzip_bytes, sha256=art.sha256))
             for runtime in runtimes_for(art.format, prof):
                 job = RunJob(runtime=runtime, artifact_path=str(art.path), io=art.io, feeds_path=str(feeds_path),
-                             fidelity_batch=fixed_batch or FIDELITY_BATCH,
+                             fidelity_batch=fixed_batch or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
                              probes_path=str(probes_path) if runtime == prof.runtimes[0] and probes_path else None)
                 runs.append((c, b, art, runtime, job, ctx.work / f"{b.name}-{runtime}"))
     labels = [f"{c.name} on {rt}" + (" (fidelity)" if rt in prof.runtimes else " (cross-check)")
@@ -228,7 +230,7 @@ def _probe_inputs(ctx: Context, fixed_batch: int | None) -> tuple[dict[str, tupl
     flat = {}
     for name, (desc, feeds) in sets.items():
         ctx.progress("probe", f"Keras outputs on robustness probe '{name}'")
-        probes[name] = (desc, feeds, ctx.model.predict(feeds))
+        probes[name] = (desc, feeds, ctx.model.predict(feeds, batch_size=batch_size_for(feeds, REFERENCE_BATCH)))
         flat.update({f"{name}/{k}": v for k, v in feeds.items()})
     release_memory()  # Keras' batch activations, before the runtime children start
     if not probes:

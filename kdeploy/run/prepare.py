@@ -12,6 +12,7 @@ import numpy as np
 from kdeploy.data import load_data, split, synthetic_data
 from kdeploy.errors import UsageError
 from kdeploy.loading import TensorInfo, load_custom_objects, load_model
+from kdeploy.memory import batch_size_for
 from kdeploy.profiles import TargetProfile, resolve_profile
 from kdeploy.report.model import check_out_dir, make_staging
 from kdeploy.run.context import Context, RunOptions, no_progress
@@ -19,6 +20,7 @@ from kdeploy.run.host import describe_host
 from kdeploy.util import release_memory
 
 SYNTHETIC_SAMPLES = 128
+REFERENCE_BATCH = 256  # Keras predict's batch for small inputs (bounded by memory: `batch_size_for`)
 
 
 def check_inputs(opts: RunOptions) -> tuple[TargetProfile, Path | None]:
@@ -64,13 +66,14 @@ def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None) -> Con
                                                                                      opts.seed)
     cal, val = split(ds, prof.calibration_samples, opts.seed)
     progress("reference", f"Keras outputs on {len(val)} validation samples")
-    reference = m.predict(val.inputs)
+    reference = m.predict(val.inputs, batch_size=batch_size_for(val.inputs, REFERENCE_BATCH))
     release_memory()  # the batch activations are freed; hand their pages back before the conversions
     staging = make_staging(out_path)
     work = None
     try:  # from here on the caller cleans up through ctx; until then, this does (Ctrl-C, SIGTERM)
         work = Path(tempfile.mkdtemp(prefix="kdeploy-work-"))
-        ctx = Context(m, prof, ds, cal, val, reference, staging, work, opts.seed, progress, describe_host())
+        ctx = Context(m, prof, ds, cal, val, reference, staging, work, opts.seed, progress, describe_host(),
+                      parallel=opts.parallel)
         _findings(ctx, reference)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
