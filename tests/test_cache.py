@@ -85,8 +85,8 @@ def _verdicts(r: dict) -> dict:
 
 
 def test_optimize_reuses_verified_results_rebuilds_a_corrupt_entry_and_retimes_on_request(tmp_path):
-    profile = make_profile(tmp_path, precisions=["fp32", "dynamic"], crosscheck_runtimes=[],
-                           robustness={"enabled": False})
+    """miss → hit → corrupt entry rebuilt → --retime → --no-cache --parallel, on one small model."""
+    profile = make_profile(tmp_path, precisions=["fp32", "dynamic"], robustness={"enabled": False})
     code1, first, _ = _optimize(profile, tmp_path / "o1")
     assert first["cache"]["status"] == "miss" and first["cache"]["stored"] is True
 
@@ -113,9 +113,12 @@ def test_optimize_reuses_verified_results_rebuilds_a_corrupt_entry_and_retimes_o
     assert all(c["latency"] for c in retimed["candidates"] if c["passed"])
     assert {k: v[1:] for k, v in _verdicts(retimed).items()} == {k: v[1:] for k, v in _verdicts(first).items()}
 
-    code5, off, _ = _optimize(profile, tmp_path / "o5", "--no-cache")
+    # --parallel: the ONNX twins come from the second process, byte for byte the same.
+    code5, off, _ = _optimize(profile, tmp_path / "o5", "--no-cache", "--parallel")
     assert off["cache"] == {"status": "disabled", "key": None, "detail": "--no-cache", "from_cache": [],
                             "entry_created": None, "stored": False}
+    assert _verdicts(off) == _verdicts(first)
+    assert {a["format"] for c in off["candidates"] for a in c["artifacts"]} == {"tflite", "onnx"}
 
 
 def test_retime_with_no_cache_is_a_usage_error(tmp_path):

@@ -6,7 +6,9 @@ import subprocess
 import sys
 import time
 
-from kdeploy.memory import descendants, tree_memory_mb
+import numpy as np
+
+from kdeploy.memory import BATCH_INPUT_BYTES, batch_size_for, descendants, tree_memory_mb
 
 from conftest import FIXTURES, ROOT
 
@@ -33,3 +35,11 @@ def test_max_memory_stops_the_run_with_exit_3_and_the_figure(tmp_path):
     assert "above --max-memory 200 MB" in res.stderr and "reached" in res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists()  # nothing half-written
+
+
+def test_batch_size_for_bounds_the_bytes_of_one_batch_and_keeps_small_inputs_whole():
+    big = {"image": np.zeros((64, 224, 224, 3), np.float32)}
+    n = batch_size_for(big, cap=64)
+    assert 1 <= n < 64 and n * 224 * 224 * 3 * 4 <= BATCH_INPUT_BYTES
+    assert batch_size_for({"x": np.zeros((300, 8, 8), np.float32)}, cap=64) == 64
+    assert batch_size_for({"x": np.zeros((2, 4000, 4000), np.float32)}, cap=64) == 1  # one sample, however large
