@@ -98,6 +98,7 @@ def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: 
             lane.ready(recipe)
         else:
             add_onnx_twin(ctx, b, recipe, tfl, ref)
+            release_memory()  # tf2onnx's freed graphs (gigabytes on ResNet50V2) before the next conversion
         kept.append((b, tfl))
     if lane is not None:
         lane.finish({b.name: b for b, _ in kept})
