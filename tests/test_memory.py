@@ -30,9 +30,9 @@ def test_max_memory_stops_the_run_with_exit_3_and_the_figure(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "kdeploy", "optimize", str(FIXTURES / "cancer_mlp.keras"),
                           "--target", "cpu-edge", "--data", str(FIXTURES / "cancer.npz"), "--out", str(out),
-                          "--max-memory", "200"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          "--max-memory", "20"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 3
-    assert "above --max-memory 200 MB" in res.stderr and "reached" in res.stderr
+    assert "above --max-memory 20 MB" in res.stderr and "reached" in res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists()  # nothing half-written
 
