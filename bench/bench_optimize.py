@@ -89,7 +89,7 @@ def bare(model_path: Path, data_path: Path, out: Path, precisions: list[str], on
     cal = np.load(data_path)["x"][:CALIBRATION]
     sm = out / "savedmodel"
     t = time.perf_counter()
-    spec = [tf.TensorSpec((None, *SHAPE), tf.float32, name=model.inputs[0].name)]
+    spec = [tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name=model.inputs[0].name)]
     model.export(str(sm), format="tf_saved_model", input_signature=spec, verbose=False)
     times["savedmodel"] = time.perf_counter() - t
 

@@ -44,7 +44,7 @@ def optimize(
         mlflow_uri: MLflow tracking and registry URI (e.g. `sqlite:///mlflow.db`) for MLflow URIs;
             defaults to `$MLFLOW_TRACKING_URI`.
         mlflow_experiment: experiment to log the gate run to (default: the source run's).
-        **kwargs: passed to `kdeploy.run.optimize` (`seed`, `trust_custom_code`,
+        **kwargs: passed to `kdeploy.run.optimize` (`seed`, `trust_custom_code`, `cache`, `retime`, `max_memory_mb`, `parallel`,
             `custom_objects`, `input_shapes`, `progress`, `command`).
 
     Returns:

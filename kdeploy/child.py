@@ -26,7 +26,7 @@ class ChildFailure(Exception):
 
 def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: str,
               on_progress: Callable[[str], None] | None = None, timeout_hint: str = "",
-              subject: str | None = None) -> dict:
+              subject: str | None = None, on_start: Callable[[subprocess.Popen], None] | None = None) -> dict:
     """Runs `python -m module job.json` in `job_dir` and returns its result dict.
 
     Args:
@@ -38,6 +38,7 @@ def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: 
         on_progress: called with the text of each `PROGRESS ...` line the child prints.
         timeout_hint: appended to the timeout message (e.g. which setting to raise).
         subject: what the child worked on, named when it crashes (e.g. the artifact's file name).
+        on_start: called with the child's Popen once it runs (so another thread can stop it).
 
     Raises:
         ChildFailure: crash, timeout, non-zero exit or a reported exception.
@@ -53,6 +54,8 @@ def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: 
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", module, str(job_file)], stdout=subprocess.PIPE, stderr=err,
                                 text=True, env=env)
+        if on_start is not None:
+            on_start(proc)
 
         def kill() -> None:
             killed.set()

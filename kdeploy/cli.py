@@ -221,6 +221,10 @@ def optimize(
     json_out: JsonOpt = False,
     mlflow_uri: MlflowUriOpt = None,
     mlflow_experiment: MlflowExpOpt = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor store results in the result cache ($KDEPLOY_CACHE_DIR, else the user cache folder).")] = False,
+    retime: Annotated[bool, typer.Option("--retime", help="On a cache hit, measure latency again (artifacts and fidelity come from the cache).")] = False,
+    parallel: Annotated[bool, typer.Option("--parallel", help="Convert ONNX twins in a second process beside the TFLite conversions: faster on a multi-core host, about 1.5 GB more memory (MobileNetV2).")] = False,
+    max_memory: Annotated[Optional[float], typer.Option("--max-memory", min=1, help="Stop (exit 3) when kdeploy and its child processes together hold more than this many MB resident.")] = None,
 ) -> None:
     """Build every candidate the target allows, check and measure them, select the best, gate.
 
@@ -234,6 +238,8 @@ def optimize(
         from kdeploy.registry import is_registry_uri
 
         registry = is_registry_uri(model)
+        if retime and no_cache:
+            raise UsageError("--retime re-times a cached result; it cannot be combined with --no-cache")
         if not registry and mlflow_experiment is not None:
             raise UsageError(f"--mlflow-experiment needs an MLflow URI as MODEL (models:/NAME/VERSION or runs:/...); "
                              f"received {model!r}")
@@ -241,6 +247,7 @@ def optimize(
             model, target=target, profile=profile, data=data, out=out_dir, formats=_formats(format), seed=seed,
             trust_custom_code=trust_custom_code, custom_objects=custom_objects, input_shapes=_shapes(input_shape),
             trusted_packages=trust_package or (), progress=_progress(quiet), command=_command(),
+            cache=not no_cache, retime=retime, max_memory_mb=max_memory, parallel=parallel,
             **({"mlflow_uri": mlflow_uri, "mlflow_experiment": mlflow_experiment} if registry else {}))
         if json_out:
             sys.stdout.write(report.to_json() + "\n")

@@ -34,6 +34,13 @@ def render_report(report, out_dir: Path) -> None:
     for f in report.findings:
         color = {"error": "red", "warning": "yellow"}.get(f.severity, "dim")
         out.print(f"[{color}]{f.severity}[/] {f.code}: {escape(f.message)}", soft_wrap=True)
+    if report.cache is not None and report.cache.status in ("hit", "retimed", "rebuilt"):
+        out.print(f"[dim]cache[/] {report.cache.status}: {escape(report.cache.detail)}", soft_wrap=True)
+    tie = report.selection.get("tie")
+    if report.ready and tie:
+        out.print(f"[dim]tie[/] {report.selected} was chosen among {', '.join(tie['candidates'])} (equal "
+                  f"{' and '.join(tie['on'])}{', within measurement noise' if tie['within_noise'] else ''}) by "
+                  f"{escape(tie['decided_by'])}", soft_wrap=True)
     if report.ready:
         out.print(f"[bold green]READY[/] selected [bold]{report.selected}[/] · report: {out_dir / 'report.json'}")
     else:

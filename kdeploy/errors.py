@@ -37,3 +37,9 @@ class ConversionError(KdeployError):
 
 class ManifestError(UsageError):
     """A batch manifest is unreadable or invalid."""
+
+
+class MemoryLimitError(KdeployError):
+    """The run's resident memory (all its processes) went above `--max-memory`; stopped cleanly (exit 3)."""
+
+    exit_code = 3

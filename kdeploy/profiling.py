@@ -23,8 +23,8 @@ def summarize(times_ms: list[float] | np.ndarray) -> dict[str, float]:
         times_ms: per-call times in milliseconds.
 
     Returns:
-        `p50_ms`, `p90_ms`, `p99_ms` (linear interpolation between order statistics, numpy's
-        default), `mean_ms`, `std_ms` (sample standard deviation, ddof=1; 0 for one sample),
+        `p25_ms`, `p50_ms`, `p75_ms`, `p90_ms`, `p99_ms` (linear interpolation between order
+        statistics, numpy's default; p25..p75 is the spread `select` reads as measurement noise), `mean_ms`, `std_ms` (sample standard deviation, ddof=1; 0 for one sample),
         `cv` (std / mean), `min_ms`, `max_ms`.
 
     Raises:
@@ -38,7 +38,9 @@ def summarize(times_ms: list[float] | np.ndarray) -> dict[str, float]:
     mean = float(t.mean())
     std = float(t.std(ddof=1)) if t.size > 1 else 0.0
     return {
+        "p25_ms": float(np.percentile(t, 25)),
         "p50_ms": float(np.percentile(t, 50)),
+        "p75_ms": float(np.percentile(t, 75)),
         "p90_ms": float(np.percentile(t, 90)),
         "p99_ms": float(np.percentile(t, 99)),
         "mean_ms": mean,

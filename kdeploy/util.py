@@ -69,3 +69,19 @@ def native_quiet():
 def natural_key(s: str) -> list:
     """Sort key that orders embedded numbers numerically (`output_2` before `output_10`)."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+
+
+def release_memory() -> None:
+    """Collects garbage and hands freed heap pages back to the OS (glibc `malloc_trim`; elsewhere only gc).
+
+    Converters free their intermediates, but glibc keeps the freed pages mapped, so a process
+    that converts one recipe after another holds the largest intermediates of all of them.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -66,3 +66,12 @@ def make_profile(tmp_path: Path, base: str = "cpu-edge", **overrides) -> Path:
 def quick_profile(tmp_path):
     """Factory: quick_profile(base="cpu-edge", **overrides) -> path of a profile file."""
     return lambda base="cpu-edge", **kw: make_profile(tmp_path, base, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test gets an empty result cache of its own: never the user's, never another test's entries.
+
+    (A shared one would let a fault-injection test be answered by an earlier test's cached success.)
+    """
+    monkeypatch.setenv("KDEPLOY_CACHE_DIR", str(tmp_path_factory.mktemp("kdeploy-cache")))

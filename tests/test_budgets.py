@@ -152,3 +152,27 @@ def test_profile_errors_in_new_sections_name_file_and_key(tmp_path, section, val
     with pytest.raises(ProfileError) as e:
         load_profile_file(path)
     assert str(path) in str(e.value) and expected in str(e.value)
+
+
+def _timed(name, precision, p25, p50, p75):
+    c = _candidate(name, precision, p99=p50, size=100, fidelity_ok=True)
+    c.latency[0].p25_ms, c.latency[0].p75_ms = p25, p75
+    return c
+
+
+def test_select_ties_latencies_within_each_others_noise_and_lets_the_preference_decide():
+    prof = resolve_profile("cpu-server")  # objective latency; the default preference puts fp32 first
+    int8 = _timed("int8", "int8", p25=8.0, p50=10.0, p75=13.0)
+    fp32 = _timed("fp32", "fp32", p25=11.0, p50=12.0, p75=15.0)  # 20% slower median, spreads overlap
+    selection = select([int8, fp32], prof)
+    assert selection["selected"] == "fp32"
+    assert selection["tie"]["candidates"] == ["int8", "fp32"] and selection["tie"]["within_noise"] == ["fp32"]
+    assert "measurement noise" in selection["reasons"]["fp32"]
+
+
+def test_select_picks_the_faster_when_spreads_do_not_overlap_and_reports_no_tie():
+    prof = resolve_profile("cpu-server")
+    int8 = _timed("int8", "int8", p25=9.5, p50=10.0, p75=10.5)
+    fp32 = _timed("fp32", "fp32", p25=11.5, p50=12.0, p75=12.5)
+    selection = select([int8, fp32], prof)
+    assert selection["selected"] == "int8" and selection["tie"] is None

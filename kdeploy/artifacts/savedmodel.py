@@ -120,9 +120,13 @@ def export_savedmodel(keras_model: Any, model: LoadedModel, out_dir: Path) -> li
 
 def signature_output_keys(saved_model_dir: Path, model: LoadedModel) -> list[str]:
     """Output keys of the serving signature in model output order (named outputs, else output_i)."""
-    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
 
-    keys = list(tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"].structured_outputs)
+    # Read from saved_model.pb: `tf.saved_model.load` would restore every variable and function
+    # (seconds, and a second copy of the weights in memory) to list a few names.
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((saved_model_dir / "saved_model.pb").read_bytes())
+    keys = list(proto.meta_graphs[0].signature_def["serving_default"].outputs)
     names = [t.name for t in model.outputs]
     if set(names) <= set(keys):
         return names

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-SCHEMA_VERSION = "1.1"  # 1.1: inspection; model.trusted_package_classes; candidates[].sensitivity, task_metrics, first_divergence
+SCHEMA_VERSION = "1.1"  # 1.1: inspection; model.trusted_package_classes; candidates[].sensitivity, task_metrics,
+# first_divergence; cache; selection.tie
 
 
 class _M(BaseModel):
@@ -92,6 +93,8 @@ class LatencyOut(_M):
     samples: int
     warmup: int
     throughput_items_s: float | None = None
+    p25_ms: float | None = Field(None, description="First quartile of the timed samples (noise band: p25..p75).")
+    p75_ms: float | None = Field(None, description="Third quartile of the timed samples.")
     min_ms: float | None = None
     max_ms: float | None = None
     noisy: bool = Field(False, description="cv above the profile's timing.noisy_cv: the host was busy or the timer coarse.")
@@ -205,6 +208,21 @@ class Inspection(_M):
     duration_s: float
 
 
+class CacheInfo(_M):
+    """What this run took from the result cache (`kdeploy.cache`) and what it wrote to it."""
+
+    status: Literal["disabled", "miss", "hit", "retimed", "rebuilt"] = Field(
+        description="disabled (--no-cache), miss (no entry: built and stored), hit (everything from the cache), "
+                    "retimed (artifacts, fidelity and checks from the cache, latency measured again: --retime), "
+                    "rebuilt (an entry failed verification: deleted, built again and stored)")
+    key: str | None = Field(None, description="sha256 of the run's inputs (model, data, profile, recipes, options, "
+                                              "kdeploy and library versions, host)")
+    detail: str = ""
+    from_cache: list[str] = Field(default_factory=list, description="Report sections taken from the cache entry.")
+    entry_created: str | None = Field(None, description="When the reused entry was written (UTC).")
+    stored: bool = Field(False, description="This run wrote (or replaced) the entry.")
+
+
 class Report(_M):
     """What `kdeploy optimize` found. `save()` writes it and publishes the artifacts atomically."""
 
@@ -229,6 +247,8 @@ class Report(_M):
         description="How to re-run this exactly (shell command, working directory, seed, input hashes) and which "
                     "outputs are byte-identical across runs and which are not (with the reason)",
     )
+
+    cache: CacheInfo | None = Field(None, description="What came from the result cache (None: written before 1.1).")
 
     _staging: Path | None = PrivateAttr(default=None)
     _mlflow: Any = PrivateAttr(default=None)  # kdeploy.registry.GateRecord when gated from an MLflow URI

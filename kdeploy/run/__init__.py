@@ -1,4 +1,4 @@
-"""Orchestration: prepare → build → evaluate → select → assemble, one module per stage.
+"""Orchestration: prepare → build → evaluate → diagnose → select → assemble, one module per stage.
 
 Library code: no printing. Progress goes through the `progress(stage, detail)` callback.
 `optimize` builds candidates from a model; `check` gates artifacts built elsewhere. Both end in
@@ -8,18 +8,22 @@ produced it. Data flows one way: nothing below `kdeploy.run` imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from kdeploy.errors import UsageError
+from kdeploy.profiles import TargetProfile
 from kdeploy.report.model import Report
 from kdeploy.run.assemble import make_report
-from kdeploy.run.context import Build, Built, Context, Progress, RunOptions
+from kdeploy.memory import MemoryGuard
+from kdeploy.run.context import Build, Built, Context, Progress, RunOptions, no_progress
 from kdeploy.run.diagnose import diagnose
-from kdeploy.run.evaluate import evaluate
-from kdeploy.run.prepare import prepare
+from kdeploy.run.evaluate import evaluate, retime
+from kdeploy.run.host import describe_host
+from kdeploy.run.prepare import check_inputs, prepare
 from kdeploy.run.select import select
 
 
@@ -38,6 +42,10 @@ def optimize(
     progress: Progress | None = None,
     command: list[str] | None = None,
     trusted_packages: Sequence[str] = (),
+    cache: bool = True,
+    retime: bool = False,
+    max_memory_mb: float | None = None,
+    parallel: bool = False,
 ) -> Report:
     """Builds every candidate the target allows, checks and measures them, selects the best.
 
@@ -56,19 +64,27 @@ def optimize(
         progress: callback `(stage, detail)`.
         trusted_packages: installed packages whose registered classes load without
             `custom_objects`, besides `keras_hub` and the profile's `trusted_packages`.
+        cache: answer from the result cache when an entry for exactly these inputs verifies, and
+            store the result (`kdeploy.cache`); False: neither read nor write it.
+        retime: on a cache hit, measure latency again (and select again) instead of reusing it.
+        max_memory_mb: stop the run (MemoryLimitError, exit 3) when the resident memory of
+            kdeploy and its child processes together goes above this many MiB.
+        parallel: convert the ONNX twins in a second process while this one converts the
+            `.tflite` files (faster on a multi-core host; about 1.5 GB more memory on MobileNetV2).
 
     Returns:
-        The Report (saved to `out` when given).
+        The Report (saved to `out` when given); `report.cache` says what came from the cache.
 
     Raises:
         UsageError: bad model, profile, data or options (exit 2).
+        MemoryLimitError: `max_memory_mb` exceeded (exit 3).
         KdeployError: internal or converter failure (exit 3).
     """
-    from kdeploy.run.build import build_candidates
-
-    opts = RunOptions(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects, input_shapes,
-                      progress, command, trusted_packages)
-    return _run(opts, build_candidates)
+    opts = RunOptions(model, target=target, profile=profile, data=data, out=out, formats=formats, seed=seed,
+                      trust_custom_code=trust_custom_code, custom_objects=custom_objects, input_shapes=input_shapes,
+                      progress=progress, command=command, trusted_packages=trusted_packages, cache=cache,
+                      retime=retime, max_memory_mb=max_memory_mb, parallel=parallel)
+    return _run(opts, None)
 
 
 def check(
@@ -98,8 +114,9 @@ def check(
     for p in paths:
         if not p.is_file() or p.suffix.lower() not in (".tflite", ".onnx"):
             raise UsageError(f"artifact {p}: not found or not a .tflite/.onnx file (allowed: .tflite, .onnx)")
-    opts = RunOptions(model, target, profile, data, out, formats, seed, trust_custom_code, custom_objects, input_shapes,
-                      progress, command, trusted_packages)
+    opts = RunOptions(model, target=target, profile=profile, data=data, out=out, formats=formats, seed=seed,
+                      trust_custom_code=trust_custom_code, custom_objects=custom_objects, input_shapes=input_shapes,
+                      progress=progress, command=command, trusted_packages=trusted_packages)
     return _run(opts, lambda c: Built(_external_builds(c, paths, precision), []))
 
 
@@ -123,20 +140,82 @@ def _external_builds(ctx: Context, paths: list[Path], precision: str | None) -> 
     return builds
 
 
-def _run(opts: RunOptions, build: Callable[[Context], Built]) -> Report:
-    """Prepares, builds, evaluates, selects and reports; on any failure or interruption the staging folder goes too."""
+def _run(opts: RunOptions, build: Callable[[Context], Built] | None) -> Report:
+    """Checks the inputs, then answers from the result cache or prepares, builds, evaluates, selects and reports.
+
+    On any failure or interruption the staging folder goes too. The memory guard watches the
+    whole run (`--max-memory`); every progress line is a point where it can stop the run.
+    """
     started = time.perf_counter()
-    ctx, out_path = prepare(opts)
+    prof, out_path = check_inputs(opts)
+    with MemoryGuard(opts.max_memory_mb) as guard:
+        user_progress = opts.progress or no_progress
+
+        def progress(stage: str, detail: str = "") -> None:
+            guard.check(f"{stage} {detail}".strip())
+            user_progress(stage, detail)
+
+        opts = dataclasses.replace(opts, progress=progress)
+        report = _cached_or_fresh(opts, prof, build, started)
+        guard.check("report")
+        if out_path is not None:
+            progress("report", str(out_path))
+            try:
+                report.save(out_path, tuple(opts.formats))
+            except BaseException:
+                shutil.rmtree(report._staging, ignore_errors=True)
+                raise
+        return report
+
+
+def _cached_or_fresh(opts: RunOptions, prof: TargetProfile, build: Callable[[Context], Built] | None,
+                     started: float) -> Report:
+    """A verified cache hit (unless --retime), else a run: a full one, or the cached artifacts timed again.
+
+    `build` None means `optimize` (the candidates of the profile's recipes: cacheable); `check`
+    passes its own build of the given artifacts, which is never cached.
+    """
+    from kdeploy.cache import Cache
+    from kdeploy.report.model import CacheInfo, make_staging
+    from kdeploy.run import reuse
+    from kdeploy.run.build import build_candidates
+
+    key = entry = None
+    info = CacheInfo(status="disabled", detail="--no-cache" if build is None else "`check` results are not cached")
+    if opts.cache and build is None:
+        key = reuse.key_for(opts, prof, describe_host())
+    cache = Cache() if key is not None else None
+    if key is not None:
+        opts.progress("cache", f"look up {key[:12]} in {cache.root}")
+        entry, why = cache.lookup(key)
+        info = CacheInfo(status="rebuilt" if entry is None and why != "no entry" else "miss", key=key, detail=why)
+        if entry is not None and not opts.retime:
+            staging = make_staging(Path(opts.out) if opts.out is not None else None)
+            try:
+                return reuse.restore_hit(entry, opts, staging, started)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    ctx = prepare(opts, prof, Path(opts.out) if opts.out is not None else None)
     try:
-        built = build(ctx)
-        candidates = evaluate(ctx, built.builds)
-        diagnose(ctx, candidates, built.builds)
+        if entry is not None:  # --retime: the cached artifacts and figures, latency measured again
+            cached = reuse.cached_report(entry, ctx.staging)
+            ctx.findings = list(cached.findings)
+            io = reuse.io_maps(entry)
+            candidates = retime(ctx, cached.candidates, io)
+            built = Built([], cached.reference_artifacts, cached.inspection)
+            info = reuse.retimed_info(entry)
+        else:
+            built = (build or build_candidates)(ctx)
+            io = reuse.io_of(built.builds, ctx.staging)
+            candidates = evaluate(ctx, built.builds)
+            diagnose(ctx, candidates, built.builds)
         selection = select(candidates, ctx.profile)
         report = make_report(ctx, candidates, selection, built, opts.command, started)
+        if key is not None:
+            info.stored = cache.store(key, ctx.staging, report.to_json(), extra={"io": io}) is not None
+        report.cache = info
         report._staging = ctx.staging
-        if out_path is not None:
-            ctx.progress("report", str(out_path))
-            report.save(out_path, tuple(opts.formats))
         return report
     except BaseException:
         shutil.rmtree(ctx.staging, ignore_errors=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdeploy.artifacts import Artifact
 from kdeploy.artifacts.flatbuffer import read_tflite_file, tflite_precision
 from kdeploy.errors import ConversionError
-from kdeploy.recipes import ort_recipes, ptq_recipes
+from kdeploy.recipes import Recipe, ort_recipes, ptq_recipes
 from kdeploy.report.model import Inspection
 from kdeploy.run.context import Build, Built, Context
-from kdeploy.run.convert import ReferenceModel, add_onnx_twin, convert_tflite, release_tflite
-from kdeploy.util import file_sha256
+from kdeploy.run.convert import OnnxLane, ReferenceModel, add_onnx_twin, convert_tflite, release_tflite
+from kdeploy.util import file_sha256, release_memory
 
 
 # TensorFlow orders a traced function's captured variables by object identity, so Keras'
@@ -34,30 +35,16 @@ def build_candidates(ctx: Context) -> Built:
     from kdeploy.artifacts import onnx as onnx_export
 
     m, prof = ctx.model, ctx.profile
-    ref, reference_artifacts, inspection = _reference(ctx)
-    builds: list[Build] = []
-    tflite_hashes: dict[str, str] = {}  # sha256 -> precision, to drop recipes that changed nothing
-    for recipe in ptq_recipes(prof):
-        b, tfl = convert_tflite(ctx, recipe, ref)
-        builds.append(b)
-        if tfl is None:
-            continue
-        twin = tflite_hashes.get(tfl.sha256)
-        if twin is None and recipe.precision != "fp32" and "fp32" in tflite_hashes.values() \
-                and tflite_precision(read_tflite_file(tfl.path)) == "fp32":
-            twin = "fp32"
-        if twin is not None:
-            # e.g. dynamic range on a model whose weight tensors are all below the converter's
-            # size threshold (1024 elements): nothing was quantized. Not a second candidate.
-            tfl.path.unlink()
-            builds.remove(b)
-            ctx.finding("info", "identical-artifact",
-                        f"TFLite {recipe.precision} quantized nothing (every weight tensor is below the converter's "
-                        f"threshold), so it is the {twin} model again; not evaluated as a separate candidate")
-            continue
-        tflite_hashes[tfl.sha256] = recipe.precision
-        add_onnx_twin(ctx, b, recipe, tfl, ref)
-        release_tflite(ctx, b, tfl)
+    recipes = ptq_recipes(prof)
+    lane = OnnxLane(ctx, recipes) if OnnxLane.applies(ctx, recipes) else None
+    try:
+        ref, reference_artifacts, inspection = _reference(ctx)
+        if lane is not None:
+            lane.reference(ref)
+        builds = _ptq_builds(ctx, ref, recipes, lane)
+    finally:
+        if lane is not None:
+            lane.close()
     from kdeploy.run.selective import selective_builds
 
     builds += selective_builds(ctx, ref, builds)  # int8-mixed, when full int8 fails and float layers fix it
@@ -82,6 +69,48 @@ def build_candidates(ctx: Context) -> Built:
     return Built(builds, reference_artifacts, inspection)
 
 
+def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: OnnxLane | None) -> list[Build]:
+    """The post-training recipes' builds: each `.tflite` here, each ONNX twin in the lane (else here)."""
+    builds: list[Build] = []
+    kept: list[tuple[Build, Artifact]] = []  # (build, its .tflite) of the candidates kept
+    tflite_hashes: dict[str, str] = {}  # sha256 -> precision, to drop recipes that changed nothing
+    for recipe in recipes:
+        b, tfl = convert_tflite(ctx, recipe, ref)
+        release_memory()  # the converter's freed intermediates go back to the OS before the next one
+        builds.append(b)
+        if tfl is None:
+            if lane is not None:
+                lane.skip(recipe)
+            continue
+        twin = tflite_hashes.get(tfl.sha256)
+        if twin is None and recipe.precision != "fp32" and "fp32" in tflite_hashes.values() \
+                and tflite_precision(read_tflite_file(tfl.path)) == "fp32":
+            twin = "fp32"
+        if twin is not None:
+            # e.g. dynamic range on a model whose weight tensors are all below the converter's
+            # size threshold (1024 elements): nothing was quantized. Not a second candidate.
+            tfl.path.unlink()
+            builds.remove(b)
+            ctx.finding("info", "identical-artifact",
+                        f"TFLite {recipe.precision} quantized nothing (every weight tensor is below the converter's "
+                        f"threshold), so it is the {twin} model again; not evaluated as a separate candidate")
+            if lane is not None:
+                lane.skip(recipe)
+            continue
+        tflite_hashes[tfl.sha256] = recipe.precision
+        if lane is not None and lane.takes(recipe):
+            lane.ready(recipe)
+        else:
+            add_onnx_twin(ctx, b, recipe, tfl, ref)
+            release_memory()  # tf2onnx's freed graphs (gigabytes on ResNet50V2) before the next conversion
+        kept.append((b, tfl))
+    if lane is not None:
+        lane.finish({b.name: b for b, _ in kept})
+    for b, tfl in kept:
+        release_tflite(ctx, b, tfl)
+    return builds
+
+
 def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict], Inspection | None]:
     """The SavedModel the recipes convert from (exported from a Keras model, or the user's own SavedModel),
     and the inspection of the model it was exported from."""
@@ -101,6 +130,7 @@ def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict], Inspection | N
     sm_dir = ctx.staging / "reference" / "savedmodel"
     ctx.progress("export", "SavedModel")
     keys = export_savedmodel(keras_model, m, sm_dir)
+    release_memory()  # tracing's intermediates
     art = {**_dir_artifact("savedmodel", sm_dir, ctx.staging), "byte_reproducible": False,
            "note": SAVEDMODEL_NOT_REPRODUCIBLE}
     return ReferenceModel(sm_dir, keys), [art], inspection

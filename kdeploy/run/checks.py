@@ -26,6 +26,29 @@ def add_fidelity(c: Candidate, f: FidelityResult, tol: Tolerance) -> None:
                           limit=tol.model_dump(exclude_none=True), passed=f.passed, detail=f.detail))
 
 
+def is_latency_check(name: str) -> bool:
+    """The checks that rest on timing (the latency budget, a failed timing run): what `--retime` measures again."""
+    return name.startswith("latency_") or name.startswith("latency on ")
+
+
+def latency_check(c: Candidate, prof: TargetProfile, latency_note: str = "") -> None:
+    """The latency budget as a check, on the deployed runtime's budget row (none without a budget)."""
+    bud = prof.budgets
+    if bud.max_latency_ms is None:
+        return
+    deployed, pct = prof.runtimes[0], bud.latency_percentile
+    lat = budget_row(c.latency, deployed, pct)
+    if lat is None:
+        c.checks.append(Check(name=f"latency_{pct}_ms", value=None, limit=bud.max_latency_ms, passed=False,
+                              detail=f"not measured: no latency on {deployed}"))
+        return
+    v = getattr(lat, f"{pct}_ms")
+    c.checks.append(Check(
+        name=f"latency_{pct}_ms", value=round(v, 4), limit=bud.max_latency_ms, passed=v <= bud.max_latency_ms,
+        detail=f"{lat.runtime}, batch {lat.batch}, {lat.threads} thread(s), {lat.samples} samples, "
+               f"cv {lat.cv:.2f}{' (noisy)' if lat.noisy else ''}{latency_note}; {lat.measured_on}"))
+
+
 def budget_checks(c: Candidate, b: Build, prof: TargetProfile, latency_note: str = "") -> None:
     """Turns every budget of the profile into a check with its value, limit and verdict.
 
@@ -47,19 +70,7 @@ def budget_checks(c: Candidate, b: Build, prof: TargetProfile, latency_note: str
             c.checks.append(Check(name="gzip_bytes", value=art.gzip_bytes, limit=bud.max_gzip_bytes,
                                   passed=art.gzip_bytes <= bud.max_gzip_bytes, detail=f"{art.path}, gzip -9"))
     deployed = prof.runtimes[0]
-    if bud.max_latency_ms is not None:
-        pct = bud.latency_percentile
-        lat = budget_row(c.latency, deployed, pct)
-        if lat is None:
-            c.checks.append(Check(name=f"latency_{pct}_ms", value=None, limit=bud.max_latency_ms, passed=False,
-                                  detail=f"not measured: no latency on {deployed}"))
-        else:
-            v = getattr(lat, f"{pct}_ms")
-            note = latency_note
-            c.checks.append(Check(
-                name=f"latency_{pct}_ms", value=round(v, 4), limit=bud.max_latency_ms, passed=v <= bud.max_latency_ms,
-                detail=f"{lat.runtime}, batch {lat.batch}, {lat.threads} thread(s), {lat.samples} samples, "
-                       f"cv {lat.cv:.2f}{' (noisy)' if lat.noisy else ''}{note}; {lat.measured_on}"))
+    latency_check(c, prof, latency_note)
     if bud.max_memory_mb is not None:
         mem = c.memory.get(deployed)
         if mem is None:

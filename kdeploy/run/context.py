@@ -39,6 +39,10 @@ class RunOptions:
     progress: Progress | None = None
     command: list[str] | None = None
     trusted_packages: Sequence[str] = ()  # besides keras_hub and the profile's trusted_packages (--trust-package)
+    cache: bool = True  # reuse and store results in the result cache (`kdeploy.cache`)
+    retime: bool = False  # on a cache hit, measure latency again (artifacts and fidelity from the cache)
+    max_memory_mb: float | None = None  # the whole process tree's resident memory limit (`kdeploy.memory`)
+    parallel: bool = False  # ONNX twins in a second process beside the TFLite conversions (`run.convert.OnnxLane`)
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Context:
     host: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
     layer_errors: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> per-layer tensors (run/diagnose)
+    parallel: bool = False  # RunOptions.parallel
 
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))

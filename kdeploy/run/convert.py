@@ -110,3 +110,114 @@ def onnx_missing(ctx: Context, b: Build, error: str) -> None:
     else:
         ctx.finding("warning", "crosscheck-unavailable",
                     f"candidate {b.name}: no ONNX artifact, so it is not cross-checked on onnxruntime ({error})")
+
+
+# The ONNX lane converts what the parent would convert in-process, where no time limit applies; this
+# only bounds a child that somehow outlives its parent's markers (the parent kills it on any error).
+LANE_TIMEOUT_S = 6 * 3600
+
+
+class OnnxLane:
+    """The ONNX twins of the post-training recipes, converted in one child process beside the parent's TFLite work.
+
+    tf2onnx and the TFLite converter each keep about one core busy, so on a multi-core host the
+    twins cost no wall time of their own, and tf2onnx's intermediates never sit in the parent.
+    The child starts (and imports TensorFlow) while the parent exports the reference SavedModel;
+    `reference` tells it the SavedModel is there; `ready` / `skip` tell it,
+    recipe by recipe, whether its `.tflite` exists; `finish` waits and attaches the twins (or
+    says why one is missing) exactly as `add_onnx_twin` does in-process.
+    """
+
+    def __init__(self, ctx: Context, recipes: list[Recipe]):
+        import threading
+
+        self.ctx = ctx
+        self.recipes = {r.name: r for r in recipes if r.onnx in ("savedmodel", "tflite")}
+        self.dir = ctx.work / "onnx-lane"
+        self.markers = self.dir / "markers"
+        self.markers.mkdir(parents=True, exist_ok=True)
+        self.result: dict | Exception | None = None
+        self.proc = None
+        job = {"inputs": [t.name for t in ctx.model.inputs], "markers": str(self.markers),
+               "tasks": [{"name": r.name, "route": r.onnx, "precision": r.precision,
+                          "src": str(ctx.staging / "artifacts" / f"{r.name}.tflite"),
+                          "out": str(ctx.staging / "artifacts" / f"{r.name}.onnx")} for r in self.recipes.values()]}
+        self.thread = threading.Thread(target=self._run, args=(job,), name="kdeploy-onnx-lane", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def applies(ctx: Context, recipes: list[Recipe]) -> bool:
+        """When asked (`--parallel`), on a multi-core host, when ONNX Runtime runs the twins and some recipe has one.
+
+        Not by default: the second process holds its own TensorFlow and tf2onnx's intermediates
+        (about 1.5 GB more at the peak on MobileNetV2 here), against one process converting in turn.
+        """
+        return ctx.parallel and (os.cpu_count() or 1) > 1 and "onnxruntime" in ctx.wanted_runtimes \
+            and any(r.onnx in ("savedmodel", "tflite") for r in recipes)
+
+    def _run(self, job: dict) -> None:
+        from kdeploy.child import run_child
+
+        def started(proc) -> None:
+            self.proc = proc
+
+        try:
+            self.result = run_child("kdeploy.artifacts.onnx_worker", job, self.dir, what="the ONNX conversion child",
+                                    timeout_s=LANE_TIMEOUT_S, on_start=started,
+                                    on_progress=lambda text: self.ctx.progress("convert", text))
+        except BaseException as e:  # re-raised in the calling thread by `finish` (Ctrl-C included)
+            self.result = e
+
+    def reference(self, ref: ReferenceModel) -> None:
+        """The reference SavedModel is exported: the child may start converting."""
+        import json
+
+        from kdeploy.artifacts.onnx_worker import REFERENCE
+
+        tmp = self.markers / f"{REFERENCE}.tmp"
+        tmp.write_text(json.dumps({"savedmodel": str(ref.savedmodel), "signature_outputs": list(ref.signature_outputs)}))
+        tmp.rename(self.markers / f"{REFERENCE}.ready")
+
+    def takes(self, recipe: Recipe) -> bool:
+        """True when this lane makes the recipe's twin (recipes without an ONNX route go through `add_onnx_twin`)."""
+        return recipe.name in self.recipes
+
+    def ready(self, recipe: Recipe) -> None:
+        """The recipe's `.tflite` is complete: the child may convert it."""
+        (self.markers / f"{recipe.name}.ready").touch()
+
+    def skip(self, recipe: Recipe) -> None:
+        """The recipe has no `.tflite` (failed, or a duplicate): the child goes on without it."""
+        if self.takes(recipe):
+            (self.markers / f"{recipe.name}.skip").touch()
+
+    def finish(self, builds: dict[str, Build]) -> None:
+        """Waits for the child; attaches each twin to its build (`builds`: recipe name -> Build), or says why not."""
+        from kdeploy.child import ChildFailure
+
+        for name in self.recipes:
+            if not (self.markers / f"{name}.ready").exists():
+                (self.markers / f"{name}.skip").touch()
+        self.thread.join()
+        if isinstance(self.result, ChildFailure):
+            self.result = {"results": {n: {"error": f"ONNX conversion failed: {self.result}"} for n in self.recipes}}
+        elif isinstance(self.result, BaseException):
+            raise self.result
+        for name, res in self.result["results"].items():
+            b, recipe = builds.get(name), self.recipes[name]
+            if b is None or res.get("skipped"):
+                continue
+            if "error" in res:
+                onnx_missing(self.ctx, b, res["error"])
+                continue
+            b.artifacts.append(Artifact(**{**res["artifact"], "path": Path(res["artifact"]["path"])}))
+            if recipe.onnx == "tflite":
+                b.recipe["onnx"] = "tf2onnx from the same .tflite"
+
+    def close(self) -> None:
+        """Stops the child if it still runs (an error or interruption in the parent)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        for name in [*self.recipes, "reference"]:
+            (self.markers / f"{name}.skip").touch()
+        self.thread.join(timeout=10)

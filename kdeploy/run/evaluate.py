@@ -15,20 +15,23 @@ import numpy as np
 
 from kdeploy.artifacts import Artifact
 from kdeploy.compare import compare
+from kdeploy.memory import batch_size_for
 from kdeploy.profiles import TargetProfile
 from kdeploy.report.figures import budget_row
 from kdeploy.report.model import ArtifactOut, Candidate, Check, RobustnessOut
 from kdeploy.robustness import agreement, make_probes
-from kdeploy.run.checks import add_fidelity, budget_checks
+from kdeploy.run.checks import add_fidelity, budget_checks, is_latency_check, latency_check
 from kdeploy.run.context import Build, Context
 from kdeploy.run.diagnose import task_checks
 from kdeploy.run.lock import timing_lock
-from kdeploy.run.timing import latency_findings, settle_budget_latency, time_candidates
+from kdeploy.run.prepare import REFERENCE_BATCH
+from kdeploy.run.timing import LATENCY_FINDINGS, latency_findings, settle_budget_latency, time_candidates
 from kdeploy.runtimes import RUNTIME_FORMATS
 from kdeploy.runtimes.jobs import RunJob
 from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
+from kdeploy.util import release_memory
 
-FIDELITY_BATCH = 64
+FIDELITY_BATCH = 64  # at most; fewer for large inputs (`memory.batch_size_for`)
 # Fidelity/probe child processes run at most this many at a time (never more than the host's
 # cores). Latency is never timed while anything else runs.
 PARALLEL_RUNS = 2
@@ -47,17 +50,11 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
        (`kdeploy.run.select.select`).
     """
     m, prof = ctx.model, ctx.profile
-    feeds_path = ctx.work / "validation.npz"
-    np.savez(feeds_path, **ctx.validation.inputs)
+    feeds_path = _write_feeds(ctx)
     fixed_batch = m.inputs[0].shape[0]
-    batches = [b for b in prof.batch_sizes if fixed_batch is None or b == fixed_batch]
-    if fixed_batch is not None and batches != list(prof.batch_sizes):
-        ctx.finding("warning", "fixed-batch",
-                    f"the model has a fixed batch size of {fixed_batch}; batch sizes {prof.batch_sizes} of the "
-                    f"profile were reduced to {batches or [fixed_batch]}")
-        batches = batches or [fixed_batch]
+    batches = _batches(ctx, finding=True)
     names = [t.name for t in m.outputs]
-    measured_on = f"host: {ctx.host['cpu']}, {ctx.host['cores']} cores"
+    measured_on = _measured_on(ctx)
     probes, probes_path = _probe_inputs(ctx, fixed_batch)
     counted = _count_compute(builds)
     candidates: list[Candidate] = []
@@ -71,7 +68,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
                                            gzip_bytes=art.gzip_bytes, sha256=art.sha256))
             for runtime in runtimes_for(art.format, prof):
                 job = RunJob(runtime=runtime, artifact_path=str(art.path), io=art.io, feeds_path=str(feeds_path),
-                             fidelity_batch=fixed_batch or FIDELITY_BATCH,
+                             fidelity_batch=fixed_batch or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
                              probes_path=str(probes_path) if runtime == prof.runtimes[0] and probes_path else None)
                 runs.append((c, b, art, runtime, job, ctx.work / f"{b.name}-{runtime}"))
     labels = [f"{c.name} on {rt}" + (" (fidelity)" if rt in prof.runtimes else " (cross-check)")
@@ -115,7 +112,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
             task_checks(ctx, c, b, outputs[c.name])
             budget_checks(c, b, prof, settle_budget_latency(ctx, c, b))
             c.estimate = _estimate(c, b, prof, measured_on)
-            c.passed = bool(c.checks) and all(k.passed for k in c.checks) and not c.errors
+            c.passed = _passes(c)
     if waited is not None:
         ctx.finding("info", "timing-serialized",
                     f"batch job: latency was timed holding the host's timing lock (waited {waited:.1f} s for it), so "
@@ -126,6 +123,72 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
                     "include the runtime's import-time peak")
     latency_findings(ctx, candidates, measured_on)
     return candidates
+
+
+def retime(ctx: Context, candidates: list[Candidate], io: dict[str, dict]) -> list[Candidate]:
+    """Times cached candidates again (`--retime`): their artifacts are in `ctx.staging`, their other figures kept.
+
+    Latency rows, cold figures, the latency budget check and the latency findings are measured
+    and derived again exactly as `evaluate` does; fidelity, robustness, memory and the other
+    checks are the cached run's.
+
+    Args:
+        io: artifact path relative to the output folder -> its io map (stored with the entry).
+    """
+    prof = ctx.profile
+    feeds_path = _write_feeds(ctx)
+    measured_on = _measured_on(ctx)
+    ctx.findings = [f for f in ctx.findings if f.code not in LATENCY_FINDINGS]
+    builds = []
+    for c in candidates:
+        c.latency, c.cold = [], {}
+        c.checks = [k for k in c.checks if not is_latency_check(k.name)]
+        arts = [Artifact(format=a.format, path=ctx.staging / a.path, precision=a.precision, source=a.source,
+                         io=io.get(a.path, {}), size_bytes=a.size_bytes, gzip_bytes=a.gzip_bytes, sha256=a.sha256)
+                for a in c.artifacts]
+        builds.append(Build(c.name, c.recipe.get("precision", ""), c.recipe, arts, errors=list(c.errors)))
+    for runtime in prof.runtimes:
+        entries = []
+        for c, b in zip(candidates, builds):
+            art = next((a for a in b.artifacts if a.format == RUNTIME_FORMATS[runtime]), None)
+            if art is not None and runtime in c.memory:  # it ran on this runtime in the cached run
+                entries.append((c, art))
+        time_candidates(ctx, runtime, entries, _batches(ctx, finding=False), feeds_path, measured_on)
+    for c, b in zip(candidates, builds):
+        latency_check(c, prof, settle_budget_latency(ctx, c, b))
+        c.estimate = _estimate(c, b, prof, measured_on)
+        c.passed = _passes(c)
+    latency_findings(ctx, candidates, measured_on)
+    return candidates
+
+
+def _passes(c: Candidate) -> bool:
+    return bool(c.checks) and all(k.passed for k in c.checks) and not c.errors
+
+
+def _write_feeds(ctx: Context) -> Path:
+    """The validation inputs as the workers read them."""
+    path = ctx.work / "validation.npz"
+    np.savez(path, **ctx.validation.inputs)
+    return path
+
+
+def _measured_on(ctx: Context) -> str:
+    return f"host: {ctx.host['cpu']}, {ctx.host['cores']} cores"
+
+
+def _batches(ctx: Context, finding: bool) -> list[int]:
+    """The profile's batch sizes the model accepts (a fixed batch reduces them, with a finding)."""
+    prof = ctx.profile
+    fixed_batch = ctx.model.inputs[0].shape[0]
+    batches = [b for b in prof.batch_sizes if fixed_batch is None or b == fixed_batch]
+    if fixed_batch is not None and batches != list(prof.batch_sizes):
+        if finding:
+            ctx.finding("warning", "fixed-batch",
+                        f"the model has a fixed batch size of {fixed_batch}; batch sizes {prof.batch_sizes} of the "
+                        f"profile were reduced to {batches or [fixed_batch]}")
+        batches = batches or [fixed_batch]
+    return batches
 
 
 def _run_parallel(ctx: Context, jobs: list[tuple[str, RunJob, Path]]) -> list:
@@ -180,8 +243,9 @@ def _probe_inputs(ctx: Context, fixed_batch: int | None) -> tuple[dict[str, tupl
     flat = {}
     for name, (desc, feeds) in sets.items():
         ctx.progress("probe", f"Keras outputs on robustness probe '{name}'")
-        probes[name] = (desc, feeds, ctx.model.predict(feeds))
+        probes[name] = (desc, feeds, ctx.model.predict(feeds, batch_size=batch_size_for(feeds, REFERENCE_BATCH)))
         flat.update({f"{name}/{k}": v for k, v in feeds.items()})
+    release_memory()  # Keras' batch activations, before the runtime children start
     if not probes:
         return {}, None
     path = ctx.work / "probes.npz"

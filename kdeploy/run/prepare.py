@@ -13,27 +13,28 @@ from kdeploy.data import load_data, split, synthetic_data
 from kdeploy.errors import UsageError
 from kdeploy.inspection.rules import input_spread, static_batch_inputs
 from kdeploy.loading import load_custom_objects, load_model
-from kdeploy.profiles import resolve_profile
+from kdeploy.memory import batch_size_for
+from kdeploy.profiles import TargetProfile, resolve_profile
 from kdeploy.report.model import check_out_dir, make_staging
 from kdeploy.run.context import Context, RunOptions, no_progress
 from kdeploy.run.host import describe_host
+from kdeploy.util import release_memory
 
 SYNTHETIC_SAMPLES = 128
+REFERENCE_BATCH = 256  # Keras predict's batch for small inputs (bounded by memory: `batch_size_for`)
 
 
-def prepare(opts: RunOptions) -> tuple[Context, Path | None]:
-    """Validates everything cheap first (profile, --out, formats, data file), then loads the model.
+def check_inputs(opts: RunOptions) -> tuple[TargetProfile, Path | None]:
+    """Validates everything cheap (profile, --out, formats, data file) before any model is read.
 
     Returns:
-        The run context (its staging and work folders exist; the caller removes them) and the
-        output folder (None: keep the report in staging until `Report.save`).
+        The resolved profile and the output folder (None: keep the report in staging).
 
     Raises:
-        UsageError: bad profile, output folder, format, data or model (exit 2).
+        UsageError: bad profile, output folder, format or data file (exit 2).
     """
     from kdeploy.report.render import validate_formats
 
-    progress = opts.progress or no_progress
     prof = resolve_profile(opts.target, opts.profile)
     validate_formats(opts.formats)
     out_path = Path(opts.out) if opts.out is not None else None
@@ -41,6 +42,19 @@ def prepare(opts: RunOptions) -> tuple[Context, Path | None]:
         check_out_dir(out_path)
     if opts.data is not None and not Path(opts.data).is_file():
         raise UsageError(f"data file not found: {opts.data} (allowed: .npz, .npy, .csv)")
+    return prof, out_path
+
+
+def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None) -> Context:
+    """Loads the model safely, reads and splits the data and takes Keras' outputs (after `check_inputs`).
+
+    Returns:
+        The run context (its staging and work folders exist; the caller removes them).
+
+    Raises:
+        UsageError: bad data or model (exit 2).
+    """
+    progress = opts.progress or no_progress
     custom = load_custom_objects(opts.custom_objects) if opts.custom_objects else None
     progress("load", str(opts.model))
     m = load_model(opts.model, trust_custom_code=opts.trust_custom_code, custom_objects=custom,
@@ -51,19 +65,21 @@ def prepare(opts: RunOptions) -> tuple[Context, Path | None]:
                                                                                      opts.seed)
     cal, val = split(ds, prof.calibration_samples, opts.seed)
     progress("reference", f"Keras outputs on {len(val)} validation samples")
-    reference = m.predict(val.inputs)
+    reference = m.predict(val.inputs, batch_size=batch_size_for(val.inputs, REFERENCE_BATCH))
+    release_memory()  # the batch activations are freed; hand their pages back before the conversions
     staging = make_staging(out_path)
     work = None
     try:  # from here on the caller cleans up through ctx; until then, this does (Ctrl-C, SIGTERM)
         work = Path(tempfile.mkdtemp(prefix="kdeploy-work-"))
-        ctx = Context(m, prof, ds, cal, val, reference, staging, work, opts.seed, progress, describe_host())
+        ctx = Context(m, prof, ds, cal, val, reference, staging, work, opts.seed, progress, describe_host(),
+                      parallel=opts.parallel)
         _findings(ctx, reference)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
         raise
-    return ctx, out_path
+    return ctx
 
 
 def _findings(ctx: Context, reference: list[np.ndarray]) -> None:

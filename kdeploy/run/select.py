@@ -28,8 +28,10 @@ def select(candidates: list[Candidate], prof: TargetProfile) -> dict[str, Any]:
     """The passing candidate that is best by the profile's objective, as the report's `selection`.
 
     Figures within the profile's tie tolerance of the best are equal (a 1% size difference or
-    a few microseconds of host latency say nothing about the target); among equals the other
-    figure decides, then the profile's precision preference. The selection also carries a
+    a few microseconds of host latency say nothing about the target), and so are latencies
+    within each other's measurement noise (`within_noise`); among equals the other figure
+    decides, then the profile's precision preference. `tie` says when the selection rested on a
+    tie: which candidates, on which figure, which of them only through noise, and what decided. The selection also carries a
     Pareto table (latency, size, fidelity error) marking the passing candidates no other passing
     candidate beats on all three.
     """
@@ -43,18 +45,32 @@ def select(candidates: list[Candidate], prof: TargetProfile) -> dict[str, Any]:
         lat = budget_row(c.latency, prof.runtimes[0], pct)
         return getattr(lat, f"{pct}_ms") if lat else float("inf")
 
-    def near(value, best, is_latency):
-        slack = best * prof.tie_tolerance
+    by_noise: set[str] = set()  # tied on latency only because their timed samples overlap
+
+    def pool(among, key, is_latency):
+        """The candidates of `among` equal to the best by `key`: within the tie tolerance, or (latency) the noise."""
+        if not among:
+            return []
+        lead = min(among, key=key)
+        slack = key(lead) * prof.tie_tolerance
         if is_latency:
             slack = max(slack, prof.latency_tie_ms)
-        return value <= best + slack
+        out = []
+        for c in among:
+            if key(c) <= key(lead) + slack:
+                out.append(c)
+            elif is_latency and within_noise(budget_row(c.latency, prof.runtimes[0], pct),
+                                              budget_row(lead.latency, prof.runtimes[0], pct)):
+                out.append(c)
+                by_noise.add(c.name)
+        return out
 
     size_label = "gzip size" if prof.objective == "gzip_size" else "size"
     first, second = ((latency, True, "latency"), (size, False, size_label)) if prof.objective == "latency" \
         else ((size, False, size_label), (latency, True, "latency"))
     passing = [c for c in candidates if c.passed]
-    pool1 = [c for c in passing if near(first[0](c), min(first[0](p) for p in passing), first[1])] if passing else []
-    pool2 = [c for c in pool1 if near(second[0](c), min(second[0](p) for p in pool1), second[1])]
+    pool1 = pool(passing, first[0], first[1])
+    pool2 = pool(pool1, second[0], second[1])
 
     def rank(c):
         p = c.recipe.get("precision")
@@ -70,10 +86,12 @@ def select(candidates: list[Candidate], prof: TargetProfile) -> dict[str, Any]:
     for c in candidates:
         fig = describe(c, size, latency, pct, size_label)
         if c is best:
+            noise = " or measurement noise (overlapping p25..p75 of the timed samples)" if by_noise else ""
             why = f"best {first[2]}" if len(pool1) == 1 else (
-                f"{first[2]} equal to {len(pool1) - 1} other(s) within tolerance, best {second[2]}" if len(pool2) == 1
-                else f"{first[2]} and {second[2]} equal to {len(pool2) - 1} other(s) within tolerance; "
-                     f"profile prefers {c.recipe.get('precision')}")
+                f"{first[2]} equal to {len(pool1) - 1} other(s) within tolerance{noise}, best {second[2]}"
+                if len(pool2) == 1 else
+                f"{first[2]} and {second[2]} equal to {len(pool2) - 1} other(s) within tolerance{noise}; "
+                f"profile prefers {c.recipe.get('precision')}")
             pareto = "Pareto-optimal" if c.name in front else (
                 f"not Pareto-optimal: {', '.join(beaten_by[c.name])} is no worse in latency, size and fidelity; "
                 "its size and latency lead is within the tie tolerance, where the profile's precision preference decides")
@@ -97,14 +115,33 @@ def select(candidates: list[Candidate], prof: TargetProfile) -> dict[str, Any]:
                       "size_bytes" if prof.objective != "gzip_size" else "gzip_bytes": sz if np.isfinite(sz) else None,
                       "fidelity_mean_norm_err": err if np.isfinite(err) else None,
                       "pareto_optimal": (c.name in front) if c.passed else None})
+    tie = None
+    if best is not None and len(pool1) > 1:
+        tie = {"on": [first[2]] + ([second[2]] if len(pool2) > 1 else []),
+               "candidates": [c.name for c in (pool2 if len(pool2) > 1 else pool1)],
+               "within_noise": sorted(n for n in by_noise if n in {c.name for c in pool1}),
+               "decided_by": f"{second[2]}" if len(pool2) == 1 else "the profile's preference "
+                             f"({' > '.join(prof.prefer)}), then original weights over pruned/clustered"}
     return {"objective": prof.objective, "tie_tolerance": prof.tie_tolerance,
                      "latency_tie_ms": prof.latency_tie_ms, "prefer": list(prof.prefer),
-                     "selected": best.name if best else None, "reasons": reasons,
+                     "selected": best.name if best else None, "tie": tie, "reasons": reasons,
                      "pareto": {"axes": [f"latency_{pct}_ms ({prof.runtimes[0]}, lower is better)",
                                          f"{size_label} in bytes (lower is better)",
                                          "fidelity: worst mean normalized error vs Keras (lower is better)"],
                                 "among": "passing candidates (failing ones are not deployable: pareto_optimal null)",
                                 "rows": table}}
+
+
+def within_noise(a: Any, b: Any) -> bool:
+    """Two latency rows whose timed samples overlap in their middle halves (p25..p75): neither is reliably faster.
+
+    On a busy host, medians that differ by more than the tie tolerance still swap places
+    between re-runs when the sample spreads overlap; such rows are tied. Rows without quartiles
+    (reports before 1.1) are never tied this way.
+    """
+    if a is None or b is None or None in (a.p25_ms, a.p75_ms, b.p25_ms, b.p75_ms):
+        return False
+    return a.p25_ms <= b.p75_ms and b.p25_ms <= a.p75_ms
 
 
 def describe(c: Candidate, size, latency, pct: str, size_label: str) -> str:

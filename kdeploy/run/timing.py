@@ -15,6 +15,8 @@ from kdeploy.runtimes import RUNTIME_FORMATS, runner_class
 from kdeploy.runtimes.jobs import InterleaveJob, RunJob, TimingEntry
 from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
 
+# Findings that come from timing (what `--retime` derives again).
+LATENCY_FINDINGS = ("latency-noisy", "quantized-slower", "latency-interleave-failed", "remeasure-failed")
 # Rounds of the round-robin timing: each entry's samples are spread over this many visits.
 INTERLEAVE_ROUNDS = 4
 

@@ -1,0 +1,180 @@
+"""Resident memory of a whole process tree, and a guard that stops a run above a limit.
+
+`tree_memory_mb` sums the memory of this process and all its descendants (from /proc, Linux;
+proportional set size, so a shared library mapped by two processes counts once): about the
+figure a CI runner's memory limit or the kernel's OOM killer sees, not the largest process
+alone. `MemoryGuard` samples it in a thread; above the limit it kills the child processes at
+once (their jobs fail) and the run stops at its next stage boundary with `MemoryLimitError`
+(exit 3, with the figure), instead of the OOM killer ending it without a word.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+from kdeploy.errors import MemoryLimitError
+
+SAMPLE_S = 0.1
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                out += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    except OSError:
+        pass
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant process of `pid` (children first)."""
+    found, todo = [], _children(pid)
+    while todo:
+        p = todo.pop(0)
+        found.append(p)
+        todo += _children(p)
+    return found
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _pss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def tree_memory_mb(pid: int | None = None, measure: str = "pss") -> float:
+    """Memory of `pid` (default: this process) and all its descendants, in MiB (0 where /proc is missing).
+
+    Args:
+        measure: "pss" (proportional set size: a page shared by several processes of the tree,
+            e.g. the same shared library, is counted once overall; falls back to RSS where the
+            kernel has no smaps_rollup) or "rss" (the sum of every process's VmRSS; shared pages
+            counted once per process).
+
+    A child that has not exec'd yet (same command line as its parent: the moment between fork
+    and exec, when it still shows the parent's memory) is not counted.
+    """
+    pid = os.getpid() if pid is None else pid
+    total, todo = 0, [(pid, None)]
+    while todo:
+        p, parent_cmd = todo.pop()
+        cmd = _cmdline(p)
+        if parent_cmd is not None and cmd == parent_cmd:
+            continue
+        kb = _pss_kb(p) if measure == "pss" else None
+        total += kb if kb is not None else _status_kb(p, "VmRSS")
+        todo += [(c, cmd) for c in _children(p)]
+    return total / 1024
+
+
+# One batch of inputs holds at most this many bytes where kdeploy runs a model on many samples
+# (Keras reference outputs, fidelity and probe runs): activations grow with the batch, and at 64
+# samples of 224x224x3 the runtimes' activations alone took about 1 GB per process here.
+BATCH_INPUT_BYTES = 4 << 20
+
+
+def batch_size_for(inputs: dict, cap: int) -> int:
+    """Samples per batch so that one batch of `inputs` (name -> (N, ...) arrays) stays within BATCH_INPUT_BYTES.
+
+    Args:
+        cap: the most samples per batch (also when the inputs are tiny).
+    """
+    per_sample = sum(a[:1].nbytes for a in inputs.values()) or 1
+    return max(1, min(cap, BATCH_INPUT_BYTES // per_sample))
+
+
+def supported() -> bool:
+    """True where the process tree can be read (/proc with task children lists)."""
+    return Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
+
+
+class MemoryGuard:
+    """Samples this process tree's memory (`tree_memory_mb`) and enforces `limit_mb` (None: does nothing).
+
+    Use as a context manager around a run and call `check()` at stage boundaries.
+    """
+
+    def __init__(self, limit_mb: float | None, interval_s: float = SAMPLE_S):
+        self.limit_mb = limit_mb
+        self.interval_s = interval_s
+        self.exceeded_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "MemoryGuard":
+        if self.limit_mb is None:
+            return self
+        if not supported():
+            raise MemoryLimitError("--max-memory needs /proc (Linux) to read the memory of the process tree; "
+                                   "not available on this system")
+        self.sample()
+        self._thread = threading.Thread(target=self._watch, name="kdeploy-memory-guard", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def sample(self) -> float:
+        """The tree's memory now: the RSS sum (cheap, never below PSS), and PSS only when that is above the limit."""
+        now = tree_memory_mb(measure="rss")
+        if self.limit_mb is not None and now > self.limit_mb:
+            now = tree_memory_mb(measure="pss")  # ~0.1 s per GB mapped: only when the cheap figure says it may matter
+        if self.limit_mb is not None and now > self.limit_mb and self.exceeded_mb is None:
+            self.exceeded_mb = now
+            for p in descendants(os.getpid()):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+        return now
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def check(self, where: str = "") -> None:
+        """Raises MemoryLimitError once the limit was exceeded (the children are already gone).
+
+        Raises:
+            MemoryLimitError: the process tree's resident memory went above the limit (exit 3).
+        """
+        if self.limit_mb is None:
+            return
+        if self.exceeded_mb is None:
+            self.sample()
+        if self.exceeded_mb is not None:
+            raise MemoryLimitError(
+                f"memory of the run (kdeploy and its child processes, PSS) reached {self.exceeded_mb:,.0f} MB, "
+                f"above --max-memory {self.limit_mb:,.0f} MB" + (f", during '{where}'" if where else "")
+                + "; stopped (child processes killed). Raise --max-memory or use a smaller model/profile")

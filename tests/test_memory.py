@@ -1,0 +1,44 @@
+"""Memory of the whole process tree, and the --max-memory guard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from kdeploy.memory import BATCH_INPUT_BYTES, batch_size_for, descendants, tree_memory_mb
+
+from conftest import FIXTURES, ROOT
+
+
+def test_tree_memory_counts_child_processes_too():
+    alone = tree_memory_mb()
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(300 << 20); b[::4096] = b'x' * "
+                              "len(b[::4096]); print('ok', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"  # its 300 MB are resident now
+        assert child.pid in descendants(__import__("os").getpid())
+        assert tree_memory_mb() >= alone + 250
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_max_memory_stops_the_run_with_exit_3_and_the_figure(tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "kdeploy", "optimize", str(FIXTURES / "cancer_mlp.keras"),
+                          "--target", "cpu-edge", "--data", str(FIXTURES / "cancer.npz"), "--out", str(out),
+                          "--max-memory", "20"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 3
+    assert "above --max-memory 20 MB" in res.stderr and "reached" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()  # nothing half-written
+
+
+def test_batch_size_for_bounds_the_bytes_of_one_batch_and_keeps_small_inputs_whole():
+    big = {"image": np.zeros((64, 224, 224, 3), np.float32)}
+    n = batch_size_for(big, cap=64)
+    assert 1 <= n < 64 and n * 224 * 224 * 3 * 4 <= BATCH_INPUT_BYTES
+    assert batch_size_for({"x": np.zeros((300, 8, 8), np.float32)}, cap=64) == 64
+    assert batch_size_for({"x": np.zeros((2, 4000, 4000), np.float32)}, cap=64) == 1  # one sample, however large
