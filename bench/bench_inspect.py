@@ -10,6 +10,8 @@ included). Then inspect's predictions are held against what optimize hit:
 - predicted size per precision vs the size of optimize's artifact of that precision.
 
 Usage: python bench/bench_inspect.py [--keep DIR]   (a few minutes on 2 cores; not part of the tests)
+       python bench/bench_inspect.py --zoo DIR [DIR ...]   inspect's predictions against a zoo sweep's
+       finished optimize runs (`bench/zoo.py --work DIR`: each model's command, model and report)
 """
 
 from __future__ import annotations
@@ -74,10 +76,53 @@ def compare(name: str, ins: dict, rep: dict) -> dict:
             "size_err": sizes}
 
 
+def zoo_checks(work_dirs: list[Path]) -> list[dict]:
+    """inspect, run with the same profile, data and input shapes, against each zoo model's optimize report."""
+    checks = []
+    for work in work_dirs:
+        for row in json.loads((work / "zoo.json").read_text()):
+            args = row["command"].split()
+            model = Path(args[args.index("optimize") + 1])
+            report = model.parent / "out" / "report.json"
+            if not report.is_file():
+                print(f"{row['model']:16s} no optimize report (exit {row['exit']}); skipped")
+                continue
+            keep = [a for i, a in enumerate(args) for flag in ("--profile", "--data", "--input-shape")
+                    if a == flag or (i > 0 and args[i - 1] == flag)]
+            t, p = run(["inspect", model, *keep, "--json", "--quiet"])
+            if p.returncode not in (0, 1):
+                print(f"{row['model']:16s} inspect exit {p.returncode}: {p.stderr.strip()[-300:]}")
+                continue
+            checks.append(compare(row["model"], json.loads(p.stdout), json.loads(report.read_text())))
+            print(f"{row['model']:16s} inspect {t:6.1f} s vs optimize {row['wall_s']:6.1f} s ({t / row['wall_s']:.1%})",
+                  flush=True)
+    return checks
+
+
+def print_agreement(checks: list[dict]) -> None:
+    print("\nPredictions (inspect) vs outcomes (optimize), fp32 candidate:")
+    print(f"{'model':16s} {'tflite builtin':>16s} {'onnx route':>12s} {'op counts':>10s}  size error per precision")
+    agree = total = 0
+    for c in checks:
+        t_ok, o_ok = c["tflite_pred"] == c["tflite_got"], c["onnx_pred"] == c["onnx_got"]
+        agree += t_ok + o_ok + c["ops_equal"]
+        total += 3
+        sizes = ", ".join(f"{p} {e:+.1%}" for p, e in c["size_err"].items())
+        print(f"{c['model']:16s} {str(c['tflite_pred']) + '/' + str(c['tflite_got']):>16s} "
+              f"{str(c['onnx_pred']) + '/' + str(c['onnx_got']):>12s} {'equal' if c['ops_equal'] else 'DIFF':>10s}  {sizes}")
+        if c["ops_diff"]:
+            print(f"{'':16s} op count differences (inspect, optimize): {c['ops_diff']}")
+    print(f"\nagreement: {agree}/{total} predictions (predicted/got shown as pred/got)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", type=Path, help="Keep the optimize outputs in this folder.")
+    ap.add_argument("--zoo", type=Path, nargs="+", help="Compare against the finished runs of zoo sweeps instead.")
     a = ap.parse_args()
+    if a.zoo:
+        print_agreement(zoo_checks(a.zoo))
+        return
     work = Path(a.keep or tempfile.mkdtemp(prefix="bench-inspect-"))
     work.mkdir(parents=True, exist_ok=True)
     models = MODELS + [("mobilenetv2_96", build_mobilenet(work), None)]
@@ -102,19 +147,7 @@ def main() -> None:
     total_i, total_o = sum(r[1] for r in rows), sum(r[2] for r in rows)
     print(f"\n{'total':16s} inspect {total_i:6.1f} s  optimize {total_o:6.1f} s  ratio {total_i / total_o:6.1%} "
           f"(goal <= 25% per model; worst {max(r[1] / r[2] for r in rows):.1%})")
-    print("\nPredictions (inspect) vs outcomes (optimize --target cpu-edge), fp32 candidate:")
-    print(f"{'model':16s} {'tflite builtin':>16s} {'onnx route':>12s} {'op counts':>10s}  size error per precision")
-    agree = total = 0
-    for c in checks:
-        t_ok, o_ok = c["tflite_pred"] == c["tflite_got"], c["onnx_pred"] == c["onnx_got"]
-        agree += t_ok + o_ok + c["ops_equal"]
-        total += 3
-        sizes = ", ".join(f"{p} {e:+.1%}" for p, e in c["size_err"].items())
-        print(f"{c['model']:16s} {str(c['tflite_pred']) + '/' + str(c['tflite_got']):>16s} "
-              f"{str(c['onnx_pred']) + '/' + str(c['onnx_got']):>12s} {'equal' if c['ops_equal'] else 'DIFF':>10s}  {sizes}")
-        if c["ops_diff"]:
-            print(f"{'':16s} op count differences (inspect, optimize): {c['ops_diff']}")
-    print(f"\nagreement: {agree}/{total} predictions (predicted/got shown as pred/got)")
+    print_agreement(checks)
 
 
 if __name__ == "__main__":
