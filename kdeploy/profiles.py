@@ -7,7 +7,6 @@ wheel as `kdeploy/_builtin_profiles`).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kdeploy.errors import ProfileError
 from kdeploy.runtimes import RUNTIMES
+from kdeploy.util import one_line, read_toml
 
 Runtime = Literal[tuple(RUNTIMES)]  # the runtime registry decides which names exist
 Precision = Literal["fp32", "dynamic", "fp16", "int8", "int16x8"]
@@ -280,22 +280,14 @@ def load_profile_file(path: str | Path) -> TargetProfile:
         ProfileError: unreadable file, bad TOML, unknown key or invalid value (names file and key).
     """
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProfileError(f"profile file not found: {path} (allowed: a TOML file, see `kdeploy targets show NAME`)") from None
-    except UnicodeDecodeError as e:
-        raise ProfileError(f"cannot read profile {path}: not UTF-8 text (byte {e.start}); allowed: a TOML file") from None
-    except OSError as e:
-        raise ProfileError(f"cannot read profile {path}: {e.strerror or type(e).__name__}; allowed: a readable TOML file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"profile {path} is not valid TOML: {_one_line(e)}") from None
+    raw = read_toml(path, "profile", ProfileError,
+                    f"profile file not found: {path} (allowed: a TOML file, see `kdeploy targets show NAME`)")
     try:
         return TargetProfile.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        text = _one_line(err["msg"]).removeprefix("Value error, ")
+        text = one_line(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(err["loc"])
             msg = f"unknown key '{key}' (allowed: {', '.join(allowed)})"
@@ -308,11 +300,7 @@ def load_profile_file(path: str | Path) -> TargetProfile:
         more = f" [+{e.error_count() - 1} more problem(s)]" if e.error_count() > 1 else ""
         raise ProfileError(f"invalid profile {path}: {msg}{more}") from None
     except (TypeError, ValueError, KeyError) as e:  # a validator that failed outside pydantic's wrapping
-        raise ProfileError(f"invalid profile {path}: {type(e).__name__}: {_one_line(e)}") from None
-
-
-def _one_line(e: object) -> str:
-    return " ".join(str(e).split())[:300]
+        raise ProfileError(f"invalid profile {path}: {type(e).__name__}: {one_line(e)}") from None
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kdeploy.errors import KdeployError, UsageError
+from kdeploy.util import one_line
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 ALIAS_PREFIX = "deploy-ready-"
@@ -153,7 +154,7 @@ def resolve(uri: str, c) -> ModelRef:
         if ref.run_id:
             ref.experiment_id = c.get_run(ref.run_id).info.experiment_id
     except MlflowException as e:
-        raise UsageError(f"MLflow cannot resolve {uri}: {_one_line(e)}") from None
+        raise UsageError(f"MLflow cannot resolve {uri}: {one_line(e)}") from None
     return ref
 
 
@@ -170,7 +171,7 @@ def download(ref: ModelRef, tracking_uri: str, dest: Path) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.download_uri or ref.uri, dst_path=str(dest),
                                                          tracking_uri=tracking_uri))
     except (MlflowException, OSError) as e:
-        raise UsageError(f"cannot download {ref.uri} from MLflow: {_one_line(e)}") from None
+        raise UsageError(f"cannot download {ref.uri} from MLflow: {one_line(e)}") from None
     if local.is_file():
         found = [local] if local.suffix.lower() in MODEL_SUFFIXES else []
     elif (local / "saved_model.pb").is_file():
@@ -270,7 +271,7 @@ def record(report, ref: ModelRef, c, *, out: Path | None, experiment: str | None
                     rec.alias_removed = True
         return rec
     except MlflowException as e:
-        raise RegistryError(f"MLflow refused to record the verdict for {ref.uri}: {_one_line(e)}") from None
+        raise RegistryError(f"MLflow refused to record the verdict for {ref.uri}: {one_line(e)}") from None
 
 
 def _alias_version(c, name: str, alias: str) -> str | None:
@@ -280,7 +281,3 @@ def _alias_version(c, name: str, alias: str) -> str | None:
         return str(c.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import sys
+import tomllib
 import tempfile
 import warnings
 from pathlib import Path
@@ -85,3 +86,27 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def one_line(e: object, limit: int = 300) -> str:
+    """An exception's (or any text's) message on one line, at most `limit` characters."""
+    return " ".join(str(e).split())[:limit]
+
+
+def read_toml(path: Path, what: str, error: type[Exception], not_found: str) -> dict:
+    """Parses a TOML file; each way it can fail is one `error` line naming the file.
+
+    Args:
+        what: how messages name the file (e.g. "profile", "manifest").
+        not_found: the message for a missing file (it says what is allowed).
+    """
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(not_found) from None
+    except UnicodeDecodeError as e:
+        raise error(f"cannot read {what} {path}: not UTF-8 text (byte {e.start}); allowed: a TOML file") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or type(e).__name__}; allowed: a readable TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise error(f"{what} {path} is not valid TOML: {one_line(e)}") from None

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import glob
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from kdeploy.errors import KdeployError, ManifestError
+from kdeploy.util import one_line, read_toml
 
 # Files and folders of a batch output that job folders must not shadow.
 RESERVED_NAMES = ("logs", "summary.json", "summary.md", "summary.junit.xml")
@@ -109,16 +109,8 @@ def load_manifest(path: str | Path) -> list[Job]:
             names the file and the key).
     """
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path} (allowed: a TOML file with [[jobs]] tables)") from None
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"cannot read manifest {path}: not UTF-8 text (byte {e.start}); allowed: a TOML file") from None
-    except OSError as e:
-        raise ManifestError(f"cannot read manifest {path}: {e.strerror or type(e).__name__}; allowed: a readable TOML file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ManifestError(f"manifest {path} is not valid TOML: {_one_line(e)}") from None
+    raw = read_toml(path, "manifest", ManifestError,
+                    f"manifest not found: {path} (allowed: a TOML file with [[jobs]] tables)")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as e:
@@ -145,7 +137,7 @@ def _validation_message(e: ValidationError) -> str:
     else:
         received = repr(err.get("input"))
         received = received if len(received) <= 80 else received[:77] + "..."
-        msg = f"key '{key}': {_one_line(err['msg'])} (received {received})"
+        msg = f"key '{key}': {one_line(err['msg'])} (received {received})"
     more = f" [+{e.error_count() - 1} more problem(s)]" if e.error_count() > 1 else ""
     return msg + more
 
@@ -251,6 +243,3 @@ def _check_name(where: str, name: str) -> None:
         raise ManifestError(f"{where}.name: {name!r} is not a usable folder name; allowed: letters, digits, '.', '_', "
                             f"'-' (not starting with '.', '_' or '-'), and not one of {', '.join(RESERVED_NAMES)}")
 
-
-def _one_line(e: object) -> str:
-    return " ".join(str(e).split())[:300]
