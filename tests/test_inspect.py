@@ -161,3 +161,21 @@ def test_input_spread_rule_flags_only_wide_ranges():
 
     assert [r[0] for r in input_spread([t], {"x": wide})] == ["x"]
     assert input_spread([t], {"x": narrow}) == []
+
+
+def test_inspect_counts_gelu_as_onnx_supported_because_kdeploy_rewrites_erfc(tmp_path):
+    import keras
+
+    inp = keras.Input(shape=(6,), name="x")
+    out = keras.layers.Dense(4, activation="gelu", name="mlp")(inp)  # exact GELU lowers through Erfc
+    path = tmp_path / "gelu.keras"
+    keras.Model(inp, out).save(path)
+    res = inspect(path, target="cpu-server")  # ONNX Runtime is the deployed runtime there
+    (row,) = [r for r in res.layers if r.name == "mlp"]
+    from tf2onnx import handler, tfonnx  # noqa: F401
+
+    from kdeploy.artifacts.onnx import OPSET
+
+    assert "Erfc" not in handler.tf_op.create_mapping(OPSET, [])  # tf2onnx alone has no route for it
+    assert row.onnx == "supported"
+    assert not any(h.code == "no-onnx-route" for h in res.hazards)

@@ -191,9 +191,10 @@ def tflm_ops() -> frozenset[str]:
 
 @lru_cache(maxsize=1)
 def onnx_handlers() -> frozenset[str]:
-    """TensorFlow op types tf2onnx has a handler for at kdeploy's ONNX opset."""
+    """TensorFlow op types with an ONNX route: a tf2onnx handler at kdeploy's opset, or kdeploy's rewrite."""
     from tf2onnx import handler, tfonnx  # noqa: F401  (tfonnx registers the handlers)
 
     from kdeploy.artifacts.onnx import OPSET
+    from kdeploy.artifacts.onnx_ops import REWRITTEN_TF_OPS
 
-    return frozenset(handler.tf_op.create_mapping(OPSET, []))
+    return frozenset(handler.tf_op.create_mapping(OPSET, [])) | REWRITTEN_TF_OPS
