@@ -147,17 +147,18 @@ def retime(ctx: Context, candidates: list[Candidate], io: dict[str, dict]) -> li
                          io=io.get(a.path, {}), size_bytes=a.size_bytes, gzip_bytes=a.gzip_bytes, sha256=a.sha256)
                 for a in c.artifacts]
         builds.append(Build(c.name, c.recipe.get("precision", ""), c.recipe, arts, errors=list(c.errors)))
-    for runtime in prof.runtimes:
-        entries = []
+    with timing_lock():  # as in `evaluate`: batch jobs on one host time one at a time
+        for runtime in prof.runtimes:
+            entries = []
+            for c, b in zip(candidates, builds):
+                art = next((a for a in b.artifacts if a.format == RUNTIME_FORMATS[runtime]), None)
+                if art is not None and runtime in c.memory:  # it ran on this runtime in the cached run
+                    entries.append((c, art))
+            time_candidates(ctx, runtime, entries, _batches(ctx, finding=False), feeds_path, measured_on)
         for c, b in zip(candidates, builds):
-            art = next((a for a in b.artifacts if a.format == RUNTIME_FORMATS[runtime]), None)
-            if art is not None and runtime in c.memory:  # it ran on this runtime in the cached run
-                entries.append((c, art))
-        time_candidates(ctx, runtime, entries, _batches(ctx, finding=False), feeds_path, measured_on)
-    for c, b in zip(candidates, builds):
-        latency_check(c, prof, settle_budget_latency(ctx, c, b))
-        c.estimate = _estimate(c, b, prof, measured_on)
-        c.passed = _passes(c)
+            latency_check(c, prof, settle_budget_latency(ctx, c, b))
+            c.estimate = _estimate(c, b, prof, measured_on)
+            c.passed = _passes(c)
     latency_findings(ctx, candidates, measured_on)
     return candidates
 
