@@ -38,8 +38,9 @@ MODELS = [("digits_cnn.keras", "digits.npz"), ("cancer_mlp.keras", "cancer.npz")
 QUICK_TIMING = "\n[timing]\nwarmup = 2\nmin_iters = 20\nmin_seconds = 0.05\nmax_iters = 200\nmax_seconds = 0.5\n"
 
 
-def kdeploy(*args: str) -> tuple[int, float, str]:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CI="true")
+def kdeploy(*args: str, cache_dir: Path) -> tuple[int, float, str]:
+    # Each side gets an empty result cache of its own: the single runs must compute, not replay the batch's.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CI="true", KDEPLOY_CACHE_DIR=str(cache_dir))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     started = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "kdeploy", *args], capture_output=True, text=True, env=env)
@@ -94,7 +95,7 @@ def main() -> int:
         print(f"batch: reused {work / 'batch'}, exit {summary['exit_code']}, {batch_wall:.1f} s (summary duration_s)")
     else:
         code, batch_wall, err = kdeploy("batch", str(manifest), "--out", str(work / "batch"), "--workers",
-                                        str(args.workers))
+                                        str(args.workers), cache_dir=work / "cache-batch")
         print(f"batch: exit {code}, {batch_wall:.1f} s wall")
         summary = json.loads((work / "batch" / "summary.json").read_text())
     (work / "single").mkdir(exist_ok=True)
@@ -102,7 +103,7 @@ def main() -> int:
     problems, singles = [], 0.0
     for job in jobs:
         out = work / "single" / job.name
-        scode, wall, serr = kdeploy("optimize", *job.optimize_args(), "--out", str(out))
+        scode, wall, serr = kdeploy("optimize", *job.optimize_args(), "--out", str(out), cache_dir=work / "cache-single")
         singles += wall
         row = rows[job.name]
         same = row["exit_code"] == scode
