@@ -21,6 +21,7 @@ from rich.table import Table
 from kdeploy import __version__
 from kdeploy.console import BatchProgress, err, out, render_inspection, render_report
 from kdeploy.errors import KdeployError, UsageError
+from kdeploy.util import defer, in_native_section
 
 EXIT_READY, EXIT_NOT_READY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -88,6 +89,9 @@ def _on_signal(signum: int, frame) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _signalled.append(signum)
+    if in_native_section():  # TensorFlow is mid-trace or mid-conversion: raised when that work ends
+        defer(_interrupt(signum))
+        return
     raise _interrupt(signum)
 
 

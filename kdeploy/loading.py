@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kdeploy.errors import ModelLoadError, UnsafeModelError, UsageError
-from kdeploy.util import file_sha256, natural_key
+from kdeploy.util import file_sha256, native_section, natural_key
 
 KERAS_SUFFIXES = (".keras",)
 H5_SUFFIXES = (".h5", ".hdf5")
@@ -56,7 +56,11 @@ class LoadedModel:
     trusted_classes: list[dict] = field(default_factory=list)  # classes of trusted packages (ModelInfo field)
 
     def predict(self, feeds: dict[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
-        """Reference outputs (inference mode), in model output order."""
+        """Reference outputs (inference mode), in model output order (a `native_section`)."""
+        with native_section():
+            return self._predict(feeds, batch_size)
+
+    def _predict(self, feeds: dict[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
         import tensorflow as tf
 
         if self.keras_model is not None:

@@ -45,19 +45,55 @@ def first_error_line(e: BaseException, limit: int = 300) -> str:
     return line[:limit]
 
 
+# Signals that arrived during native work, raised when it ends (see `native_section`).
+_native_depth = 0
+_deferred: list[BaseException] = []
+
+
+def in_native_section() -> bool:
+    """True while TensorFlow / converter work runs (a signal handler should defer, not raise)."""
+    return _native_depth > 0
+
+
+def defer(exc: BaseException) -> None:
+    """Raises `exc` when the outermost `native_section` ends (a signal handler's exception)."""
+    if not _deferred:
+        _deferred.append(exc)
+
+
+@contextlib.contextmanager
+def native_section():
+    """Marks TensorFlow / converter work that an exception must not cut in half.
+
+    A KeyboardInterrupt raised from a signal handler in the middle of tracing or conversion
+    leaves TensorFlow's graph state half-built, and its cleanup crashed the process (SIGSEGV,
+    seen here under SIGTERM): a signal arriving inside is deferred (`defer`) and raised here,
+    once the work is whole again.
+    """
+    global _native_depth
+    _native_depth += 1
+    try:
+        yield
+    finally:
+        _native_depth -= 1
+    if _native_depth == 0 and _deferred:
+        raise _deferred.pop()
+
+
 @contextlib.contextmanager
 def native_quiet():
     """Silences what converters print from C++ to file descriptor 2 (and their Python warnings).
 
     The chatter ("fully_quantize: 0, inference_type: 6 ...") is kept and re-emitted only when
-    KDEPLOY_DEBUG is set; errors still surface as exceptions.
+    KDEPLOY_DEBUG is set; errors still surface as exceptions. The work is a `native_section`.
     """
     if os.environ.get("KDEPLOY_DEBUG"):
-        yield
+        with native_section():
+            yield
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+    with native_section(), tempfile.TemporaryFile() as sink, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         os.dup2(sink.fileno(), 2)
         try:

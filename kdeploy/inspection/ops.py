@@ -20,6 +20,7 @@ from typing import Any
 
 from kdeploy.errors import ConversionError
 from kdeploy.loading import LoadedModel, TensorInfo, call_keras
+from kdeploy.util import native_section
 
 # TensorFlow graph plumbing that tf2onnx handles itself (no handler in its registry).
 _TF_STRUCTURAL = {"Placeholder", "Const", "Identity", "NoOp", "IdentityN"}
@@ -95,7 +96,8 @@ def trace(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo]):
     specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in inputs]
     fn = tf.function(lambda *args: call_keras(keras_model, list(args), loaded), input_signature=specs)
     try:
-        return convert_variables_to_constants_v2(fn.get_concrete_function())
+        with native_section():
+            return convert_variables_to_constants_v2(fn.get_concrete_function())
     except Exception as e:
         from kdeploy.util import first_error_line
 
