@@ -57,6 +57,17 @@ SETTINGS: dict[str, Callable] = {
 }
 
 
+def _one_sample_at_a_time(calibration: dict[str, np.ndarray] | None):
+    """The converter's representative dataset: a fresh generator of one-sample feeds per call."""
+
+    def representative():
+        n = len(next(iter(calibration.values())))
+        for i in range(n):
+            yield {k: v[i : i + 1] for k, v in calibration.items()}
+
+    return representative
+
+
 def convert(
     saved_model_dir: Path,
     precision: str,
@@ -84,11 +95,7 @@ def convert(
     if PRECISIONS[precision].calibration and not calibration:
         raise ConversionError(f"{precision} needs calibration data")
 
-    def representative():
-        n = len(next(iter(calibration.values())))
-        for i in range(n):
-            yield {k: v[i : i + 1] for k, v in calibration.items()}
-
+    representative = _one_sample_at_a_time(calibration)
     try:
         c = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=["serving_default"])
         configure(c, representative)
@@ -172,10 +179,7 @@ def convert_selective(
 
     n = len(next(iter(calibration.values())))
 
-    def representative():
-        for i in range(n):
-            yield {k: v[i : i + 1] for k, v in calibration.items()}
-
+    representative = _one_sample_at_a_time(calibration)
     def positional():
         for i in range(n):
             yield [calibration[k][i : i + 1] for k in input_order]
