@@ -66,7 +66,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
             c.artifacts.append(ArtifactOut(format=art.format, path=str(art.path.relative_to(ctx.staging)),
                                            precision=art.precision, source=art.source, size_bytes=art.size_bytes,
                                            gzip_bytes=art.gzip_bytes, sha256=art.sha256))
-            for runtime in runtimes_for(art.format, prof):
+            for runtime in (rt for rt in ctx.wanted_runtimes if RUNTIME_FORMATS[rt] == art.format):
                 job = RunJob(runtime=runtime, artifact_path=str(art.path), io=art.io, feeds_path=str(feeds_path),
                              fidelity_batch=fixed_batch or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
                              probes_path=str(probes_path) if runtime == prof.runtimes[0] and probes_path else None)
@@ -223,11 +223,6 @@ def _run_parallel(ctx: Context, jobs: list[tuple[str, RunJob, Path]]) -> list:
     return results
 
 
-def runtimes_for(fmt: str, prof: TargetProfile) -> list[str]:
-    """Runtimes of the profile (deployed first, then cross-checks) that run artifacts of format `fmt`."""
-    return [rt for rt in dict.fromkeys([*prof.runtimes, *prof.crosscheck_runtimes]) if RUNTIME_FORMATS[rt] == fmt]
-
-
 def _probe_inputs(ctx: Context, fixed_batch: int | None) -> tuple[dict[str, tuple[str, dict, list]], Path | None]:
     """Robustness probe inputs and Keras' outputs on them; writes them for the workers."""
     prof = ctx.profile
@@ -260,7 +255,7 @@ def _cross_compare(ctx: Context, c: Candidate, b: Build, outputs: dict[str, list
     The runtimes run the same graph (or, for fp32, two conversions of the same model), so they
     must agree with each other as closely as each must agree with Keras.
     """
-    order = [rt for rt in dict.fromkeys([*ctx.profile.runtimes, *ctx.profile.crosscheck_runtimes]) if rt in outputs]
+    order = [rt for rt in ctx.wanted_runtimes if rt in outputs]
     if len(order) < 2:
         return
     tol = ctx.profile.tolerances[b.precision]
