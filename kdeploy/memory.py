@@ -111,6 +111,17 @@ def batch_size_for(inputs: dict, cap: int) -> int:
     return max(1, min(cap, BATCH_INPUT_BYTES // per_sample))
 
 
+# Per-layer tensors (`kdeploy.debug.tensors`) keep every layer's output for every sample, so they are
+# kept for at most this many bytes per artifact: the profile's `selective.samples` (64) of
+# MobileNetV2 at 224x224 held about 10 GB across the tensor dump child and the parent here.
+LAYER_TENSOR_BYTES = 256 << 20
+
+
+def layer_samples_for(per_sample_bytes: float, cap: int) -> int:
+    """Samples whose per-layer tensors (`per_sample_bytes` each) fit in LAYER_TENSOR_BYTES; at most `cap`, at least 1."""
+    return max(1, min(cap, int(LAYER_TENSOR_BYTES // max(per_sample_bytes, 1))))
+
+
 def supported() -> bool:
     """True where the process tree can be read (/proc with task children lists)."""
     return Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()

@@ -88,6 +88,7 @@ class Context:
     host: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
     layer_errors: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> per-layer tensors (run/diagnose)
+    layer_samples: int | None = None  # samples those tensors are taken on, fixed by the first dump (run/diagnose)
     parallel: bool = False  # RunOptions.parallel
 
     def finding(self, severity: str, code: str, message: str) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from kdeploy import taskmetrics
 from kdeploy.child import ChildFailure
 from kdeploy.compare import compare
+from kdeploy.memory import layer_samples_for
 from kdeploy.debug.attribution import LayerTensors, dump_layers, first_divergence, sensitivity
 from kdeploy.debug.names import layer_paths
 from kdeploy.report.model import Candidate
@@ -70,9 +71,25 @@ def layer_tensors(ctx: Context, paths: list[Path], io: dict) -> list[LayerTensor
             np.savez(feeds, **ctx.validation.inputs)
         job_dir = ctx.work / f"layers-{len(ctx.layer_errors)}"
         got = dump_layers([(p, io) for p, _ in todo], feeds, ctx.model.keras_model.name, model_layers(ctx), job_dir,
-                          ctx.profile.selective.samples, ctx.profile.timing.timeout_s)
+                          layer_samples(ctx, paths[0]), ctx.profile.timing.timeout_s)
         ctx.layer_errors.update({s: t for (_, s), t in zip(todo, got)})
     return [ctx.layer_errors[s] for s in shas]
+
+
+def layer_samples(ctx: Context, float_path: Path) -> int:
+    """Validation samples the per-layer tensors are taken on: the profile's `selective.samples`, fewer where
+    one sample's activations are large (`memory.LAYER_TENSOR_BYTES`); fixed for the run by its first call.
+
+    Args:
+        float_path: the float `.tflite` of the first dump (every later one is compared with it).
+    """
+    if ctx.layer_samples is None:
+        from kdeploy.artifacts.flatbuffer import read_tflite_file
+
+        graph = read_tflite_file(float_path)
+        per_sample = sum(t.elements * 4 for t in graph.tensors if not t.constant)  # kept as float32
+        ctx.layer_samples = min(len(ctx.validation), layer_samples_for(per_sample, ctx.profile.selective.samples))
+    return ctx.layer_samples
 
 
 def float_tflite(ctx: Context) -> Path | None:
@@ -84,13 +101,19 @@ def float_tflite(ctx: Context) -> Path | None:
 
 
 def diagnose(ctx: Context, candidates: list[Candidate], builds: list[Build]) -> None:
-    """Fills `sensitivity` (quantized .tflite candidates) and `first_divergence` (failing fp32 .tflite ones)."""
+    """Fills `sensitivity` (quantized .tflite candidates) and `first_divergence` (fp32 .tflite ones) of the
+    candidates that disagree with Keras (a fidelity, robustness or task check failed).
+
+    A candidate that agrees has nothing to explain, and the tensors of every layer are costly: a
+    LiteRT run without its fast kernels, every layer's output kept (four MobileNetV2 candidates
+    at 224x224 took 90 s and about 10 GB here when every quantized candidate was diagnosed).
+    """
     if ctx.model.keras_model is None:
         return
     ref = float_tflite(ctx)
     for c, b in zip(candidates, builds):
         art = next((a for a in b.artifacts if a.format == "tflite"), None)
-        if art is None:
+        if art is None or _agrees(c):
             continue
         try:
             if art.precision != "fp32" and ref is not None:
@@ -132,6 +155,11 @@ def _fidelity_passed(c: Candidate) -> bool:
     return all(k.passed for k in c.checks if k.name.startswith("fidelity ") and " vs keras " in k.name)
 
 
+def _agrees(c: Candidate) -> bool:
+    """No check of agreement with Keras failed (fidelity, robustness, task metrics; budgets do not count)."""
+    return all(k.passed for k in c.checks if k.name.startswith(("fidelity ", "robustness ", "task ")))
+
+
 def _first_divergence(ctx: Context, b: Build, art) -> dict | None:
     import keras
 
@@ -139,7 +167,7 @@ def _first_divergence(ctx: Context, b: Build, art) -> dict | None:
     tol = b.tolerance or ctx.profile.tolerances["fp32"]
     top = [layer for layer in km.layers if type(layer).__name__ != "InputLayer"]
     probe = keras.Model(km.inputs, [layer.output for layer in top])
-    n = ctx.profile.selective.samples
+    n = layer_samples(ctx, art.path)
     feeds = [ctx.validation.inputs[t.name][:n] for t in ctx.model.inputs]
     outs = probe.predict(feeds if len(feeds) > 1 else feeds[0], verbose=0)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
