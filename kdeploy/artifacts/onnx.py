@@ -12,6 +12,7 @@ from kdeploy.errors import ConversionError
 from kdeploy.artifacts import Artifact
 from kdeploy.artifacts.canonical import canonicalize_onnx
 from kdeploy.artifacts.onnx_ops import rewrite_unsupported_ops
+from kdeploy.artifacts.tf2onnx_lean import converting
 from kdeploy.util import first_error_line, native_quiet
 from kdeploy.loading import LoadedModel
 
@@ -53,11 +54,12 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path, 
                 str(saved_model_dir), None, None, None, ["serving_default"], None, False,
                 return_initialized_tables=True, return_tensors_to_rename=True)
             with tf.device("/cpu:0"):
-                proto, _ = _convert_common(graph_def, name=str(saved_model_dir), opset=OPSET, input_names=inputs,
-                                           output_names=outputs, tensors_to_rename=rename,
-                                           initialized_tables=tables, output_path=str(out_path))
-        graph_inputs = {i.name for i in proto.graph.input}
-        graph_outputs = {o.name for o in proto.graph.output}
+                proto, _ = converting(lambda: _convert_common(
+                    graph_def, name=str(saved_model_dir), opset=OPSET, input_names=inputs, output_names=outputs,
+                    tensors_to_rename=rename, initialized_tables=tables, output_path=str(out_path)))
+            graph_inputs = {i.name for i in proto.graph.input}
+            graph_outputs = {o.name for o in proto.graph.output}
+            del graph_def, proto  # two more copies of the weights, not needed for the checks below
         missing = [t.name for t in model.inputs if t.name not in graph_inputs]
         missing += [k for k in signature_outputs if k not in graph_outputs]
         if missing or len(graph_inputs) != len(model.inputs):
@@ -91,7 +93,7 @@ def from_tflite(tflite: Artifact, out_path: Path) -> Artifact:
     out_names = [out_details[k]["name"] for k in tflite.io["outputs"]]
     try:
         with _quiet():
-            tf2onnx.convert.from_tflite(str(tflite.path), opset=OPSET, output_path=str(out_path))
+            converting(lambda: tf2onnx.convert.from_tflite(str(tflite.path), opset=OPSET, output_path=str(out_path)))
         rewritten = rewrite_unsupported_ops(out_path)  # e.g. TFL_GELU, which tf2onnx has no handler for
         canonicalize_onnx(out_path)  # same model, same bytes (tf2onnx's generated names vary per process)
         _check_loads(out_path)

@@ -74,7 +74,7 @@ def inspect(
 
 
 def inspect_loaded(m: LoadedModel, prof: TargetProfile, data: dict[str, np.ndarray] | None, *, seed: int = 0,
-                   conversion: tuple[Any, list] | None = None,
+                   conversion: tuple[Any, list] | None = None, tflite: bytes | None = None,
                    progress: Callable[[str, str], None] | None = None) -> Inspection:
     """The inspection of a loaded Keras model (also called by `optimize`).
 
@@ -85,6 +85,8 @@ def inspect_loaded(m: LoadedModel, prof: TargetProfile, data: dict[str, np.ndarr
         seed: seed for synthetic probe inputs.
         conversion: `(keras model, findings)` from `conversion_model` when the caller already has
             it (optimize); else it is made here.
+        tflite: the fp32 `.tflite` optimize converted from that model with builtin ops only, read
+            instead of converting again (`ops.find_ops`).
         progress: callback `(stage, detail)`.
     """
     from kdeploy.compute import graph_compute
@@ -104,8 +106,9 @@ def inspect_loaded(m: LoadedModel, prof: TargetProfile, data: dict[str, np.ndarr
     keras_model, found_repairs = conversion
     index = ops.layer_index(m.keras_model)
     repaired = _repaired_layers(index, found_repairs)
-    progress("inspect", "one fp32 TFLite conversion (Select TF ops allowed) and op lookup")
-    found = ops.find_ops(m, keras_model, inputs)
+    progress("inspect", "one fp32 TFLite conversion (Select TF ops allowed) and op lookup" if tflite is None else
+             "op lookup in the fp32 .tflite")
+    found = ops.find_ops(m, keras_model, inputs, tflite)
     tflm, onnx, notes = _registries()
     rows = rules.layer_rows(index, found, tflm, onnx, repaired)
     summary = _summary(m, index, inputs, found, prof)
@@ -117,9 +120,12 @@ def inspect_loaded(m: LoadedModel, prof: TargetProfile, data: dict[str, np.ndarr
         layers=rows,
         hazards=hazards,
         conversion={
-            "method": "Keras call traced in inference mode, variables frozen, TFLiteConverter.from_concrete_functions "
-                      "(fp32, TFLITE_BUILTINS + SELECT_TF_OPS); ONNX route: tf2onnx handler registry over the same "
-                      "frozen TensorFlow graph; TFLM: op registrations of the installed tflite-micro",
+            "method": ("Keras call traced in inference mode, variables frozen, TFLiteConverter.from_concrete_functions "
+                       "(fp32, TFLITE_BUILTINS + SELECT_TF_OPS); ONNX route: tf2onnx handler registry over the same "
+                       "frozen TensorFlow graph" if tflite is None else
+                       "the fp32 candidate's .tflite (converted from the reference SavedModel with builtin ops only); "
+                       "ONNX route: tf2onnx handler registry over the Keras call traced in inference mode")
+                      + "; TFLM: op registrations of the installed tflite-micro",
             "converted_model": "unrolled copy (as optimize converts it)" if keras_model is not m.keras_model
             else "the model as loaded",
             "error": found.error,

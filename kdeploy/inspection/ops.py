@@ -24,6 +24,8 @@ from kdeploy.util import native_section
 
 # TensorFlow graph plumbing that tf2onnx handles itself (no handler in its registry).
 _TF_STRUCTURAL = {"Placeholder", "Const", "Identity", "NoOp", "IdentityN"}
+# What freezing turns into constants: in a graph traced without freezing, weights are variable reads.
+_TF_VARIABLE_READS = {"ReadVariableOp"}
 _SUFFIX = re.compile(r"^(.*)_\d+$")
 
 
@@ -88,8 +90,13 @@ def _unsuffixed(part: str, names: set[str]) -> str | None:
     return part if part in names else None
 
 
-def trace(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo]):
-    """Frozen concrete function of the Keras call in inference mode, with `inputs`' shapes (None = dynamic)."""
+def trace(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo], freeze: bool = True):
+    """Concrete function of the Keras call in inference mode, with `inputs`' shapes (None = dynamic).
+
+    Args:
+        freeze: variables as constants (what the converter takes); False keeps them as variable
+            reads, which costs no copy of the weights (a frozen ResNet50V2 took 1 GB more here).
+    """
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
@@ -97,15 +104,23 @@ def trace(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo]):
     fn = tf.function(lambda *args: call_keras(keras_model, list(args), loaded), input_signature=specs)
     try:
         with native_section():
-            return convert_variables_to_constants_v2(fn.get_concrete_function())
+            concrete = fn.get_concrete_function()
+            return convert_variables_to_constants_v2(concrete) if freeze else concrete
     except Exception as e:
         from kdeploy.util import first_error_line
 
         raise ConversionError(f"tracing the Keras model failed: {first_error_line(e)}") from e
 
 
-def find_ops(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo]) -> OpsFound:
-    """Converts once (fp32, Select TF ops allowed) and attributes TFLite and TensorFlow ops to layers."""
+def find_ops(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo], tflite: bytes | None = None) -> OpsFound:
+    """Converts once (fp32, Select TF ops allowed) and attributes TFLite and TensorFlow ops to layers.
+
+    Args:
+        tflite: an fp32 `.tflite` of the same traced model that converted with builtin ops only
+            (`optimize`'s fp32 candidate): its ops are the ones a Select-TF-ops conversion would
+            give, so it is read instead of converting again, and the TensorFlow ops are read from
+            the traced graph without freezing it.
+    """
     import time
 
     from kdeploy.artifacts.flatbuffer import read_tflite
@@ -118,14 +133,15 @@ def find_ops(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo]) ->
     paths = set(index)
     name = keras_model.name
     try:
-        frozen = trace(loaded, keras_model, inputs)
-        for node in frozen.graph.as_graph_def().node:
-            if node.op in _TF_STRUCTURAL:
+        traced = trace(loaded, keras_model, inputs, freeze=tflite is None)
+        for node in traced.graph.as_graph_def().node:
+            if node.op in _TF_STRUCTURAL or (tflite is not None and node.op in _TF_VARIABLE_READS):
                 continue
             layer = layer_of(node.name, name, paths)
             if layer is not None:
                 found.tf_ops.setdefault(layer, []).append(node.op)
-        data = convert_function(frozen, select_tf_ops=True)
+        data = tflite if tflite is not None else convert_function(traced, select_tf_ops=True)
+        del traced
     except ConversionError as e:
         found.error = first_error_line(e)
         found.seconds = time.perf_counter() - started

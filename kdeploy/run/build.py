@@ -38,13 +38,16 @@ def build_candidates(ctx: Context) -> Built:
     recipes = ptq_recipes(prof)
     lane = OnnxLane(ctx, recipes) if OnnxLane.applies(ctx, recipes) else None
     try:
-        ref, reference_artifacts, inspection = _reference(ctx)
+        ref, reference_artifacts, conversion = _reference(ctx)
         if lane is not None:
             lane.reference(ref)
-        builds = _ptq_builds(ctx, ref, recipes, lane)
+        builds, kept = _ptq_builds(ctx, ref, recipes, lane)
     finally:
         if lane is not None:
             lane.close()
+    inspection = _inspection(ctx, conversion, kept)
+    for b, tfl in kept:
+        release_tflite(ctx, b, tfl)
     from kdeploy.run.selective import selective_builds
 
     builds += selective_builds(ctx, ref, builds)  # int8-mixed, when full int8 fails and float layers fix it
@@ -69,8 +72,13 @@ def build_candidates(ctx: Context) -> Built:
     return Built(builds, reference_artifacts, inspection)
 
 
-def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: OnnxLane | None) -> list[Build]:
-    """The post-training recipes' builds: each `.tflite` here, each ONNX twin in the lane (else here)."""
+def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: OnnxLane | None,
+                ) -> tuple[list[Build], list[tuple[Build, Artifact]]]:
+    """The post-training recipes' builds: each `.tflite` here, each ONNX twin in the lane (else here).
+
+    Returns:
+        The builds, and (build, its `.tflite`) of each candidate kept (`release_tflite` is the caller's).
+    """
     builds: list[Build] = []
     kept: list[tuple[Build, Artifact]] = []  # (build, its .tflite) of the candidates kept
     tflite_hashes: dict[str, str] = {}  # sha256 -> precision, to drop recipes that changed nothing
@@ -106,16 +114,13 @@ def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: 
         kept.append((b, tfl))
     if lane is not None:
         lane.finish({b.name: b for b, _ in kept})
-    for b, tfl in kept:
-        release_tflite(ctx, b, tfl)
-    return builds
+    return builds, kept
 
 
-def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict], Inspection | None]:
+def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict], tuple | None]:
     """The SavedModel the recipes convert from (exported from a Keras model, or the user's own SavedModel),
-    and the inspection of the model it was exported from."""
+    and the Keras model it was exported from with the findings of `conversion_model` (None for a SavedModel)."""
     from kdeploy.artifacts.savedmodel import conversion_model, export_savedmodel
-    from kdeploy.inspection import inspect_loaded
 
     m = ctx.model
     if m.keras_model is None:  # the user's SavedModel is the reference artifact; it is not copied
@@ -124,16 +129,28 @@ def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict], Inspection | N
     keras_model, found = conversion_model(m, probe)
     for sev, code, msg in found:
         ctx.finding(sev, code, msg)
-    ctx.progress("inspect", "op compatibility by Keras layer and hazards")
-    inspection = inspect_loaded(m, ctx.profile, None if ctx.data.synthetic else ctx.data.inputs, seed=ctx.seed,
-                                conversion=(keras_model, found))
     sm_dir = ctx.staging / "reference" / "savedmodel"
     ctx.progress("export", "SavedModel")
     keys = export_savedmodel(keras_model, m, sm_dir)
     release_memory()  # tracing's intermediates
     art = {**_dir_artifact("savedmodel", sm_dir, ctx.staging), "byte_reproducible": False,
            "note": SAVEDMODEL_NOT_REPRODUCIBLE}
-    return ReferenceModel(sm_dir, keys), [art], inspection
+    return ReferenceModel(sm_dir, keys), [art], (keras_model, found)
+
+
+def _inspection(ctx: Context, conversion: tuple | None, kept: list[tuple[Build, Artifact]]) -> Inspection | None:
+    """Op compatibility and hazards of the converted Keras model (`kdeploy.inspection`), read off the fp32
+    candidate's `.tflite` when there is one (no second conversion), else from its own conversion."""
+    from kdeploy.inspection import inspect_loaded
+
+    if conversion is None:
+        return None
+    fp32 = next((tfl for _, tfl in kept if tfl.precision == "fp32" and tfl.path.is_file()), None)
+    ctx.progress("inspect", "op compatibility by Keras layer and hazards")
+    inspection = inspect_loaded(ctx.model, ctx.profile, None if ctx.data.synthetic else ctx.data.inputs, seed=ctx.seed,
+                                conversion=conversion, tflite=fp32.path.read_bytes() if fp32 is not None else None)
+    release_memory()  # the traced graph
+    return inspection
 
 
 def _dir_artifact(fmt: str, path: Path, base: Path) -> dict:
