@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import tomllib
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Module- and session-scoped fixtures run before the per-test cache folder below is set: they get
+# an empty cache of this test session's own, never the user's (~/.cache/kdeploy) entries.
+os.environ["KDEPLOY_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdeploy-test-cache-")
+atexit.register(shutil.rmtree, os.environ["KDEPLOY_CACHE_DIR"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"

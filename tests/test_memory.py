@@ -42,3 +42,13 @@ def test_batch_size_for_bounds_the_bytes_of_one_batch_and_keeps_small_inputs_who
     assert 1 <= n < 64 and n * 224 * 224 * 3 * 4 <= BATCH_INPUT_BYTES
     assert batch_size_for({"x": np.zeros((300, 8, 8), np.float32)}, cap=64) == 64
     assert batch_size_for({"x": np.zeros((2, 4000, 4000), np.float32)}, cap=64) == 1  # one sample, however large
+
+
+def test_layer_samples_for_bounds_the_per_layer_tensors_kept():
+    from kdeploy.memory import LAYER_TENSOR_BYTES, layer_samples_for
+
+    assert layer_samples_for(1_000, 64) == 64  # small layers: the profile's count
+    big = 30 << 20  # one sample's activations of MobileNetV2 at 224x224 are of this order
+    n = layer_samples_for(big, 64)
+    assert 1 <= n < 64 and n * big <= LAYER_TENSOR_BYTES
+    assert layer_samples_for(LAYER_TENSOR_BYTES * 4, 64) == 1  # never none

@@ -140,3 +140,20 @@ def test_optimize_without_out_keeps_artifacts_until_saved(tmp_path):
     out = tmp_path / "later"
     report.save(out)
     contract_problems(out)
+
+
+def test_optimize_inspection_reads_the_fp32_candidate_instead_of_converting_again(digits_run):
+    report, _ = digits_run
+    fp32 = next(a for a in report.candidate("fp32").artifacts if a.format == "tflite")
+    assert report.inspection.summary["fp32_bytes"] == fp32.size_bytes  # its own conversion differs in metadata
+    assert report.inspection.conversion["method"].startswith("the fp32 candidate's .tflite")
+    assert {row.tflite for row in report.inspection.layers} <= {"builtin", "no-ops"}
+    assert {row.onnx for row in report.inspection.layers} <= {"supported", "no-ops"}  # variable reads are not ops
+
+
+def test_optimize_diagnoses_only_candidates_that_disagree_with_keras(digits_run):
+    report, _ = digits_run
+    for c in report.candidates:
+        agrees = all(k.passed for k in c.checks if k.name.startswith(("fidelity ", "robustness ", "task ")))
+        if agrees:
+            assert not c.sensitivity and c.first_divergence is None, c.name
