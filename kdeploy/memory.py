@@ -107,8 +107,12 @@ def batch_size_for(inputs: dict, cap: int) -> int:
     Args:
         cap: the most samples per batch (also when the inputs are tiny).
     """
-    per_sample = sum(a[:1].nbytes for a in inputs.values()) or 1
-    return max(1, min(cap, BATCH_INPUT_BYTES // per_sample))
+    return _samples_within(sum(a[:1].nbytes for a in inputs.values()), BATCH_INPUT_BYTES, cap)
+
+
+def _samples_within(per_sample_bytes: float, budget: int, cap: int) -> int:
+    """Samples of `per_sample_bytes` each that fit in `budget` bytes; at most `cap`, at least 1."""
+    return max(1, min(cap, int(budget // max(per_sample_bytes, 1))))
 
 
 # Per-layer tensors (`kdeploy.debug.tensors`) keep every layer's output for every sample, so they are
@@ -119,7 +123,7 @@ LAYER_TENSOR_BYTES = 256 << 20
 
 def layer_samples_for(per_sample_bytes: float, cap: int) -> int:
     """Samples whose per-layer tensors (`per_sample_bytes` each) fit in LAYER_TENSOR_BYTES; at most `cap`, at least 1."""
-    return max(1, min(cap, int(LAYER_TENSOR_BYTES // max(per_sample_bytes, 1))))
+    return _samples_within(per_sample_bytes, LAYER_TENSOR_BYTES, cap)
 
 
 def supported() -> bool:
