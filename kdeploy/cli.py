@@ -7,6 +7,7 @@ No ML framework is imported at module level, so `--help`, `--version` and `targe
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -130,22 +131,35 @@ def _guard(fn: Callable[[], int]) -> None:
             err.print("[bold red]interrupted:[/] the signal came too late to stop the run; --out is complete")
             code = 143 if _signalled[0] == signal.SIGTERM else 130
     finally:
-        sys.unraisablehook = hook
+        if _signalled:
+            _after_signal.append(_signalled[0])
+            gc.collect()  # what the signal left half-built is finalized now, under the quiet hook
+        else:
+            sys.unraisablehook = hook
         for s, h in previous.items():
             signal.signal(s, h)
         _signalled.clear()
     raise typer.Exit(code)
 
 
+_after_signal: list[int] = []  # set once a signal ended a command: the process is on its way out
+
+
 def _unraisable(previous):
-    """An unraisable-exception hook that stays silent about our own signal exception.
+    """An unraisable-exception hook that stays silent about what our own signal broke.
 
     A signal can land while a finalizer runs (TensorFlow's `AtomicFunction.__del__`); Python then
     prints the KeyboardInterrupt with a traceback and carries on. The next checkpoint raises it
     again (`_checkpoint`), so printing it would only put a traceback on the user's console.
+    A signal can also land inside a constructor (tf2onnx builds TensorFlow's `ApiDefMap` while it
+    is imported): the half-built object's finalizer then fails when it is freed, at once or at
+    exit. Once a signal ended the command, the hook stays installed and drops those too (shown
+    with --debug): the one-line "interrupted" message is the whole story.
     """
     def hook(u) -> None:
         if _signalled and isinstance(u.exc_value, KeyboardInterrupt):
+            return
+        if (_signalled or _after_signal) and not _state["debug"]:
             return
         previous(u)
 

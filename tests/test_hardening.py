@@ -57,6 +57,45 @@ def test_signal_midway_leaves_out_unchanged_and_no_partial_folders(tmp_path, sig
     assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name != ".ses"] == []
 
 
+_HALF_BUILT = """
+import os, signal, sys
+import typer
+from kdeploy import cli
+
+class HalfBuilt:  # like TensorFlow's ApiDefMap when a signal lands in its constructor (tf2onnx import)
+    def __init__(self, cycle):
+        if cycle:
+            self.me = self  # freed by the garbage collector only, as late as interpreter exit
+        os.kill(os.getpid(), signal.SIG{sig})
+        for _ in range(1000):  # the handler runs at the next bytecode boundary: in here
+            pass
+        self.handle = 1
+
+    def __del__(self):
+        self.handle  # AttributeError on the half-built object
+
+def body():
+    HalfBuilt({cycle})
+    return 0
+
+try:
+    cli._guard(body)
+except typer.Exit as e:
+    sys.exit(e.exit_code)
+"""
+
+
+@pytest.mark.parametrize("cycle", [False, True], ids=["freed-at-once", "freed-by-gc"])
+@pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130)])
+def test_signal_inside_a_constructor_exits_without_a_traceback(tmp_path, sig, code, cycle):
+    """The half-built object's failing finalizer (at once, or at exit) must not print a traceback."""
+    proc = subprocess.run([sys.executable, "-c", _HALF_BUILT.format(sig=sig, cycle=cycle)], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert "nothing was written to --out" in proc.stderr
+    assert "Traceback" not in proc.stderr and "AttributeError" not in proc.stderr, proc.stderr
+
+
 # ---- crash isolation -----------------------------------------------------------------------------
 @pytest.mark.slow  # waits out a 10 s runtime timeout on purpose
 def test_crashing_and_hanging_runtimes_fail_their_candidate_and_the_run_goes_on(tmp_path):
