@@ -21,9 +21,11 @@ trusted-package classes the model uses.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import stat
+import struct
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -214,11 +216,58 @@ def _inspect_keras(path: Path, limits: ScanLimits) -> ScanResult:
         config = _read_json(path, zf, "config.json", limits)
         if "model.weights.h5" in names:
             info = zf.getinfo("model.weights.h5")
-            if info.compress_type == zipfile.ZIP_STORED:  # seekable in place; Keras writes it stored
-                with zf.open(info) as f:
+            if info.compress_type == zipfile.ZIP_STORED:  # readable in place; Keras writes it stored
+                with _StoredMember(path, info) as f:
                     _check_h5_structure(path, f, "model.weights.h5", limits)
     walk_config(config, result, limits, legacy=False, path=path)
     return result
+
+
+class _StoredMember(io.RawIOBase):
+    """A stored (uncompressed) zip member read in place from the archive file, with O(1) seeks.
+
+    zipfile's own reader rewinds to the member's start for every backward seek, and HDF5 reads
+    at scattered offsets: walking MobileNetV2's weights took 0.8 s that way here.
+    """
+
+    def __init__(self, path: Path, info: zipfile.ZipInfo):
+        super().__init__()
+        self._f = open(path, "rb")
+        try:
+            self._f.seek(info.header_offset)
+            head = self._f.read(30)
+            if len(head) < 30 or head[:4] != b"PK\x03\x04" or info.compress_size != info.file_size:
+                raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+        except BaseException:
+            self._f.close()
+            raise
+        self._start, self._size, self._pos = info.header_offset + 30 + name_len + extra_len, info.file_size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._size - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buffer).cast("B")[:n]) or 0
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def _check_entries(path: Path, infos: list[zipfile.ZipInfo], limits: ScanLimits) -> None:

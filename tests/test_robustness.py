@@ -96,3 +96,13 @@ def test_optimize_gates_on_robustness_minimum_and_reports_every_probe(tmp_path):
     failed = [k for k in int8.checks if k.name.startswith("robustness") and not k.passed]
     assert failed and failed[0].limit == {"min_cosine_mean": 0.99999}
     assert not int8.passed and report.selected == "fp32"
+
+
+@pytest.mark.parametrize("shape, dtype", [((37, 8, 8, 3), np.float32), ((5,), np.float32), ((11, 6), np.int32)])
+def test_probe_scale_std_is_the_float64_std_without_a_float64_copy(shape, dtype):
+    from kdeploy.robustness import _std
+
+    v = (np.random.default_rng(0).normal(3.0, 2.0, shape) * 10).astype(dtype)
+    # chunks of 1 KB split the rows unevenly: the sum over chunks must still be the whole set's
+    assert _std(v, chunk_bytes=1024) == pytest.approx(float(v.astype(np.float64).std()), rel=1e-12)
+    assert _std(v[:0]) == 0.0

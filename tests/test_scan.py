@@ -181,6 +181,25 @@ def test_scan_refuses_h5_external_link(tmp_path):
         scan_model(path, "h5")
 
 
+@pytest.mark.parametrize("where", ["first", "last"])  # the member's offset in the archive must not matter
+def test_scan_refuses_keras_weights_with_external_link(tmp_path, where):
+    """model.weights.h5 inside a .keras archive is walked in place (`scan._StoredMember`), links and all."""
+    import h5py
+
+    entries = dict(benign_entries())
+    order = sorted(entries, key=lambda n: (n != "model.weights.h5") == (where == "first"))
+    benign = zip_with(tmp_path / "ok.keras", [(n, entries[n]) for n in order])
+    assert codes(scan_model(benign, "keras").findings) >= {"model-scan"}  # the same layout, unchanged weights: read
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(entries["model.weights.h5"])
+    with h5py.File(weights, "a") as f:
+        f["stolen"] = h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "/")
+    entries["model.weights.h5"] = weights.read_bytes()
+    path = zip_with(tmp_path / "link.keras", [(n, entries[n]) for n in order])
+    with pytest.raises(UnsafeModelError, match="link to another file"):
+        scan_model(path, "keras")
+
+
 def test_scan_rejects_weights_only_h5(tmp_path):
     import h5py
 
