@@ -15,7 +15,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
+
+from kdeploy.util import exit_now
 
 PROGRESS_PREFIX = "PROGRESS "
 
@@ -95,8 +97,12 @@ def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: 
     return result
 
 
-def child_main(argv: list[str], run: Callable[[dict], dict]) -> int:
-    """The child's side: reads the job, runs it, writes `result.json` (an exception becomes `{"error": ...}`)."""
+def child_main(argv: list[str], run: Callable[[dict], dict]) -> NoReturn:
+    """The child's side: reads the job, runs it, writes `result.json` (an exception becomes `{"error": ...}`), exits 0.
+
+    The exit skips the interpreter's teardown (`util.exit_now`): the parent waits for this
+    process, and a TensorFlow child's teardown took over a second.
+    """
     job_file = Path(argv[0])
     job = json.loads(job_file.read_text())
     try:
@@ -108,9 +114,14 @@ def child_main(argv: list[str], run: Callable[[dict], dict]) -> int:
 
             traceback.print_exc()
     (job_file.parent / "result.json").write_text(json.dumps(result, default=float))
-    return 0
+    exit_now(0)
 
 
 def progress(text: str) -> None:
-    """Child side: one progress line for the parent."""
-    print(PROGRESS_PREFIX + text, flush=True)
+    """Child side: one progress line for the parent.
+
+    It starts on a line of its own: converters print to fd 1 from C++ without a final newline,
+    and a progress line glued to that text was not recognised (the lane's float16 lines went
+    missing that way).
+    """
+    print("\n" + PROGRESS_PREFIX + text, flush=True)

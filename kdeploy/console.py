@@ -14,7 +14,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kdeploy.util import RealStderr
+
 err = Console(stderr=True, highlight=False)
+# Progress lines: also from other threads while a converter silences fd 2 (`util.RealStderr`).
+progress_err = Console(file=RealStderr(), highlight=False)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 

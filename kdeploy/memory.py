@@ -193,3 +193,18 @@ class MemoryGuard:
                 f"memory of the run (kdeploy and its child processes, PSS) reached {self.exceeded_mb:,.0f} MB, "
                 f"above --max-memory {self.limit_mb:,.0f} MB" + (f", during '{where}'" if where else "")
                 + "; stopped (child processes killed). Raise --max-memory or use a smaller model/profile")
+
+
+# The conversion lane (`run.convert.ConversionLane`) runs by default only for models with this many
+# bytes of fp32 weights. Below the floor its cost is its start: a second process importing
+# TensorFlow took longer than all the conversions of the digits CNN (12.6 s with it against 11.5 s
+# without, here). Above the ceiling, memory: the second TensorFlow process costs about 300 MB, and
+# each converter it runs beside the parent's holds a few copies of the weights (ResNet50V2's 100 MB
+# took the run from 2.8 GB to over 3 GB; MobileNetV2's 14 MB stay within 1.2x a bare converter script).
+LANE_MIN_WEIGHT_BYTES = 4 << 20
+LANE_MAX_WEIGHT_BYTES = 64 << 20
+
+
+def lane_fits(model) -> bool:
+    """True when `model` (a LoadedModel) has the weights the conversion lane pays off for by default."""
+    return model.params is not None and LANE_MIN_WEIGHT_BYTES <= model.params * 4 <= LANE_MAX_WEIGHT_BYTES

@@ -11,6 +11,7 @@ import tomllib
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 
 def file_sha256(path: Path) -> str:
@@ -96,11 +97,49 @@ def native_quiet():
     with native_section(), tempfile.TemporaryFile() as sink, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         os.dup2(sink.fileno(), 2)
+        _real_stderr.append(saved)
         try:
             yield
         finally:
+            _real_stderr.remove(saved)
             os.dup2(saved, 2)
             os.close(saved)
+
+
+_real_stderr: list[int] = []  # while `native_quiet` silences fd 2: a duplicate of the real one
+
+
+class RealStderr:
+    """A text stream onto the real stderr, also while `native_quiet` silences fd 2 in the main thread.
+
+    Progress lines from other threads (the conversion lane's) would otherwise land in the sink
+    with the converters' chatter. Outside `native_quiet`, and where `sys.stderr` is not the
+    process' own (a test runner's capture), it writes to `sys.stderr` as usual.
+    """
+
+    def write(self, text: str) -> int:
+        fds = list(_real_stderr)
+        if fds and sys.stderr is sys.__stderr__:
+            try:
+                sys.stderr.flush()
+                os.write(fds[0], text.encode(sys.stderr.encoding or "utf-8", "replace"))
+                return len(text)
+            except OSError:  # closed just now: fd 2 is the real one again
+                pass
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return sys.stderr.encoding or "utf-8"
 
 
 def natural_key(s: str) -> list:
@@ -146,3 +185,24 @@ def read_toml(path: Path, what: str, error: type[Exception], not_found: str) -> 
         raise error(f"cannot read {what} {path}: {e.strerror or type(e).__name__}; allowed: a readable TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise error(f"{what} {path} is not valid TOML: {one_line(e)}") from None
+
+
+def exit_now(code: int) -> NoReturn:
+    """Ends the process with `code` once everything is written, without tearing the interpreter down.
+
+    TensorFlow's teardown (module finalization, then its C++ static destructors) took 1.2-1.5 s
+    after the last line here, in every process that imported it, and a child's teardown is on
+    its parent's critical path. `atexit` handlers still run (libraries flush there); every file
+    kdeploy writes is closed by its owner before this.
+    """
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)

@@ -1,13 +1,19 @@
-"""The ONNX lane's child side: converts a run's ONNX twins while the parent converts the `.tflite` files.
+"""The conversion lane's child side: converts some recipes' `.tflite` files and the ONNX twins beside the parent.
 
-`python -m kdeploy.artifacts.onnx_worker JOB.json` (through `kdeploy.child.run_child`). The child
+`python -m kdeploy.artifacts.lane_worker JOB.json` (through `kdeploy.child.run_child`). The child
 imports TensorFlow at once, then waits for the parent's reference SavedModel (`<markers>/reference.ready`,
-holding its path and signature output keys). The job lists one task per recipe, in order: `route` "savedmodel" (tf2onnx from the reference SavedModel)
-or "tflite" (tf2onnx from the recipe's `.tflite`). A "tflite" task waits until the parent marks
-its source ready (`<markers>/<name>.ready`, written after the `.tflite` is complete) or skipped
-(`<name>.skip`: the conversion failed, or it duplicated another recipe). The result maps each
-task name to its artifact's fields or to the conversion error; tf2onnx's intermediates leave
-with this process.
+holding its path and signature output keys). The job lists one task per recipe:
+
+- `tflite` true: the child converts the recipe's `.tflite` itself (precisions without
+  calibration data), then its ONNX twin when `route` is set;
+- `tflite` false: the parent converts the `.tflite`; the child makes the twin (`route`
+  "savedmodel": tf2onnx from the reference SavedModel, at once; "tflite": from the recipe's
+  `.tflite`, once the parent marks it ready, `<markers>/<name>.ready`, or skipped, `<name>.skip`).
+
+The child takes a twin whose source is ready before its next own `.tflite`, so the parent's
+candidates are never kept waiting behind a long conversion. The result maps each task name to
+the fields of its `.tflite` (own tasks) and ONNX artifacts, or to the conversion errors;
+converter intermediates leave with this process.
 """
 
 from __future__ import annotations
@@ -26,19 +32,38 @@ POLL_S = 0.05
 REFERENCE = "reference"  # marker: the SavedModel is exported (its content: path and signature output keys)
 
 
+def _marked(markers: Path, name: str) -> bool | None:
+    """True when the parent marked `name` ready, False when skipped, None while neither."""
+    if (markers / f"{name}.ready").exists():
+        return True
+    if (markers / f"{name}.skip").exists():
+        return False
+    return None
+
+
 def _wait(markers: Path, name: str) -> bool:
     """True when the parent marked `name` ready, False when it marked it skipped (waits for either)."""
-    while True:
-        if (markers / f"{name}.ready").exists():
-            return True
-        if (markers / f"{name}.skip").exists():
-            return False
+    while (state := _marked(markers, name)) is None:
         time.sleep(POLL_S)
+    return state
+
+
+def _next(pending: list[dict], markers: Path) -> dict | None:
+    """A twin whose source the parent has settled, else the next own `.tflite`, else None (wait)."""
+    for task in pending:
+        if not task["tflite"] and (task["route"] == "savedmodel" or _marked(markers, task["name"]) is not None):
+            return task
+    return next((t for t in pending if t["tflite"]), None)
+
+
+def _fields(art) -> dict:
+    return {**asdict(art), "path": str(art.path)}
 
 
 def run(job: dict) -> dict:
     from kdeploy.artifacts import Artifact
     from kdeploy.artifacts import onnx as onnx_export
+    from kdeploy.artifacts import tflite
     from kdeploy.errors import ConversionError
 
     import tensorflow  # noqa: F401 - imported while the parent exports the SavedModel, not after
@@ -50,26 +75,45 @@ def run(job: dict) -> dict:
     model = SimpleNamespace(inputs=[SimpleNamespace(name=n) for n in job["inputs"]])
     io = {"inputs": {n: n for n in job["inputs"]}, "outputs": list(ref["signature_outputs"])}
     results: dict[str, dict] = {}
-    for task in job["tasks"]:
-        name, out = task["name"], Path(task["out"])
-        if task["route"] == "tflite" and not _wait(markers, name):
-            results[name] = {"skipped": True}
+    pending = list(job["tasks"])
+    while pending:
+        task = _next(pending, markers)
+        if task is None:
+            time.sleep(POLL_S)
+            continue
+        pending.remove(task)
+        name, res = task["name"], results.setdefault(task["name"], {})
+        src = Path(task["src"])
+        if task["tflite"]:
+            progress(f"TFLite {name}")
+            try:
+                art = tflite.convert(Path(ref["savedmodel"]), task["precision"], src, None, job["inputs"],
+                                     ref["signature_outputs"])
+            except ConversionError as e:
+                res["tflite_error"] = str(e)
+                continue
+            res["tflite"] = _fields(art)
+            release_memory()
+        elif task["route"] == "tflite" and not _marked(markers, name):
+            res["skipped"] = True
+            continue
+        if task["route"] is None:
             continue
         progress(f"ONNX {name}")
         try:
             if task["route"] == "savedmodel":
-                art = onnx_export.from_saved_model(Path(ref["savedmodel"]), model, out, ref["signature_outputs"])
+                art = onnx_export.from_saved_model(Path(ref["savedmodel"]), model, Path(task["out"]),
+                                                   ref["signature_outputs"])
             else:
-                src = Artifact(format="tflite", path=Path(task["src"]), precision=task["precision"],
-                               source="tflite-converter", io=io)
-                art = onnx_export.from_tflite(src, out)
+                art = onnx_export.from_tflite(Artifact(format="tflite", path=src, precision=task["precision"],
+                                                       source="tflite-converter", io=io), Path(task["out"]))
         except ConversionError as e:
-            results[name] = {"error": str(e)}
+            res["error"] = str(e)
             continue
-        results[name] = {"artifact": {**asdict(art), "path": str(art.path)}}
-        release_memory()  # tf2onnx's freed graphs go back to the OS before the next twin
+        res["artifact"] = _fields(art)
+        release_memory()  # tf2onnx's freed graphs go back to the OS before the next conversion
     return {"results": results}
 
 
 if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1:], run))
+    child_main(sys.argv[1:], run)

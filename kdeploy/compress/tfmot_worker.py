@@ -195,4 +195,4 @@ def _run_recipe(recipe: dict, job: dict, original: Any, train: list, teacher: li
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.exit(child_main(sys.argv[1:], run))
+    child_main(sys.argv[1:], run)

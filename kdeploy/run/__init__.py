@@ -45,7 +45,7 @@ def optimize(
     cache: bool = True,
     retime: bool = False,
     max_memory_mb: float | None = None,
-    parallel: bool = False,
+    parallel: bool | None = None,
 ) -> Report:
     """Builds every candidate the target allows, checks and measures them, selects the best.
 
@@ -69,8 +69,10 @@ def optimize(
         retime: on a cache hit, measure latency again (and select again) instead of reusing it.
         max_memory_mb: stop the run (MemoryLimitError, exit 3) when the resident memory of
             kdeploy and its child processes together goes above this many MiB.
-        parallel: convert the ONNX twins in a second process while this one converts the
-            `.tflite` files (faster on a multi-core host; about 1.5 GB more memory on MobileNetV2).
+        parallel: convert some `.tflite` files and the ONNX twins in a second process beside this
+            one (`run.convert.ConversionLane`); None (default): on a multi-core host for models
+            with at most `memory.LANE_MAX_WEIGHT_BYTES` of fp32 weights; True: on any multi-core
+            host; False: never.
 
     Returns:
         The Report (saved to `out` when given); `report.cache` says what came from the cache.

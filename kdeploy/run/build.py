@@ -15,7 +15,8 @@ from kdeploy.errors import ConversionError
 from kdeploy.recipes import Recipe, ort_recipes, ptq_recipes
 from kdeploy.report.model import Inspection
 from kdeploy.run.context import Build, Built, Context
-from kdeploy.run.convert import OnnxLane, ReferenceModel, add_onnx_twin, convert_tflite, release_tflite
+from kdeploy.run.convert import (ConversionLane, ReferenceModel, add_onnx_twin, attach_twin, convert_tflite,
+                                keeps_tflite, new_build, release_tflite)
 from kdeploy.util import file_sha256, release_memory
 
 
@@ -36,16 +37,18 @@ def build_candidates(ctx: Context) -> Built:
 
     m, prof = ctx.model, ctx.profile
     recipes = ptq_recipes(prof)
-    lane = OnnxLane(ctx, recipes) if OnnxLane.applies(ctx, recipes) else None
+    lane = ConversionLane(ctx, recipes) if ConversionLane.applies(ctx, recipes) else None
     try:
         ref, reference_artifacts, conversion = _reference(ctx)
         if lane is not None:
             lane.reference(ref)
-        builds, kept = _ptq_builds(ctx, ref, recipes, lane)
+        builds, kept, seen = _ptq_builds(ctx, ref, recipes, lane)
+        inspection = _inspection(ctx, conversion, kept)  # reads the fp32 .tflite while the lane finishes
+        if lane is not None:
+            _lane_builds(ctx, recipes, lane, builds, kept, seen)
     finally:
         if lane is not None:
             lane.close()
-    inspection = _inspection(ctx, conversion, kept)
     for b, tfl in kept:
         release_tflite(ctx, b, tfl)
     from kdeploy.run.selective import selective_builds
@@ -72,49 +75,87 @@ def build_candidates(ctx: Context) -> Built:
     return Built(builds, reference_artifacts, inspection)
 
 
-def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: OnnxLane | None,
-                ) -> tuple[list[Build], list[tuple[Build, Artifact]]]:
-    """The post-training recipes' builds: each `.tflite` here, each ONNX twin in the lane (else here).
+def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: ConversionLane | None,
+                ) -> tuple[list[Build], list[tuple[Build, Artifact]], dict[str, str]]:
+    """The post-training recipes' builds: each `.tflite` and ONNX twin converted here, unless the lane takes it
+    (then `_lane_builds` completes the build).
 
     Returns:
-        The builds, and (build, its `.tflite`) of each candidate kept (`release_tflite` is the caller's).
+        The builds (in recipe order); (build, its `.tflite`) of each candidate kept so far
+        (`release_tflite` is the caller's); the sha256 -> precision of those `.tflite` files.
     """
     builds: list[Build] = []
-    kept: list[tuple[Build, Artifact]] = []  # (build, its .tflite) of the candidates kept
-    tflite_hashes: dict[str, str] = {}  # sha256 -> precision, to drop recipes that changed nothing
+    kept: list[tuple[Build, Artifact]] = []
+    seen: dict[str, str] = {}  # sha256 -> precision, to drop recipes that changed nothing
     for recipe in recipes:
+        if lane is not None and lane.converts(recipe):
+            builds.append(new_build(ctx, recipe))  # its .tflite comes from the lane (`finish`)
+            continue
         b, tfl = convert_tflite(ctx, recipe, ref)
         release_memory()  # the converter's freed intermediates go back to the OS before the next one
         builds.append(b)
-        if tfl is None:
-            if lane is not None:
-                lane.skip(recipe)
-            continue
-        twin = tflite_hashes.get(tfl.sha256)
-        if twin is None and recipe.precision != "fp32" and "fp32" in tflite_hashes.values() \
-                and tflite_precision(read_tflite_file(tfl.path)) == "fp32":
-            twin = "fp32"
-        if twin is not None:
-            # e.g. dynamic range on a model whose weight tensors are all below the converter's
-            # size threshold (1024 elements): nothing was quantized. Not a second candidate.
-            tfl.path.unlink()
+        duplicate = tfl is not None and _duplicate(ctx, recipe, tfl, seen)
+        if duplicate:
             builds.remove(b)
-            ctx.finding("info", "identical-artifact",
-                        f"TFLite {recipe.precision} quantized nothing (every weight tensor is below the converter's "
-                        f"threshold), so it is the {twin} model again; not evaluated as a separate candidate")
+        if tfl is None or duplicate:
             if lane is not None:
                 lane.skip(recipe)
             continue
-        tflite_hashes[tfl.sha256] = recipe.precision
         if lane is not None and lane.takes(recipe):
             lane.ready(recipe)
         else:
             add_onnx_twin(ctx, b, recipe, tfl, ref)
             release_memory()  # tf2onnx's freed graphs (gigabytes on ResNet50V2) before the next conversion
         kept.append((b, tfl))
-    if lane is not None:
-        lane.finish({b.name: b for b, _ in kept})
-    return builds, kept
+    return builds, kept, seen
+
+
+def _lane_builds(ctx: Context, recipes: list[Recipe], lane: ConversionLane, builds: list[Build],
+                 kept: list[tuple[Build, Artifact]], seen: dict[str, str]) -> None:
+    """Waits for the lane; adds its `.tflite` files and ONNX twins to `builds` and `kept` (in recipe order)."""
+    results = lane.finish()
+    by_recipe = {r.name: r for r in recipes}
+    for b in list(builds):
+        recipe, res = by_recipe[b.name], results.get(b.name)
+        if not lane.converts(recipe):
+            attach_twin(ctx, b, recipe, res)
+            continue
+        if res is None or res.tflite is None:
+            b.errors.append(res.tflite_error if res is not None and res.tflite_error else
+                            f"TFLite {recipe.precision} conversion did not run")
+            continue
+        if _duplicate(ctx, recipe, res.tflite, seen):
+            builds.remove(b)
+            if res.onnx is not None:
+                res.onnx.path.unlink(missing_ok=True)
+            continue
+        if keeps_tflite(ctx):
+            b.artifacts.append(res.tflite)
+        attach_twin(ctx, b, recipe, res)
+        kept.append((b, res.tflite))
+    order = {b.name: i for i, b in enumerate(builds)}
+    kept.sort(key=lambda bt: order[bt[0].name])
+
+
+def _duplicate(ctx: Context, recipe: Recipe, tfl: Artifact, seen: dict[str, str]) -> bool:
+    """True (and the file removed, and said) when `tfl` is an earlier candidate's model again.
+
+    e.g. dynamic range on a model whose weight tensors are all below the converter's size
+    threshold (1024 elements): nothing was quantized. Not a second candidate. `seen` maps the
+    sha256 of each candidate kept so far to its precision.
+    """
+    twin = seen.get(tfl.sha256)
+    if twin is None and recipe.precision != "fp32" and "fp32" in seen.values() \
+            and tflite_precision(read_tflite_file(tfl.path)) == "fp32":
+        twin = "fp32"
+    if twin is None:
+        seen[tfl.sha256] = recipe.precision
+        return False
+    tfl.path.unlink()
+    ctx.finding("info", "identical-artifact",
+                f"TFLite {recipe.precision} quantized nothing (every weight tensor is below the converter's "
+                f"threshold), so it is the {twin} model again; not evaluated as a separate candidate")
+    return True
 
 
 def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict], tuple | None]:

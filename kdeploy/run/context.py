@@ -42,7 +42,7 @@ class RunOptions:
     cache: bool = True  # reuse and store results in the result cache (`kdeploy.cache`)
     retime: bool = False  # on a cache hit, measure latency again (artifacts and fidelity from the cache)
     max_memory_mb: float | None = None  # the whole process tree's resident memory limit (`kdeploy.memory`)
-    parallel: bool = False  # ONNX twins in a second process beside the TFLite conversions (`run.convert.OnnxLane`)
+    parallel: bool | None = None  # the conversion lane: None decides by host and model (`run.convert.ConversionLane`)
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Context:
     findings: list[Finding] = field(default_factory=list)
     layer_errors: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> per-layer tensors (run/diagnose)
     layer_samples: int | None = None  # samples those tensors are taken on, fixed by the first dump (run/diagnose)
-    parallel: bool = False  # RunOptions.parallel
+    parallel: bool | None = None  # RunOptions.parallel
 
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))

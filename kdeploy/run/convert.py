@@ -1,9 +1,10 @@
 """One way to convert a recipe: its `.tflite`, its ONNX twin, which are kept, what a missing twin means.
 
 Every TFLite candidate (post-training, pruned, clustered) goes through `convert_tflite` and
-`add_onnx_twin`: a `.tflite` is kept when a runtime of the target runs it, an ONNX twin is made
-when ONNX Runtime is deployed or cross-checks, and a missing twin fails the candidate only where
-ONNX Runtime is deployed (elsewhere it is a finding).
+`add_onnx_twin` (or, for post-training recipes on a multi-core host, the `ConversionLane`, a second
+process): a `.tflite` is kept when a runtime of the target runs it, an ONNX twin is made when
+ONNX Runtime is deployed or cross-checks, and a missing twin fails the candidate only where ONNX
+Runtime is deployed (elsewhere it is a finding).
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ def convert_tflite(ctx: Context, recipe: Recipe, ref: ReferenceModel, savedmodel
     The `.tflite` is written even for ONNX-only targets: quantized ONNX twins are converted from
     it (`release_tflite` removes it afterwards when no runtime of the target runs it).
     """
-    b = Build(recipe.name, recipe.precision, recipe.describe(len(ctx.calibration)),
-              tolerance=tolerance_for(ctx.profile, recipe), spec=recipe)
+    b = new_build(ctx, recipe)
     ctx.progress("convert", f"TFLite {recipe.name}")
     try:
         tfl = tflite_file(ctx, ref, savedmodel or ref.savedmodel, recipe.precision,
@@ -46,6 +46,12 @@ def convert_tflite(ctx: Context, recipe: Recipe, ref: ReferenceModel, savedmodel
     if keeps_tflite(ctx):
         b.artifacts.append(tfl)
     return b, tfl
+
+
+def new_build(ctx: Context, recipe: Recipe) -> Build:
+    """The recipe's Build before any artifact: its name, precision, description and tolerance."""
+    return Build(recipe.name, recipe.precision, recipe.describe(len(ctx.calibration)),
+                 tolerance=tolerance_for(ctx.profile, recipe), spec=recipe)
 
 
 def tflite_file(ctx: Context, ref: ReferenceModel, savedmodel: Path, precision: str, out: Path,
@@ -112,48 +118,72 @@ def onnx_missing(ctx: Context, b: Build, error: str) -> None:
                     f"candidate {b.name}: no ONNX artifact, so it is not cross-checked on onnxruntime ({error})")
 
 
-# The ONNX lane converts what the parent would convert in-process, where no time limit applies; this
+# The lane converts what the parent would convert in-process, where no time limit applies; this
 # only bounds a child that somehow outlives its parent's markers (the parent kills it on any error).
 LANE_TIMEOUT_S = 6 * 3600
 
 
-class OnnxLane:
-    """The ONNX twins of the post-training recipes, converted in one child process beside the parent's TFLite work.
+@dataclass
+class LaneResult:
+    """What the lane made of one recipe: its `.tflite` (when the lane converted it) and its ONNX twin, or why not."""
 
-    tf2onnx and the TFLite converter each keep about one core busy, so on a multi-core host the
-    twins cost no wall time of their own, and tf2onnx's intermediates never sit in the parent.
-    The child starts (and imports TensorFlow) while the parent exports the reference SavedModel;
-    `reference` tells it the SavedModel is there; `ready` / `skip` tell it,
-    recipe by recipe, whether its `.tflite` exists; `finish` waits and attaches the twins (or
-    says why one is missing) exactly as `add_onnx_twin` does in-process.
+    tflite: Artifact | None = None
+    tflite_error: str | None = None
+    onnx: Artifact | None = None
+    onnx_error: str | None = None
+
+
+class ConversionLane:
+    """A second process beside the parent's TFLite conversions: some recipes' `.tflite` files and the ONNX twins.
+
+    Each conversion holds the GIL and keeps one core busy, so only a second process uses a second
+    core. The lane converts the `.tflite` of the post-training recipes that need no calibration
+    data besides fp32 (dynamic range, float16), and every ONNX twin; the parent converts fp32
+    (which the inspection reads) and the calibrated ones (int8, int16x8), and meanwhile the lane's
+    intermediates never sit in the parent. The child starts (and imports TensorFlow) while the
+    parent exports the reference SavedModel; `reference` tells it the SavedModel is there;
+    `ready` / `skip` tell it, recipe by recipe, whether a parent's `.tflite` exists; `finish`
+    waits and returns each recipe's `LaneResult`.
     """
 
     def __init__(self, ctx: Context, recipes: list[Recipe]):
         import threading
 
         self.ctx = ctx
-        self.recipes = {r.name: r for r in recipes if r.onnx in ("savedmodel", "tflite")}
-        self.dir = ctx.work / "onnx-lane"
+        self.recipes = {r.name: r for r in recipes if self.converts(r) or r.onnx in ("savedmodel", "tflite")}
+        self.dir = ctx.work / "lane"
         self.markers = self.dir / "markers"
         self.markers.mkdir(parents=True, exist_ok=True)
         self.result: dict | Exception | None = None
         self.proc = None
+        twins = "onnxruntime" in ctx.wanted_runtimes
         job = {"inputs": [t.name for t in ctx.model.inputs], "markers": str(self.markers),
-               "tasks": [{"name": r.name, "route": r.onnx, "precision": r.precision,
+               "tasks": [{"name": r.name, "precision": r.precision, "tflite": self.converts(r),
+                          "route": r.onnx if twins and r.onnx in ("savedmodel", "tflite") else None,
                           "src": str(ctx.staging / "artifacts" / f"{r.name}.tflite"),
                           "out": str(ctx.staging / "artifacts" / f"{r.name}.onnx")} for r in self.recipes.values()]}
-        self.thread = threading.Thread(target=self._run, args=(job,), name="kdeploy-onnx-lane", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(job,), name="kdeploy-lane", daemon=True)
         self.thread.start()
 
     @staticmethod
-    def applies(ctx: Context, recipes: list[Recipe]) -> bool:
-        """When asked (`--parallel`), on a multi-core host, when ONNX Runtime runs the twins and some recipe has one.
+    def converts(recipe: Recipe) -> bool:
+        """True when the lane converts the recipe's `.tflite` (a post-training, uncalibrated, non-fp32 recipe)."""
+        return recipe.plan is None and recipe.technique == "ptq" and not recipe.calibration \
+            and recipe.precision != "fp32" and not recipe.sparse
 
-        Not by default: the second process holds its own TensorFlow and tf2onnx's intermediates
-        (about 1.5 GB more at the peak on MobileNetV2 here), against one process converting in turn.
-        """
-        return ctx.parallel and (os.cpu_count() or 1) > 1 and "onnxruntime" in ctx.wanted_runtimes \
-            and any(r.onnx in ("savedmodel", "tflite") for r in recipes)
+    @staticmethod
+    def applies(ctx: Context, recipes: list[Recipe]) -> bool:
+        """On a multi-core host when it has work: `--parallel` forces it, `--no-parallel` turns it off, and by
+        default it runs when the model's weights are small enough (`memory.lane_fits`) for a second
+        TensorFlow process to cost little memory beside the time it saves."""
+        from kdeploy.memory import lane_fits
+
+        if ctx.parallel is False or (os.cpu_count() or 1) < 2:
+            return False
+        twins = "onnxruntime" in ctx.wanted_runtimes and any(r.onnx in ("savedmodel", "tflite") for r in recipes)
+        if not (twins or any(ConversionLane.converts(r) for r in recipes)):
+            return False
+        return ctx.parallel is True or lane_fits(ctx.model)
 
     def _run(self, job: dict) -> None:
         from kdeploy.child import run_child
@@ -162,9 +192,9 @@ class OnnxLane:
             self.proc = proc
 
         try:
-            self.result = run_child("kdeploy.artifacts.onnx_worker", job, self.dir, what="the ONNX conversion child",
+            self.result = run_child("kdeploy.artifacts.lane_worker", job, self.dir, what="the conversion lane child",
                                     timeout_s=LANE_TIMEOUT_S, on_start=started,
-                                    on_progress=lambda text: self.ctx.progress("convert", text))
+                                    on_progress=lambda text: self.ctx.progress("convert", f"{text} (lane)"))
         except BaseException as e:  # re-raised in the calling thread by `finish` (Ctrl-C included)
             self.result = e
 
@@ -172,7 +202,7 @@ class OnnxLane:
         """The reference SavedModel is exported: the child may start converting."""
         import json
 
-        from kdeploy.artifacts.onnx_worker import REFERENCE
+        from kdeploy.artifacts.lane_worker import REFERENCE
 
         tmp = self.markers / f"{REFERENCE}.tmp"
         tmp.write_text(json.dumps({"savedmodel": str(ref.savedmodel), "signature_outputs": list(ref.signature_outputs)}))
@@ -191,8 +221,8 @@ class OnnxLane:
         if self.takes(recipe):
             (self.markers / f"{recipe.name}.skip").touch()
 
-    def finish(self, builds: dict[str, Build]) -> None:
-        """Waits for the child; attaches each twin to its build (`builds`: recipe name -> Build), or says why not."""
+    def finish(self) -> dict[str, LaneResult]:
+        """Waits for the child; each recipe's `.tflite` (the lane's own) and ONNX twin, or why not (recipe name -> result)."""
         from kdeploy.child import ChildFailure
 
         for name in self.recipes:
@@ -200,19 +230,16 @@ class OnnxLane:
                 (self.markers / f"{name}.skip").touch()
         self.thread.join()
         if isinstance(self.result, ChildFailure):
-            self.result = {"results": {n: {"error": f"ONNX conversion failed: {self.result}"} for n in self.recipes}}
-        elif isinstance(self.result, BaseException):
+            failed = f"conversion lane failed: {self.result}"
+            return {n: LaneResult(tflite_error=failed if self.converts(r) else None, onnx_error=failed)
+                    for n, r in self.recipes.items()}
+        if isinstance(self.result, BaseException):
             raise self.result
+        out: dict[str, LaneResult] = {}
         for name, res in self.result["results"].items():
-            b, recipe = builds.get(name), self.recipes[name]
-            if b is None or res.get("skipped"):
-                continue
-            if "error" in res:
-                onnx_missing(self.ctx, b, res["error"])
-                continue
-            b.artifacts.append(Artifact(**{**res["artifact"], "path": Path(res["artifact"]["path"])}))
-            if recipe.onnx == "tflite":
-                b.recipe["onnx"] = "tf2onnx from the same .tflite"
+            out[name] = LaneResult(tflite=_artifact(res.get("tflite")), tflite_error=res.get("tflite_error"),
+                                   onnx=_artifact(res.get("artifact")), onnx_error=res.get("error"))
+        return out
 
     def close(self) -> None:
         """Stops the child if it still runs (an error or interruption in the parent)."""
@@ -221,3 +248,19 @@ class OnnxLane:
         for name in [*self.recipes, "reference"]:
             (self.markers / f"{name}.skip").touch()
         self.thread.join(timeout=10)
+
+
+def _artifact(fields: dict | None) -> Artifact | None:
+    return None if fields is None else Artifact(**{**fields, "path": Path(fields["path"])})
+
+
+def attach_twin(ctx: Context, b: Build, recipe: Recipe, res: LaneResult | None) -> None:
+    """The lane's ONNX twin of a kept candidate onto its build, or why it is missing (as `add_onnx_twin` does)."""
+    if res is None or "onnxruntime" not in ctx.wanted_runtimes:
+        return
+    if res.onnx_error is not None:
+        onnx_missing(ctx, b, res.onnx_error)
+    elif res.onnx is not None:
+        b.artifacts.append(res.onnx)
+        if recipe.onnx == "tflite":
+            b.recipe["onnx"] = "tf2onnx from the same .tflite"

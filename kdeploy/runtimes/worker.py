@@ -259,4 +259,4 @@ def _run(d: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1:], _run))
+    child_main(sys.argv[1:], _run)

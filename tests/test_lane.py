@@ -1,0 +1,51 @@
+"""The conversion lane (`run.convert.ConversionLane`): a second process converts the dynamic-range and
+float16 `.tflite` files and every ONNX twin; the run must come out as if one process had done it all."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from kdeploy.memory import LANE_MAX_WEIGHT_BYTES, LANE_MIN_WEIGHT_BYTES, lane_fits
+from kdeploy.recipes import ptq_recipes
+from kdeploy.profiles import resolve_profile
+from kdeploy.run import optimize
+from kdeploy.run.convert import ConversionLane
+
+from conftest import FIXTURES, make_profile
+
+
+def _summary(report) -> dict:
+    return {c.name: (c.passed, sorted((a.format, a.sha256) for a in c.artifacts)) for c in report.candidates}
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the lane runs on a multi-core host only")
+def test_lane_gives_the_same_candidates_bytes_and_findings_as_one_process(tmp_path):
+    """iris: dynamic range quantizes nothing (every weight below the converter's threshold), so the lane's
+    dynamic .tflite is the fp32 model again: dropped, its files removed, and said, as in one process."""
+    profile = make_profile(tmp_path, precisions=["fp32", "dynamic", "fp16", "int8"], robustness={"enabled": False})
+    runs = {}
+    for parallel in (False, True):
+        out = tmp_path / f"out-{parallel}"
+        runs[parallel] = optimize(FIXTURES / "iris_legacy.h5", profile=profile, data=FIXTURES / "iris.npz", out=out,
+                                  cache=False, parallel=parallel)
+        assert sorted(p.name for p in (out / "artifacts").iterdir()) == [
+            f"{n}.{ext}" for n in ("fp16", "fp32", "int8") for ext in ("onnx", "tflite")]
+    one, lane = runs[False], runs[True]
+    assert [c.name for c in lane.candidates] == [c.name for c in one.candidates] == ["fp32", "fp16", "int8"]
+    assert _summary(lane) == _summary(one)
+    assert all(c.recipe.get("onnx") == "tf2onnx from the same .tflite" for c in lane.candidates)
+    same = [f.message for f in lane.findings if f.code == "identical-artifact"]
+    assert same == [f.message for f in one.findings if f.code == "identical-artifact"] and "dynamic" in same[0]
+
+
+def test_lane_converts_only_uncalibrated_post_training_recipes_besides_fp32():
+    taken = [r.name for r in ptq_recipes(resolve_profile("cpu-edge")) if ConversionLane.converts(r)]
+    assert taken == ["dynamic", "fp16"]  # fp32 stays (the inspection reads it), int8 needs the calibration data
+
+
+@pytest.mark.parametrize("params, fits", [(15_000, False), (3_500_000, True), (25_600_000, False), (None, False)])
+def test_lane_by_default_only_where_it_pays_off(params, fits):
+    """Too small: its start costs more than it saves; too large: a second converter's copies of the weights."""
+    assert LANE_MIN_WEIGHT_BYTES <= 3_500_000 * 4 <= LANE_MAX_WEIGHT_BYTES  # MobileNetV2 is in, as measured
+    assert lane_fits(SimpleNamespace(params=params)) is fits
