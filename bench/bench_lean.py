@@ -11,7 +11,8 @@ Each round runs, one after the other (interleaved, so a change of host load hits
 2. `kdeploy optimize --target cpu-edge` with an empty cache folder (the first run; it fills the
    cache);
 3. the same command again on the same cache (the cached re-run);
-4. `kdeploy optimize --parallel --no-cache` (ONNX twins in a second process; `--no-parallel` skips it).
+4. `kdeploy optimize --no-parallel --no-cache` (everything in one process, for comparison with the
+   default, which converts in a second process where that pays off; `--no-one-process` skips it).
 
 Every process tree is sampled (`kdeploy.memory.tree_memory_mb`: the process and all its
 descendants, read from /proc) as the sum of VmRSS every 50 ms (a shared library mapped by two
@@ -20,7 +21,7 @@ costly to read, so sampled less often), so peak memory is that of the whole run,
 largest child.
 Printed: per-round figures, then the ratios over the rounds (median, min..max): overhead
 (first kdeploy run / bare), cached re-run / first run, peak memory kdeploy / bare; the verdicts
-of every run and the candidate each uncached run (first, --parallel) selected.
+of every run and the candidate each uncached run (first, one-process) selected.
 
 `--kdeploy-root` runs another checkout's kdeploy (e.g. `git archive` of main: the "before").
 Goals (issue 13): overhead <= 1.0x, cached <= 0.25x with the same verdicts, peak memory
@@ -119,8 +120,8 @@ def main() -> None:
     ap.add_argument("--target", default="cpu-edge")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=None, help="keep files here (default: a temporary folder)")
-    ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time `kdeploy optimize --parallel --no-cache` each round (off for a kdeploy without it)")
+    ap.add_argument("--one-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time `kdeploy optimize --no-parallel --no-cache` each round (off for a kdeploy without it)")
     ap.add_argument("--kdeploy-root", type=Path, default=ROOT, help="the kdeploy checkout to run (default: this one)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kdeploy-lean-"))
@@ -141,10 +142,10 @@ def main() -> None:
             raise SystemExit(f"bare script failed (exit {code})")
         env = dict(base_env, KDEPLOY_CACHE_DIR=str(work / f"cache-{r}"))
         runs = {}
-        for kind in ("first", "cached", *(["parallel"] if args.parallel else [])):
+        for kind in ("first", "cached", *(["one-process"] if args.one_process else [])):
             out = work / f"kdeploy-{r}-{kind}"
             lines: list = []
-            flags = ["--parallel", "--no-cache"] if kind == "parallel" else []
+            flags = ["--no-parallel", "--no-cache"] if kind == "one-process" else []
             wall, peak, code = run_sampled(kdeploy_cmd(model, data, out, args.target) + flags, env, kd_root, lines)
             if code not in (0, 1):
                 raise SystemExit(f"kdeploy failed (exit {code}): {[l for _, l in lines[-3:]]}")
@@ -154,9 +155,9 @@ def main() -> None:
                           "cache": rep.get("cache"), "lines": lines}
         rows.append({"bare": {"wall": b_wall, "peak": b_peak}, **runs})
         f, c = runs["first"], runs["cached"]
-        if "parallel" in runs:
-            q = runs["parallel"]
-            print(f"round {r + 1}: kdeploy --parallel {q['wall']:6.1f} s {q['peak']['rss']:6.0f} MB (PSS "
+        if "one-process" in runs:
+            q = runs["one-process"]
+            print(f"round {r + 1}: kdeploy --no-parallel {q['wall']:6.1f} s {q['peak']['rss']:6.0f} MB (PSS "
                   f"{q['peak']['pss']:.0f} MB) selected {q['selected']}", flush=True)
         print(f"round {r + 1}: bare {b_wall:6.1f} s {b_peak['rss']:6.0f} MB | kdeploy first {f['wall']:6.1f} s "
               f"{f['peak']['rss']:6.0f} MB selected {f['selected']} | cached {c['wall']:6.1f} s "
@@ -179,15 +180,15 @@ def main() -> None:
               + spread([x["first"]["peak"][m] / x["bare"]["peak"][m] for x in rows])
               + f"  (goal <= 1.2x; peaks: kdeploy {max(x['first']['peak'][m] for x in rows):.0f} MB, cached "
                 f"{max(x['cached']['peak'][m] for x in rows):.0f} MB, bare {max(x['bare']['peak'][m] for x in rows):.0f} MB)")
-    if args.parallel:
-        print("PARALLEL   kdeploy --parallel / bare wall:             " + spread([x["parallel"]["wall"] / x["bare"]["wall"] for x in rows]))
-        print("PARALLEL   kdeploy --parallel / bare peak RSS sum:     " + spread([x["parallel"]["peak"]["rss"] / x["bare"]["peak"]["rss"] for x in rows])
-              + f" (peak {max(x['parallel']['peak']['rss'] for x in rows):.0f} MB; PSS "
-                f"{max(x['parallel']['peak']['pss'] for x in rows):.0f} MB)")
+    if args.one_process:
+        print("ONE-PROC   kdeploy --no-parallel / bare wall:          " + spread([x["one-process"]["wall"] / x["bare"]["wall"] for x in rows]))
+        print("ONE-PROC   kdeploy --no-parallel / bare peak RSS sum:  " + spread([x["one-process"]["peak"]["rss"] / x["bare"]["peak"]["rss"] for x in rows])
+              + f" (peak {max(x['one-process']['peak']['rss'] for x in rows):.0f} MB; PSS "
+                f"{max(x['one-process']['peak']['pss'] for x in rows):.0f} MB)")
     same = all(x["first"]["verdicts"] == x["cached"]["verdicts"] and x["first"]["ready"] == x["cached"]["ready"]
                for x in rows)
     print(f"VERDICTS   cached re-runs give the same verdicts as their first run: {'yes' if same else 'NO'}")
-    picks = [x[k]["selected"] for x in rows for k in ("first", "parallel") if k in x]
+    picks = [x[k]["selected"] for x in rows for k in ("first", "one-process") if k in x]
     print(f"SELECTION  uncached runs selected: {picks} -> {'stable' if len(set(picks)) == 1 else 'NOT stable'}")
     print(f"cache section of the last cached report: {json.dumps(rows[-1]['cached']['cache'])[:400]}")
 
