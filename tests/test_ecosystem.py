@@ -106,7 +106,8 @@ def test_missing_trusted_package_says_what_to_install(tmp_path, monkeypatch):
 @pytest.mark.slow  # two full runs (~15 s each on an idle 2-core host)
 def test_bert_backbone_dict_outputs_pass_on_litert_and_onnxruntime_and_artifacts_do_not_depend_on_out(tmp_path):
     path, data = tiny_bert(tmp_path)
-    profile = make_profile(tmp_path, base, precisions=precisions, threads=[1], robustness={"enabled": False})
+    profile = make_profile(tmp_path, "cpu-edge", precisions=["fp32", "int8"], threads=[1],
+                           robustness={"enabled": False})
     outs = [tmp_path / "a", tmp_path / "other dir" / "b"]
     outs[1].parent.mkdir()
     reports = []
