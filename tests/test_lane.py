@@ -16,14 +16,17 @@ from conftest import FIXTURES, make_profile
 
 
 def _summary(report) -> dict:
-    return {c.name: (c.passed, sorted((a.format, a.sha256) for a in c.artifacts)) for c in report.candidates}
+    """Verdicts, artifact bytes and robustness figures (the lane's run makes the probes while the lane converts)."""
+    return {c.name: (c.passed, sorted((a.format, a.sha256) for a in c.artifacts),
+                     [(r.probe, r.runtime, r.output, r.cosine_mean, r.top1_agreement) for r in c.robustness])
+            for c in report.candidates}
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the lane runs on a multi-core host only")
 def test_lane_gives_the_same_candidates_bytes_and_findings_as_one_process(tmp_path):
     """iris: dynamic range quantizes nothing (every weight below the converter's threshold), so the lane's
     dynamic .tflite is the fp32 model again: dropped, its files removed, and said, as in one process."""
-    profile = make_profile(tmp_path, precisions=["fp32", "dynamic", "fp16", "int8"], robustness={"enabled": False})
+    profile = make_profile(tmp_path, precisions=["fp32", "dynamic", "fp16", "int8"])
     runs = {}
     for parallel in (False, True):
         out = tmp_path / f"out-{parallel}"
@@ -33,7 +36,7 @@ def test_lane_gives_the_same_candidates_bytes_and_findings_as_one_process(tmp_pa
             f"{n}.{ext}" for n in ("fp16", "fp32", "int8") for ext in ("onnx", "tflite")]
     one, lane = runs[False], runs[True]
     assert [c.name for c in lane.candidates] == [c.name for c in one.candidates] == ["fp32", "fp16", "int8"]
-    assert _summary(lane) == _summary(one)
+    assert _summary(lane) == _summary(one) and all(c.robustness for c in lane.candidates)
     assert all(c.recipe.get("onnx") == "tf2onnx from the same .tflite" for c in lane.candidates)
     same = [f.message for f in lane.findings if f.code == "identical-artifact"]
     assert same == [f.message for f in one.findings if f.code == "identical-artifact"] and "dynamic" in same[0]

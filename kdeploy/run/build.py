@@ -17,6 +17,8 @@ from kdeploy.report.model import Inspection
 from kdeploy.run.context import Build, Built, Context
 from kdeploy.run.convert import (ConversionLane, ReferenceModel, add_onnx_twin, attach_twin, convert_tflite,
                                 keeps_tflite, new_build, release_tflite)
+from kdeploy.run.probes import probe_inputs
+from kdeploy.run.selective import selective_builds
 from kdeploy.util import file_sha256, release_memory
 
 
@@ -43,17 +45,18 @@ def build_candidates(ctx: Context) -> Built:
         if lane is not None:
             lane.reference(ref)
         builds, kept, seen = _ptq_builds(ctx, ref, recipes, lane)
-        inspection = _inspection(ctx, conversion, kept)  # reads the fp32 .tflite while the lane finishes
+        # What needs only this process' candidates (fp32, the calibrated ones) runs while the lane finishes.
+        inspection = _inspection(ctx, conversion, kept)  # reads the fp32 .tflite
+        mixed = selective_builds(ctx, ref, builds)  # int8-mixed, when full int8 fails and float layers fix it
         if lane is not None:
+            probe_inputs(ctx)  # Keras outputs on the robustness probes, which the evaluation needs
             _lane_builds(ctx, recipes, lane, builds, kept, seen)
     finally:
         if lane is not None:
             lane.close()
     for b, tfl in kept:
         release_tflite(ctx, b, tfl)
-    from kdeploy.run.selective import selective_builds
-
-    builds += selective_builds(ctx, ref, builds)  # int8-mixed, when full int8 fails and float layers fix it
+    builds += mixed
     for recipe in ort_recipes(prof):
         b = Build(recipe.name, recipe.precision, recipe.describe(len(ctx.calibration)), spec=recipe)
         builds.append(b)

@@ -89,6 +89,7 @@ class Context:
     findings: list[Finding] = field(default_factory=list)
     layer_errors: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> per-layer tensors (run/diagnose)
     layer_samples: int | None = None  # samples those tensors are taken on, fixed by the first dump (run/diagnose)
+    probes: tuple | None = None  # robustness probe inputs and Keras outputs, made once (run/probes)
     parallel: bool | None = None  # RunOptions.parallel
 
     def finding(self, severity: str, code: str, message: str) -> None:

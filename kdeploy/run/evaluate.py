@@ -19,17 +19,16 @@ from kdeploy.memory import batch_size_for
 from kdeploy.profiles import TargetProfile
 from kdeploy.report.figures import budget_row
 from kdeploy.report.model import ArtifactOut, Candidate, Check, RobustnessOut
-from kdeploy.robustness import agreement, make_probes
+from kdeploy.robustness import agreement
 from kdeploy.run.checks import add_fidelity, budget_checks, is_latency_check, latency_check
 from kdeploy.run.context import Build, Context
 from kdeploy.run.diagnose import task_checks
 from kdeploy.run.lock import timing_lock
-from kdeploy.run.prepare import REFERENCE_BATCH
+from kdeploy.run.probes import probe_inputs
 from kdeploy.run.timing import LATENCY_FINDINGS, latency_findings, settle_budget_latency, time_candidates
 from kdeploy.runtimes import RUNTIME_FORMATS
 from kdeploy.runtimes.jobs import RunJob
 from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
-from kdeploy.util import release_memory
 
 FIDELITY_BATCH = 64  # at most; fewer for large inputs (`memory.batch_size_for`)
 # Fidelity/probe child processes run at most this many at a time (never more than the host's
@@ -55,7 +54,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     batches = _batches(ctx, finding=True)
     names = [t.name for t in m.outputs]
     measured_on = _measured_on(ctx)
-    probes, probes_path = _probe_inputs(ctx, fixed_batch)
+    probes, probes_path = probe_inputs(ctx)
     counted = _count_compute(builds)
     candidates: list[Candidate] = []
     runs = []  # (candidate, build, artifact, runtime, job, job dir)
@@ -221,32 +220,6 @@ def _run_parallel(ctx: Context, jobs: list[tuple[str, RunJob, Path]]) -> list:
             for f in done:
                 results[running.pop(f)] = f.result()
     return results
-
-
-def _probe_inputs(ctx: Context, fixed_batch: int | None) -> tuple[dict[str, tuple[str, dict, list]], Path | None]:
-    """Robustness probe inputs and Keras' outputs on them; writes them for the workers."""
-    prof = ctx.profile
-    if not prof.robustness.enabled:
-        return {}, None
-    if fixed_batch not in (None, 1):
-        ctx.finding("info", "robustness-skipped",
-                    f"robustness probes need batch 1 or a dynamic batch; the model's batch is fixed at {fixed_batch}")
-        return {}, None
-    if any(not np.all(np.isfinite(r)) for r in ctx.reference):
-        return {}, None  # the reference itself is broken; a finding already says so
-    sets = make_probes(ctx.validation.inputs, ctx.data.inputs, prof.robustness, ctx.seed)
-    probes = {}
-    flat = {}
-    for name, (desc, feeds) in sets.items():
-        ctx.progress("probe", f"Keras outputs on robustness probe '{name}'")
-        probes[name] = (desc, feeds, ctx.model.predict(feeds, batch_size=batch_size_for(feeds, REFERENCE_BATCH)))
-        flat.update({f"{name}/{k}": v for k, v in feeds.items()})
-    release_memory()  # Keras' batch activations, before the runtime children start
-    if not probes:
-        return {}, None
-    path = ctx.work / "probes.npz"
-    np.savez(path, **flat)
-    return probes, path
 
 
 def _cross_compare(ctx: Context, c: Candidate, b: Build, outputs: dict[str, list[np.ndarray]], names: list[str]) -> None:

@@ -1,0 +1,56 @@
+"""Robustness probe inputs and Keras' outputs on them, made once per run (`probe_inputs`).
+
+The evaluation feeds them to the runtime workers; the build stage makes them early while the
+conversion lane finishes (the parent would otherwise wait idle), so they are memoized in the
+Context.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdeploy.memory import batch_size_for
+from kdeploy.robustness import make_probes
+from kdeploy.run.context import Context
+from kdeploy.run.prepare import REFERENCE_BATCH
+from kdeploy.util import release_memory
+
+Probes = tuple[dict[str, tuple[str, dict, list]], Path | None]
+
+
+def probe_inputs(ctx: Context) -> Probes:
+    """probe name -> (description, inputs, Keras outputs), and the `.npz` the workers read (None: no probes).
+
+    Computed on the first call and kept in `ctx.probes`.
+    """
+    if ctx.probes is None:
+        ctx.probes = _make(ctx)
+    return ctx.probes
+
+
+def _make(ctx: Context) -> Probes:
+    prof = ctx.profile
+    fixed_batch = ctx.model.inputs[0].shape[0]
+    if not prof.robustness.enabled:
+        return {}, None
+    if fixed_batch not in (None, 1):
+        ctx.finding("info", "robustness-skipped",
+                    f"robustness probes need batch 1 or a dynamic batch; the model's batch is fixed at {fixed_batch}")
+        return {}, None
+    if any(not np.all(np.isfinite(r)) for r in ctx.reference):
+        return {}, None  # the reference itself is broken; a finding already says so
+    sets = make_probes(ctx.validation.inputs, ctx.data.inputs, prof.robustness, ctx.seed)
+    probes = {}
+    flat = {}
+    for name, (desc, feeds) in sets.items():
+        ctx.progress("probe", f"Keras outputs on robustness probe '{name}'")
+        probes[name] = (desc, feeds, ctx.model.predict(feeds, batch_size=batch_size_for(feeds, REFERENCE_BATCH)))
+        flat.update({f"{name}/{k}": v for k, v in feeds.items()})
+    release_memory()  # Keras' batch activations, before the runtime children start
+    if not probes:
+        return {}, None
+    path = ctx.work / "probes.npz"
+    np.savez(path, **flat)
+    return probes, path
