@@ -31,9 +31,28 @@ class LayerTensors:
     meta: dict[str, dict[str, Any]]  # layer -> {op, ops, input_dtypes, nodes, fed_by}
 
 
+@dataclass
+class LayerDump:
+    """Where one artifact's per-layer outputs were written; `load` reads them (they are not kept in memory).
+
+    The tensors of a few artifacts reach hundreds of MB (`memory.LAYER_TENSOR_BYTES` each): held
+    from the selective search to the diagnosis they stood under the latency timing's peak
+    (ResNet50V2 here), so the run keeps the file and reads it again when needed.
+    """
+
+    path: Path
+    index: int
+    meta: dict[str, dict[str, Any]]
+
+    def load(self) -> LayerTensors:
+        prefix = f"{self.index}/"
+        with np.load(self.path) as z:
+            return LayerTensors({k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}, self.meta)
+
+
 def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name: str, layers: list[str],
-                job_dir: Path, samples: int, timeout_s: float) -> list[LayerTensors]:
-    """Runs the LiteRT tensor dump child on `artifacts` ((path, io) pairs); one LayerTensors each.
+                job_dir: Path, samples: int, timeout_s: float) -> list[LayerDump]:
+    """Runs the LiteRT tensor dump child on `artifacts` ((path, io) pairs); one LayerDump each (in `job_dir`).
 
     Raises:
         ChildFailure: the child crashed, hung or raised.
@@ -42,10 +61,7 @@ def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name
     job = {"artifacts": [{"path": str(p), "io": io} for p, io in artifacts], "feeds_path": str(feeds_path),
            "model_name": model_name, "layers": layers, "samples": samples, "out_path": str(out)}
     result = run_child("kdeploy.debug.tensors", job, job_dir, timeout_s=timeout_s, what="the LiteRT tensor dump")
-    with np.load(out) as z:
-        arrays = {k: z[k] for k in z.files}
-    return [LayerTensors({k.split("/", 1)[1]: v for k, v in arrays.items() if k.split("/", 1)[0] == str(i)}, meta)
-            for i, meta in enumerate(result["artifacts"])]
+    return [LayerDump(out, i, meta) for i, meta in enumerate(result["artifacts"])]
 
 
 def _rel_rmse(ref: np.ndarray, got: np.ndarray) -> float:

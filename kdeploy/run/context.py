@@ -87,7 +87,7 @@ class Context:
     progress: Progress
     host: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
-    layer_errors: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> per-layer tensors (run/diagnose)
+    layer_errors: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> its per-layer tensors' file (run/diagnose)
     layer_samples: int | None = None  # samples those tensors are taken on, fixed by the first dump (run/diagnose)
     probes: tuple | None = None  # robustness probe inputs and Keras outputs, made once (run/probes)
     parallel: bool | None = None  # RunOptions.parallel

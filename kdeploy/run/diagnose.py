@@ -5,7 +5,8 @@ describes: the per-layer error of every quantized `.tflite` against the float on
 (`candidates[].sensitivity`) and, for an fp32 `.tflite` that fails its tolerance, the first
 Keras layer whose output is off (`candidates[].first_divergence`). The tensors come from one
 LiteRT child process (`kdeploy.debug.tensors`); results are cached per artifact hash in
-`Context.layer_errors`, so the selective search and the report measure a `.tflite` once.
+`Context.layer_errors` (the file, read again when needed), so the selective search and the report measure a
+`.tflite` once.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def layer_tensors(ctx: Context, paths: list[Path], io: dict) -> list[LayerTensor
         got = dump_layers([(p, io) for p, _ in todo], feeds, ctx.model.keras_model.name, model_layers(ctx), job_dir,
                           layer_samples(ctx, paths[0]), ctx.profile.timing.timeout_s)
         ctx.layer_errors.update({s: t for (_, s), t in zip(todo, got)})
-    return [ctx.layer_errors[s] for s in shas]
+    return [ctx.layer_errors[s].load() for s in shas]
 
 
 def layer_samples(ctx: Context, float_path: Path) -> int:

@@ -29,6 +29,7 @@ from kdeploy.run.timing import LATENCY_FINDINGS, latency_findings, settle_budget
 from kdeploy.runtimes import RUNTIME_FORMATS
 from kdeploy.runtimes.jobs import RunJob
 from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
+from kdeploy.util import release_memory
 
 FIDELITY_BATCH = 64  # at most; fewer for large inputs (`memory.batch_size_for`)
 # Fidelity/probe child processes run at most this many at a time (never more than the host's
@@ -102,6 +103,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
             desc, _, ref = probes[probe]
             c.robustness += [RobustnessOut(**row) for row in
                              agreement(probe, desc, runtime, ref, got, names, m.output_kinds, prof.robustness)]
+    release_memory()  # the fidelity runs' outputs and the parent's freed heap, before the timing child loads every artifact
     with timing_lock() as waited:  # batch jobs on one host time (and re-measure) one at a time
         for runtime, entries in ran.items():
             time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on)
