@@ -53,14 +53,16 @@ name = "gru"
 model = "{FIXTURES / 'digits_gru.keras'}"
 targets = ["cpu-server"]
 input_shapes = {{ rows = [8, 8] }}
+num_cpus = 2
 """)
     jobs = load_manifest(manifest)
     assert [j.name for j in jobs] == ["digits_v1-cpu-edge", "digits_v1-mcu", "digits_v2-cpu-edge", "digits_v2-mcu", "gru"]
     assert jobs[1].target_arg == ("--profile", str(profile.resolve())) and jobs[1].target == "mcu"
     assert jobs[0].model_label == "models/digits_v1.keras"
     assert jobs[0].optimize_args() == [str((tmp_path / "models" / "digits_v1.keras").resolve()), "--target", "cpu-edge",
-                                       "--seed", "3", "--data", str(FIXTURES / "digits.npz")]
+                                       "--seed", "3", "--no-parallel", "--data", str(FIXTURES / "digits.npz")]
     assert jobs[4].optimize_args()[-2:] == ["--input-shape", "rows=8,8"]
+    assert "--no-parallel" not in jobs[4].optimize_args()  # two CPUs declared: the conversion lane may run
     assert worst_exit([0, 1, 0]) == 1 and worst_exit([1, 3, 2, 0]) == 3 and worst_exit([0, 0]) == 0
 
 

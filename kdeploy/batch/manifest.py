@@ -81,8 +81,14 @@ class Job:
         return is_registry_uri(self.model)
 
     def optimize_args(self) -> list[str]:
-        """Arguments of `kdeploy optimize` for this job, without `--out`, `--format` and MLflow options."""
+        """Arguments of `kdeploy optimize` for this job, without `--out`, `--format` and MLflow options.
+
+        A job that declares fewer than two CPUs converts in one process: the conversion lane would
+        be a second busy process beside the other jobs' (`run.convert.ConversionLane`).
+        """
         args = [self.model, *self.target_arg, "--seed", str(self.seed)]
+        if self.num_cpus < 2:
+            args.append("--no-parallel")
         if self.data is not None:
             args += ["--data", self.data]
         for name, dims in self.input_shapes.items():
