@@ -241,7 +241,7 @@ def optimize(
     mlflow_experiment: MlflowExpOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor store results in the result cache ($KDEPLOY_CACHE_DIR, else the user cache folder).")] = False,
     retime: Annotated[bool, typer.Option("--retime", help="On a cache hit, measure latency again (artifacts and fidelity come from the cache).")] = False,
-    parallel: Annotated[Optional[bool], typer.Option("--parallel/--no-parallel", help="Convert the dynamic-range and float16 .tflite files and the ONNX twins in a second process beside the others. Default: on a multi-core host for models with at most 64 MB of fp32 weights.", show_default=False)] = None,
+    parallel: Annotated[Optional[bool], typer.Option("--parallel/--no-parallel", help="Convert the dynamic-range and float16 .tflite files and the ONNX twins in a second process beside the others. Default: on a multi-core host for models with 4-16 MB of fp32 weights.", show_default=False)] = None,
     max_memory: Annotated[Optional[float], typer.Option("--max-memory", min=1, help="Stop (exit 3) when kdeploy and its child processes together hold more than this many MB resident.")] = None,
 ) -> None:
     """Build every candidate the target allows, check and measure them, select the best, gate.

@@ -47,7 +47,8 @@ def test_lane_converts_only_uncalibrated_post_training_recipes_besides_fp32():
     assert taken == ["dynamic", "fp16"]  # fp32 stays (the inspection reads it), int8 needs the calibration data
 
 
-@pytest.mark.parametrize("params, fits", [(15_000, False), (3_500_000, True), (25_600_000, False), (None, False)])
+@pytest.mark.parametrize("params, fits", [(15_000, False), (3_500_000, True), (7_200_000, False), (25_600_000, False),
+                                          (None, False)])
 def test_lane_by_default_only_where_it_pays_off(params, fits):
     """Too small: its start costs more than it saves; too large: a second converter's copies of the weights."""
     assert LANE_MIN_WEIGHT_BYTES <= 3_500_000 * 4 <= LANE_MAX_WEIGHT_BYTES  # MobileNetV2 is in, as measured
