@@ -42,6 +42,21 @@ def test_lane_gives_the_same_candidates_bytes_and_findings_as_one_process(tmp_pa
     assert same == [f.message for f in one.findings if f.code == "identical-artifact"] and "dynamic" in same[0]
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the lane runs on a multi-core host only")
+def test_a_crashed_lane_costs_no_candidate(tmp_path, monkeypatch):
+    """The lane's process dies (SIGSEGV, as the OOM killer would end it) on float16: this process converts
+    the lane's share itself, with the same bytes, and a finding says so."""
+    profile = make_profile(tmp_path, precisions=["fp32", "dynamic", "fp16"], robustness={"enabled": False})
+    kw = dict(profile=profile, data=FIXTURES / "digits.npz", cache=False)
+    one = optimize(FIXTURES / "digits_cnn.keras", out=tmp_path / "one", parallel=False, **kw)
+    monkeypatch.setenv("KDEPLOY_TEST_LANE_FAULT", "fp16")
+    crashed = optimize(FIXTURES / "digits_cnn.keras", out=tmp_path / "crashed", parallel=True, **kw)
+    failed = [f.message for f in crashed.findings if f.code == "lane-failed"]
+    assert failed and "signal 11" in failed[0], [f.code for f in crashed.findings]
+    assert [c.name for c in crashed.candidates] == ["fp32", "dynamic", "fp16"]
+    assert _summary(crashed) == _summary(one) and all(c.passed for c in crashed.candidates)
+
+
 def test_lane_converts_only_uncalibrated_post_training_recipes_besides_fp32():
     taken = [r.name for r in ptq_recipes(resolve_profile("cpu-edge")) if ConversionLane.converts(r)]
     assert taken == ["dynamic", "fp16"]  # fp32 stays (the inspection reads it), int8 needs the calibration data

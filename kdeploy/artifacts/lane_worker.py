@@ -19,6 +19,7 @@ converter intermediates leave with this process.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -60,6 +61,18 @@ def _fields(art) -> dict:
     return {**asdict(art), "path": str(art.path)}
 
 
+def _test_fault(name: str) -> None:
+    """Test-only: the child kills itself with SIGSEGV on task `name` when KDEPLOY_TEST_LANE_FAULT names it.
+
+    Honoured only while pytest runs a test (PYTEST_CURRENT_TEST is set), so the tests can prove
+    that a crashed lane costs no candidate.
+    """
+    if os.environ.get("KDEPLOY_TEST_LANE_FAULT") == name and "PYTEST_CURRENT_TEST" in os.environ:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def run(job: dict) -> dict:
     from kdeploy.artifacts import Artifact
     from kdeploy.artifacts import onnx as onnx_export
@@ -82,6 +95,7 @@ def run(job: dict) -> dict:
             time.sleep(POLL_S)
             continue
         pending.remove(task)
+        _test_fault(task["name"])
         name, res = task["name"], results.setdefault(task["name"], {})
         src = Path(task["src"])
         if task["tflite"]:

@@ -50,7 +50,7 @@ def build_candidates(ctx: Context) -> Built:
         mixed = selective_builds(ctx, ref, builds)  # int8-mixed, when full int8 fails and float layers fix it
         if lane is not None:
             probe_inputs(ctx)  # Keras outputs on the robustness probes, which the evaluation needs
-            _lane_builds(ctx, recipes, lane, builds, kept, seen)
+            _lane_builds(ctx, ref, recipes, lane, builds, kept, seen)
     finally:
         if lane is not None:
             lane.close()
@@ -113,13 +113,23 @@ def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: 
     return builds, kept, seen
 
 
-def _lane_builds(ctx: Context, recipes: list[Recipe], lane: ConversionLane, builds: list[Build],
-                 kept: list[tuple[Build, Artifact]], seen: dict[str, str]) -> None:
-    """Waits for the lane; adds its `.tflite` files and ONNX twins to `builds` and `kept` (in recipe order)."""
+def _lane_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: ConversionLane,
+                 builds: list[Build], kept: list[tuple[Build, Artifact]], seen: dict[str, str]) -> None:
+    """Waits for the lane; adds its `.tflite` files and ONNX twins to `builds` and `kept` (in recipe order).
+
+    When the lane's process failed, its share is converted here instead (and a finding says so):
+    a crashed helper must not cost candidates that one process would have made.
+    """
     results = lane.finish()
     by_recipe = {r.name: r for r in recipes}
+    if lane.failure is not None:
+        ctx.finding("warning", "lane-failed", f"the conversion lane failed ({lane.failure}); its conversions "
+                                              "were made in this process instead")
     for b in list(builds):
         recipe, res = by_recipe[b.name], results.get(b.name)
+        if lane.failure is not None:
+            _convert_here(ctx, ref, recipe, lane, b, builds, kept, seen)
+            continue
         if not lane.converts(recipe):
             attach_twin(ctx, b, recipe, res)
             continue
@@ -138,6 +148,27 @@ def _lane_builds(ctx: Context, recipes: list[Recipe], lane: ConversionLane, buil
         kept.append((b, res.tflite))
     order = {b.name: i for i, b in enumerate(builds)}
     kept.sort(key=lambda bt: order[bt[0].name])
+
+
+def _convert_here(ctx: Context, ref: ReferenceModel, recipe: Recipe, lane: ConversionLane, b: Build,
+                  builds: list[Build], kept: list[tuple[Build, Artifact]], seen: dict[str, str]) -> None:
+    """What the failed lane would have made of `b`'s recipe, made in this process as `_ptq_builds` does."""
+    if not lane.converts(recipe):
+        tfl = next((t for k, t in kept if k is b), None)
+        if tfl is not None and lane.takes(recipe):
+            add_onnx_twin(ctx, b, recipe, tfl, ref)
+        return
+    fresh, tfl = convert_tflite(ctx, recipe, ref)
+    release_memory()
+    builds[builds.index(b)] = fresh
+    if tfl is None:
+        return
+    if _duplicate(ctx, recipe, tfl, seen):
+        builds.remove(fresh)
+        return
+    add_onnx_twin(ctx, fresh, recipe, tfl, ref)
+    release_memory()
+    kept.append((fresh, tfl))
 
 
 def _duplicate(ctx: Context, recipe: Recipe, tfl: Artifact, seen: dict[str, str]) -> bool:

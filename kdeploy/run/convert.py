@@ -155,6 +155,7 @@ class ConversionLane:
         self.markers = self.dir / "markers"
         self.markers.mkdir(parents=True, exist_ok=True)
         self.result: dict | Exception | None = None
+        self.failure: str | None = None  # why the child failed (crash, kill, exception), once `finish` saw it
         self.proc = None
         twins = "onnxruntime" in ctx.wanted_runtimes
         job = {"inputs": [t.name for t in ctx.model.inputs], "markers": str(self.markers),
@@ -222,17 +223,20 @@ class ConversionLane:
             (self.markers / f"{recipe.name}.skip").touch()
 
     def finish(self) -> dict[str, LaneResult]:
-        """Waits for the child; each recipe's `.tflite` (the lane's own) and ONNX twin, or why not (recipe name -> result)."""
+        """Waits for the child; each recipe's `.tflite` (the lane's own) and ONNX twin, or why not (recipe name -> result).
+
+        When the child itself failed (a crash, the OOM killer), `failure` says why and nothing is
+        returned: the caller then makes the lane's share in its own process.
+        """
         from kdeploy.child import ChildFailure
 
         for name in self.recipes:
             if not (self.markers / f"{name}.ready").exists():
                 (self.markers / f"{name}.skip").touch()
         self.thread.join()
-        if isinstance(self.result, ChildFailure):
-            failed = f"conversion lane failed: {self.result}"
-            return {n: LaneResult(tflite_error=failed if self.converts(r) else None, onnx_error=failed)
-                    for n, r in self.recipes.items()}
+        if isinstance(self.result, ChildFailure):  # the caller converts the lane's share itself
+            self.failure = str(self.result)
+            return {}
         if isinstance(self.result, BaseException):
             raise self.result
         out: dict[str, LaneResult] = {}
