@@ -94,23 +94,37 @@ def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: 
         if lane is not None and lane.converts(recipe):
             builds.append(new_build(ctx, recipe))  # its .tflite comes from the lane (`finish`)
             continue
-        b, tfl = convert_tflite(ctx, recipe, ref)
-        release_memory()  # the converter's freed intermediates go back to the OS before the next one
-        builds.append(b)
-        duplicate = tfl is not None and _duplicate(ctx, recipe, tfl, seen)
-        if duplicate:
-            builds.remove(b)
-        if tfl is None or duplicate:
+        b, tfl = _convert_here(ctx, ref, recipe, seen, twin=lane is None or not lane.takes(recipe))
+        if b is not None:
+            builds.append(b)
+        if tfl is None:
             if lane is not None:
                 lane.skip(recipe)
             continue
         if lane is not None and lane.takes(recipe):
             lane.ready(recipe)
-        else:
-            add_onnx_twin(ctx, b, recipe, tfl, ref)
-            release_memory()  # tf2onnx's freed graphs (gigabytes on ResNet50V2) before the next conversion
         kept.append((b, tfl))
     return builds, kept, seen
+
+
+def _convert_here(ctx: Context, ref: ReferenceModel, recipe: Recipe, seen: dict[str, str], twin: bool,
+                  ) -> tuple[Build | None, Artifact | None]:
+    """Converts `recipe` in this process (its ONNX twin too when `twin`).
+
+    Returns:
+        (build, its `.tflite`); the `.tflite` is None when the conversion failed (the build says
+        why), and both are None when it was an earlier candidate's model again (`_duplicate`).
+    """
+    b, tfl = convert_tflite(ctx, recipe, ref)
+    release_memory()  # the converter's freed intermediates go back to the OS before the next one
+    if tfl is None:
+        return b, None
+    if _duplicate(ctx, recipe, tfl, seen):
+        return None, None
+    if twin:
+        add_onnx_twin(ctx, b, recipe, tfl, ref)
+        release_memory()  # tf2onnx's freed graphs (gigabytes on ResNet50V2) before the next conversion
+    return b, tfl
 
 
 def _lane_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: ConversionLane,
@@ -128,7 +142,7 @@ def _lane_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane:
     for b in list(builds):
         recipe, res = by_recipe[b.name], results.get(b.name)
         if lane.failure is not None:
-            _convert_here(ctx, ref, recipe, lane, b, builds, kept, seen)
+            _instead_of_lane(ctx, ref, recipe, lane, b, builds, kept, seen)
             continue
         if not lane.converts(recipe):
             attach_twin(ctx, b, recipe, res)
@@ -150,25 +164,21 @@ def _lane_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane:
     kept.sort(key=lambda bt: order[bt[0].name])
 
 
-def _convert_here(ctx: Context, ref: ReferenceModel, recipe: Recipe, lane: ConversionLane, b: Build,
-                  builds: list[Build], kept: list[tuple[Build, Artifact]], seen: dict[str, str]) -> None:
-    """What the failed lane would have made of `b`'s recipe, made in this process as `_ptq_builds` does."""
-    if not lane.converts(recipe):
+def _instead_of_lane(ctx: Context, ref: ReferenceModel, recipe: Recipe, lane: ConversionLane, b: Build,
+                     builds: list[Build], kept: list[tuple[Build, Artifact]], seen: dict[str, str]) -> None:
+    """What the failed lane would have made of `b`'s recipe, made in this process (`b` replaced in `builds`)."""
+    if not lane.converts(recipe):  # converted here already: only its twin was the lane's
         tfl = next((t for k, t in kept if k is b), None)
         if tfl is not None and lane.takes(recipe):
             add_onnx_twin(ctx, b, recipe, tfl, ref)
         return
-    fresh, tfl = convert_tflite(ctx, recipe, ref)
-    release_memory()
+    fresh, tfl = _convert_here(ctx, ref, recipe, seen, twin=True)
+    if fresh is None:
+        builds.remove(b)
+        return
     builds[builds.index(b)] = fresh
-    if tfl is None:
-        return
-    if _duplicate(ctx, recipe, tfl, seen):
-        builds.remove(fresh)
-        return
-    add_onnx_twin(ctx, fresh, recipe, tfl, ref)
-    release_memory()
-    kept.append((fresh, tfl))
+    if tfl is not None:
+        kept.append((fresh, tfl))
 
 
 def _duplicate(ctx: Context, recipe: Recipe, tfl: Artifact, seen: dict[str, str]) -> bool:
