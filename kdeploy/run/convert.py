@@ -20,6 +20,9 @@ from kdeploy.run.context import Build, Context
 from kdeploy.runtimes import RUNTIME_FORMATS
 
 
+SAME_TFLITE = "tf2onnx from the same .tflite"  # how the report names the ONNX route of a twin (`recipe.onnx`)
+
+
 @dataclass
 class ReferenceModel:
     """The SavedModel every recipe converts from, and its serving signature's output keys."""
@@ -84,7 +87,7 @@ def add_onnx_twin(ctx: Context, b: Build, recipe: Recipe, tfl: Artifact, ref: Re
 
     Args:
         source: the `.tflite` to convert instead of `tfl` (a sparse twin's dense encoding).
-        note: how the report describes the route (default: "tf2onnx from the same .tflite").
+        note: how the report describes the route (default: SAME_TFLITE).
     """
     from kdeploy.artifacts import onnx as onnx_export
 
@@ -100,7 +103,7 @@ def add_onnx_twin(ctx: Context, b: Build, recipe: Recipe, tfl: Artifact, ref: Re
             art = onnx_export.from_saved_model(ref.savedmodel, ctx.model, out, ref.signature_outputs)
         else:
             art = onnx_export.from_tflite(source or tfl, out)
-            b.recipe["onnx"] = note or "tf2onnx from the same .tflite"
+            b.recipe["onnx"] = note or SAME_TFLITE
     except ConversionError as e:
         onnx_missing(ctx, b, str(e))
         return None
@@ -267,4 +270,4 @@ def attach_twin(ctx: Context, b: Build, recipe: Recipe, res: LaneResult | None) 
     elif res.onnx is not None:
         b.artifacts.append(res.onnx)
         if recipe.onnx == "tflite":
-            b.recipe["onnx"] = "tf2onnx from the same .tflite"
+            b.recipe["onnx"] = SAME_TFLITE
