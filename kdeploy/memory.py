@@ -197,8 +197,8 @@ class MemoryGuard:
 
 # The conversion lane (`run.convert.ConversionLane`) runs by default only for models with this many
 # bytes of fp32 weights. Below the floor its cost is its start: a second process importing
-# TensorFlow took longer than all the conversions of the digits CNN (12.6 s with it against 11.5 s
-# without, here). Above the ceiling, memory: the second TensorFlow process costs about 700 MB
+# TensorFlow took longer than all the conversions of the digits CNN (11.3-13.4 s with it against
+# 10.2-10.4 s without, here). Above the ceiling, memory: the second TensorFlow process costs about 700 MB
 # resident (430 MB of it shared libraries), and a converter in it beside the parent's doubles the
 # converters' working memory, which grows with the graph as much as with the weights. Measured
 # (RSS sum of the process tree, with / without the lane): MobileNetV2 (14 MB) 2.45 / 1.79 GB;
