@@ -212,8 +212,35 @@ def test_out_is_a_foreign_non_empty_folder(tmp_path):
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["thesis.tex"]
 
 
-def test_out_parent_missing(tmp_path):
-    assert_usage_error(["optimize", CNN, "--target", "cpu-edge"], tmp_path / "no" / "such" / "o", "does not exist")
+def test_out_under_a_file_is_refused(tmp_path):
+    (tmp_path / "runs").write_text("mine")
+    assert_usage_error(["optimize", CNN, "--target", "cpu-edge"], tmp_path / "runs" / "today" / "o",
+                       "existing file, not a folder", str(tmp_path / "runs"))
+    assert (tmp_path / "runs").read_text() == "mine"
+
+
+def test_out_missing_parents_are_made_and_removed_again_when_the_run_fails(tmp_path):
+    from kdeploy.report.model import discard_staging, make_staging, publish
+
+    out = tmp_path / "runs" / "today" / "model"
+    staging = make_staging(out)
+    assert staging.parent == out.parent and (tmp_path / "runs" / "today").is_dir()
+    discard_staging(staging)  # a failed or interrupted run
+    assert list(tmp_path.iterdir()) == []
+    staging = make_staging(out)
+    (staging / "report.json").write_text("{}")
+    publish(staging, out)
+    discard_staging(staging)  # after publishing: nothing of the output goes
+    assert (out / "report.json").is_file()
+
+
+def test_out_missing_parents_are_created(tmp_path):
+    out = tmp_path / "runs" / "today" / "iris"
+    code, lines, _ = run(["optimize", FIXTURES / "iris_legacy.h5", "--target", "cpu-edge",
+                          "--data", FIXTURES / "iris.npz", "--no-cache"], out)
+    assert code in (0, 1), lines
+    assert (out / "report.json").is_file() and (out / "report.md").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["iris"]  # no staging or probe folder left beside it
 
 
 def test_out_not_writable(tmp_path):

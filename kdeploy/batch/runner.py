@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import tarfile
@@ -69,7 +68,7 @@ def run_batch(
     Raises:
         UsageError: bad manifest, options or `out`, or Ray not installed (exit 2).
     """
-    from kdeploy.report.model import check_out_dir, make_staging, publish
+    from kdeploy.report.model import check_out_dir, discard_staging, make_staging, publish
     from kdeploy.report.render import validate_formats
 
     notify = on_event or (lambda kind, name, data: None)
@@ -107,7 +106,7 @@ def run_batch(
         publish(staging, out)
         return summary
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
 
 

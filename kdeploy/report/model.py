@@ -291,25 +291,69 @@ def check_out_dir(out: Path, marker: str = "report.json") -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise UsageError(f"--out {out} is a non-empty folder that kdeploy did not write (no {marker}); refusing to overwrite it")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"--out {out}: parent folder {parent} does not exist")
+    existing = next(p for p in (parent, *parent.parents) if p.exists())  # missing folders are made when staging
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is an existing file, not a folder; allowed: a folder path")
     try:  # os.access is not enough: root passes it on read-only or pseudo filesystems (e.g. /sys)
-        tempfile.TemporaryDirectory(prefix=f".{out.name}.probe-", dir=parent).cleanup()
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.probe-", dir=existing).cleanup()
     except OSError as e:
-        raise UsageError(f"--out {out}: parent folder {parent} is not writable ({e.strerror or e}); "
+        raise UsageError(f"--out {out}: folder {existing} is not writable ({e.strerror or e}); "
                          "allowed: a folder in a writable location") from None
 
 
+# staging folder -> the top-most parent folder `make_staging` created for it (removed again by `discard_staging`)
+_MADE_PARENTS: dict[Path, Path] = {}
+
+
 def make_staging(out: Path | None) -> Path:
-    parent = out.resolve().parent if out is not None else None
-    return Path(tempfile.mkdtemp(prefix=f".{out.name if out else 'kdeploy'}.partial-", dir=parent))
+    """A private staging folder beside `out` (same filesystem, so `publish` is a rename), else in the temp folder.
+
+    Missing parent folders of `out` are created (like `mkdir -p`); `discard_staging` removes them again when
+    the run fails, so a failed run leaves the filesystem as it was.
+    """
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix=".kdeploy.partial-"))
+    parent = out.resolve().parent
+    top = _make_parents(parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    if top is not None:
+        _MADE_PARENTS[staging] = top
+    return staging
+
+
+def _make_parents(folder: Path) -> Path | None:
+    """Creates `folder` and its missing parents; returns the top-most folder created (None: it existed)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    if not missing:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[-1]
+
+
+def discard_staging(staging: Path) -> None:
+    """Removes a staging folder of a failed or interrupted run, and the empty parent folders made for it."""
+    shutil.rmtree(staging, ignore_errors=True)
+    top = _MADE_PARENTS.pop(staging, None)
+    if top is None:
+        return
+    folder = staging.parent
+    while True:
+        try:
+            folder.rmdir()  # only when empty: another run's output there stays
+        except OSError:
+            return
+        if folder == top:
+            return
+        folder = folder.parent
 
 
 def publish(staging: Path, out: Path) -> None:
     """Moves `staging` to `out` with renames (same filesystem), replacing an earlier output."""
     out = out.resolve()
+    _MADE_PARENTS.pop(staging, None)  # published: the folders made for it stay
     if staging.resolve().parent != out.parent:
         # Staged elsewhere (e.g. Python API without `out`): copy beside `out` first, then rename.
+        _make_parents(out.parent)
         beside = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         shutil.rmtree(beside)
         shutil.copytree(staging, beside)

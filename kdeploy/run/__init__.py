@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from kdeploy.errors import UsageError
 from kdeploy.profiles import TargetProfile
-from kdeploy.report.model import Report
+from kdeploy.report.model import Report, discard_staging
 from kdeploy.run.assemble import make_report
 from kdeploy.memory import MemoryGuard
 from kdeploy.run.context import Build, Built, Context, Progress, RunOptions, no_progress
@@ -165,7 +165,7 @@ def _run(opts: RunOptions, build: Callable[[Context], Built] | None) -> Report:
             try:
                 report.save(out_path, tuple(opts.formats))
             except BaseException:
-                shutil.rmtree(report._staging, ignore_errors=True)
+                discard_staging(report._staging)
                 raise
         return report
 
@@ -196,7 +196,7 @@ def _cached_or_fresh(opts: RunOptions, prof: TargetProfile, build: Callable[[Con
             try:
                 return reuse.restore_hit(entry, opts, staging, started)
             except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                discard_staging(staging)
                 raise
     ctx = prepare(opts, prof, Path(opts.out) if opts.out is not None else None)
     try:
@@ -220,7 +220,7 @@ def _cached_or_fresh(opts: RunOptions, prof: TargetProfile, build: Callable[[Con
         report._staging = ctx.staging
         return report
     except BaseException:
-        shutil.rmtree(ctx.staging, ignore_errors=True)
+        discard_staging(ctx.staging)
         raise
     finally:
         shutil.rmtree(ctx.work, ignore_errors=True)

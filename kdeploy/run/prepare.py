@@ -15,7 +15,7 @@ from kdeploy.inspection.rules import input_spread, static_batch_inputs
 from kdeploy.loading import load_custom_objects, load_model
 from kdeploy.memory import batch_size_for
 from kdeploy.profiles import TargetProfile, resolve_profile
-from kdeploy.report.model import check_out_dir, make_staging
+from kdeploy.report.model import check_out_dir, discard_staging, make_staging
 from kdeploy.run.context import Context, RunOptions, no_progress
 from kdeploy.run.host import describe_host
 from kdeploy.util import release_memory
@@ -75,7 +75,7 @@ def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None) -> Con
                       parallel=opts.parallel)
         _findings(ctx, reference)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
         raise
