@@ -299,6 +299,7 @@ def check(
     custom_objects: CustomOpt = None,
     trust_package: TrustPackageOpt = None,
     input_shape: ShapeOpt = None,
+    output_map: Annotated[Optional[str], typer.Option("--output-map", help="Pair model outputs with artifact outputs: NAME=ARTIFACT_TENSOR,... (e.g. onset=StatefulPartitionedCall:1). Needed only where names, shapes and values do not settle it.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Gate artifacts that were built elsewhere against the reference model and a target."""
@@ -313,7 +314,7 @@ def check(
                      formats=_formats(format), seed=seed, precision=precision, trust_custom_code=trust_custom_code,
                      custom_objects=custom_objects, input_shapes=_shapes(input_shape),
                      trusted_packages=trust_package or (), progress=_progress(quiet),
-                     command=_command())
+                     command=_command(), output_map=output_map)
         render_report(report, out_dir)
         return EXIT_READY if report.ready else EXIT_NOT_READY
 

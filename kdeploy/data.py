@@ -69,6 +69,54 @@ def load_data(path: str | Path, inputs: list[TensorInfo]) -> Dataset:
     return Dataset(checked, labels or None, synthetic=False, source=str(path))
 
 
+def data_signature(path: str | Path) -> list[TensorInfo]:
+    """The data's arrays as inputs, read cheaply (array headers only): the signature of a model without
+    symbolic inputs (`kdeploy.subclassed`).
+
+    A `.npz` gives one input per array that is not a label (`y`, `y_<output>`), named after it; a
+    `.npy` or CSV one input named `input_0`. float64 becomes float32 (Keras' float type).
+
+    Raises:
+        DataError: unreadable file, unknown format, or no input arrays.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file() or suffix not in DATA_SUFFIXES:
+        raise DataError(f"data file {path} is not a readable {'/'.join(DATA_SUFFIXES)} file")
+    try:
+        if suffix == ".npz":
+            with zipfile.ZipFile(path) as z:
+                found = []
+                for entry in z.namelist():
+                    name = entry[:-4] if entry.endswith(".npy") else entry
+                    if name == "y" or name.startswith("y_"):
+                        continue
+                    with z.open(entry) as f:
+                        fmt = np.lib.format
+                        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+                        shape, _, dtype = read(f)
+                    found.append((name, tuple(shape), dtype))
+        elif suffix == ".npy":
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+            found = [("input_0", a.shape, a.dtype)]
+        else:
+            found = [("input_0", _read_csv(path).shape, np.dtype(np.float32))]
+    except DataError:
+        raise
+    except _READ_ERRORS as e:
+        raise DataError(f"cannot read data file {path} as {suffix}: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}") from None
+    if not found:
+        raise DataError(f"data file {path} has no input arrays (only labels y / y_<output>)")
+    out = []
+    for name, shape, dtype in found:
+        if dtype.kind not in "fiub" or len(shape) < 1:
+            raise DataError(f"array '{name}' in {path.name} has dtype {dtype} and shape {shape}; "
+                            "allowed: numeric arrays with a batch axis")
+        out.append(TensorInfo(name, (None, *shape[1:]), "float32" if dtype == np.float64 else dtype.name))
+    return out
+
+
 _READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, IndexError, TypeError, zlib.error,
                 struct.error, csv.Error, MemoryError, OverflowError, NotImplementedError, RuntimeError)
 
@@ -149,7 +197,8 @@ def _check_array(a: np.ndarray, t: TensorInfo, path: Path) -> np.ndarray:
 
 
 def synthetic_data(inputs: list[TensorInfo], n: int, seed: int) -> Dataset:
-    """Inputs drawn from the signature: floats uniform in [0, 1), integers in [0, 10)."""
+    """Inputs drawn from the signature: floats uniform in [0, 1), integers in {0, 1} (valid ids for any
+    embedding, segment or mask input: a wider range indexed out of a BERT's two segment embeddings)."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for t in inputs:
@@ -159,7 +208,7 @@ def synthetic_data(inputs: list[TensorInfo], n: int, seed: int) -> Dataset:
         elif t.dtype == "bool":
             arrays[t.name] = rng.random(shape) < 0.5
         else:
-            arrays[t.name] = rng.integers(0, 10, shape).astype(t.dtype)
+            arrays[t.name] = rng.integers(0, 2, shape).astype(t.dtype)
     return Dataset(arrays, None, synthetic=True, source="synthetic")
 
 
@@ -169,3 +218,18 @@ def split(ds: Dataset, calibration_samples: int, seed: int) -> tuple[Dataset, Da
     idx = np.random.default_rng(seed).permutation(n)
     n_cal = max(1, min(calibration_samples, n // 2))
     return ds.take(np.sort(idx[:n_cal])), ds.take(np.sort(idx[n_cal:]))
+
+
+def hold_back(val: Dataset, extra: int, min_validation: int, seed: int) -> tuple[Dataset | None, Dataset]:
+    """Up to `extra` random samples of the validation split held back as spare calibration data, where validation
+    keeps at least `min_validation` (`[calibration]`, the calibration repair's larger calibration set).
+
+    Returns:
+        (the spare samples or None, the validation samples left); both disjoint from calibration.
+    """
+    n = len(val)
+    k = min(extra, n - min_validation)
+    if k <= 0:
+        return None, val
+    idx = np.random.default_rng(seed + 1).permutation(n)
+    return val.take(np.sort(idx[:k])), val.take(np.sort(idx[k:]))

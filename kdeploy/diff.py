@@ -26,6 +26,7 @@ from kdeploy.report.figures import (
     fmt_ms,
     latency_percentile,
     primary_artifact,
+    primary_runtime,
 )
 
 DEFAULT_LATENCY_FLOOR_MS = 0.05
@@ -132,7 +133,7 @@ def _figures(rd: dict, cd: dict) -> dict[str, Any]:
     art = primary_artifact(rd, cd)
     lat = budget_latency(rd, cd)
     pct = latency_percentile(rd)
-    fid = fidelity_summary(cd)
+    fid = fidelity_summary(cd, primary_runtime(rd))
     return {
         "size": art.get("size_bytes") if art else None,
         "gzip": art.get("gzip_bytes") if art else None,

@@ -15,7 +15,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -54,6 +54,10 @@ class LoadedModel:
     params: int | None = None
     findings: list[tuple[str, str, str]] = field(default_factory=list)  # (severity, code, message)
     trusted_classes: list[dict] = field(default_factory=list)  # classes of trusted packages (ModelInfo field)
+    # False for a model without symbolic inputs (a subclassed model: `kdeploy.subclassed`): its signature came
+    # from --data / --input-shape, and no `keras.Model(m.inputs, ...)` can be built on it.
+    symbolic: bool = True
+    takes_dict: bool = False  # such a model with several inputs takes them as a dict keyed by input name
 
     def predict(self, feeds: dict[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
         """Reference outputs (inference mode), in model output order (a `native_section`)."""
@@ -66,10 +70,7 @@ class LoadedModel:
         if self.keras_model is not None:
             # Keras' compiled predict loop: one trace, then graph execution (eager op-by-op calls
             # took 2-5x longer on MobileNetV2 here). Inference mode, as in call_keras.
-            struct = getattr(self.keras_model, "_inputs_struct", None)
-            args = [feeds[t.name] for t in self.inputs]
-            x = {t.name: a for t, a in zip(self.inputs, args)} if isinstance(struct, dict) else (
-                args if len(args) > 1 else args[0])
+            x = keras_args(self.keras_model, [feeds[t.name] for t in self.inputs], self)
             out = self.keras_model.predict(x, batch_size=batch_size, verbose=0)
             return [np.asarray(o) for o in flatten_outputs(out)]
         n = len(next(iter(feeds.values())))
@@ -96,12 +97,20 @@ def call_keras(keras_model: Any, args: list, model: "LoadedModel") -> list:
     Models built with dict inputs get dicts (keyed by input name), others lists; dict and nested
     outputs are flattened (`flatten_outputs`).
     """
+    return flatten_outputs(keras_model(keras_args(keras_model, args, model), training=False))
+
+
+def takes_dict(keras_model: Any, model: "LoadedModel") -> bool:
+    """True when the Keras model takes its inputs as a dict keyed by input name."""
     struct = getattr(keras_model, "_inputs_struct", None)
-    if isinstance(struct, dict):
-        x = {t.name: a for t, a in zip(model.inputs, args)}
-    else:
-        x = list(args) if len(args) > 1 else args[0]
-    return flatten_outputs(keras_model(x, training=False))
+    return isinstance(struct, dict) or (struct is None and model.takes_dict)
+
+
+def keras_args(keras_model: Any, args: list, model: "LoadedModel") -> Any:
+    """The inputs (in model order) arranged as the Keras model takes them: a dict, a list, or the one array."""
+    if takes_dict(keras_model, model):
+        return {t.name: a for t, a in zip(model.inputs, args)}
+    return list(args) if len(args) > 1 else args[0]
 
 
 def is_nested(struct: Any) -> bool:
@@ -193,6 +202,7 @@ def load_model(
     seed: int = 0,
     trusted_packages: Sequence[str] = (),
     allow_dynamic: bool = False,
+    data_signature: Callable[[], Sequence[TensorInfo]] | None = None,
 ) -> LoadedModel:
     """Loads a model safely and derives its signature.
 
@@ -207,6 +217,9 @@ def load_model(
             inspect` reports them as a hazard).
         trusted_packages: installed packages whose registered classes load without
             `custom_objects`, besides `kdeploy.scan.DEFAULT_TRUSTED_PACKAGES` (`keras_hub`).
+        data_signature: returns the data's arrays (`kdeploy.data.data_signature`); called only for a
+            Keras model without symbolic inputs (`kdeploy.subclassed`), whose input signature they give
+            (with `input_shapes`).
 
     Returns:
         The LoadedModel; `findings` holds the pre-load scan's findings (`kdeploy.scan`).
@@ -216,7 +229,8 @@ def load_model(
         UnsafeModelError: the file would run code or import classes the user did not trust
             (found by the pre-load scan, before any deserialization), or is a hostile archive.
         UsageError: `input_shapes` do not fit, or an input dtype kdeploy cannot feed; a trusted
-            package is not installed, or does not register a class the model names for it.
+            package is not installed, or does not register a class the model names for it; a model
+            without symbolic inputs and neither `input_shapes` nor `data_signature`.
     """
     from kdeploy.scan import DEFAULT_TRUSTED_PACKAGES, scan_model
 
@@ -233,6 +247,8 @@ def load_model(
         model = _load_savedmodel(path, sha)
     else:
         model = _load_keras(path, fmt, sha, trust_custom_code, custom_objects)
+        if not model.symbolic:
+            model = _signature_from_call(model, input_shapes or {}, data_signature)
     model.trusted_classes = trusted
     model.findings = verdict.findings + model.findings
     model.inputs = _resolve_input_shapes(model.inputs, input_shapes or {}, allow_dynamic)
@@ -326,6 +342,11 @@ def _load_keras(path: Path, fmt: str, sha: str, trust: bool, custom_objects: dic
         raise ModelLoadError(f"cannot load {path} as a Keras model: {type(e).__name__}: {msg[:400]}") from None
     if isinstance(m, keras.Model) is False:
         raise ModelLoadError(f"{path} did not load as a Keras model (got {type(m).__name__})")
+    from kdeploy.subclassed import has_symbolic_inputs
+
+    if not has_symbolic_inputs(m):  # signature: `_signature_from_call`
+        return LoadedModel(path=path, format=fmt, sha256=sha, inputs=[], outputs=[], output_kinds=[], keras_model=m,
+                           keras_version=keras.__version__, symbolic=False)
     inputs = [
         TensorInfo(_tensor_name(t, i, "input"), tuple(t.shape), str(t.dtype)) for i, t in enumerate(m.inputs)
     ]
@@ -343,6 +364,33 @@ def _load_keras(path: Path, fmt: str, sha: str, trust: bool, custom_objects: dic
         keras_version=keras.__version__,
         params=int(m.count_params()),
     )
+
+
+def _signature_from_call(model: LoadedModel, overrides: dict[str, tuple[int, ...]],
+                         data: Callable[[], Sequence[TensorInfo]] | None) -> LoadedModel:
+    """Inputs from `--input-shape`/`--data`, outputs from calling the model (`kdeploy.subclassed`)."""
+    from kdeploy.subclassed import has_symbolic_inputs, input_signature, trace_outputs
+
+    m = model.keras_model
+    what = f"{model.path.name} (a {'subclassed ' if type(m).__name__ not in ('Sequential', 'Functional') else ''}" \
+           f"{type(m).__name__} model)"
+    arrays = data() if data else None
+    inputs = [TensorInfo(*s) for s in input_signature(overrides, arrays, what)]
+    if not m.weights:  # saved before it was ever called: the call below creates fresh weights
+        model.findings.append(("warning", "unbuilt-model", (
+            f"{what} was saved before it was built: the file holds no weights, so they are initialised at random "
+            "when kdeploy calls it (seed --seed); save the model after calling or training it")))
+    as_dict, outputs, kinds = trace_outputs(m, [(t.name, t.shape, t.dtype) for t in inputs], what)
+    model.inputs, model.outputs, model.output_kinds = inputs, [TensorInfo(*s) for s in outputs], kinds
+    model.takes_dict = as_dict
+    model.symbolic = has_symbolic_inputs(m)  # a Sequential never built has a layer graph once called
+    model.signature_outputs = [f"output_{i}" for i in range(len(outputs))]
+    model.params = int(m.count_params())
+    model.findings.append(("info", "signature-from-call", (
+        f"{what} has no symbolic inputs: inputs {', '.join(f'{t.name} {_fmt_shape(t.shape)} {t.dtype}' for t in inputs)} "
+        f"taken from {' and '.join(f for f, used in (('--data', arrays), ('--input-shape', overrides)) if used)}; "
+        "outputs from calling it once")))
+    return model
 
 
 def _tensor_name(t: Any, i: int, prefix: str) -> str:

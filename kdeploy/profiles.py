@@ -26,7 +26,10 @@ class _Strict(BaseModel):
 
 
 class Tolerance(_Strict):
-    """How close a candidate's outputs must be to the reference. Unset criteria are not checked."""
+    """How close a candidate's outputs must be to the reference. Unset criteria are not checked.
+
+    The policy that applies them, by output kind and precision, is `kdeploy.acceptance`.
+    """
 
     atol: float | None = Field(None, ge=0, description="Absolute tolerance, as in numpy.allclose.")
     rtol: float | None = Field(None, ge=0, description="Relative tolerance (with atol), as in numpy.allclose.")
@@ -38,12 +41,23 @@ class Tolerance(_Strict):
     )
     min_cosine: float | None = Field(None, ge=-1, le=1, description="Minimum per-sample cosine similarity (cosine_min).")
     min_cosine_mean: float | None = Field(None, ge=-1, le=1, description="Minimum mean per-sample cosine similarity.")
-    min_top1: float | None = Field(None, ge=0, le=1, description="Minimum top-1 agreement, classifier outputs only.")
+    min_top1: float | None = Field(
+        None, ge=0, le=1,
+        description="Minimum decision agreement: the top-1 class of softmax outputs, the decision at "
+                    "decision_threshold of sigmoid outputs and score maps. Agreement below it fails only when the "
+                    "flips show it at 95% confidence for the sample count (one-sided binomial test).")
     near_tie_margin: float | None = Field(
         None, ge=0, le=1,
-        description="Top-1 agreement below min_top1 still passes when every flipped sample was a near-tie in Keras "
-                    "(top-1 minus top-2 probability below this) and the flip count is consistent with min_top1 at 95% "
-                    "confidence for the sample count (one-sided binomial); unset: strict.")
+        description="Stricter min_top1: below min_top1, only flips whose Keras margin (top-1 minus top-2 "
+                    "probability; |value - threshold|) is under this may pass on the binomial bound; unset: any flip.")
+    max_peak_err: float | None = Field(
+        None, ge=0, description="Max abs error divided by the output's magnitude (the larger of its peak |value| and "
+                                "its range): the fp32 drift criterion; never blows up on a near-constant output.")
+    max_rel_rmse: float | None = Field(
+        None, ge=0, description="Regression and box outputs (not softmax/sigmoid): RMS error divided by the RMS of "
+                                "the reference output.")
+    decision_threshold: float | None = Field(
+        None, description="Threshold of the decisions of sigmoid outputs and score maps (min_top1); unset: 0.5.")
 
 
 class Budgets(_Strict):
@@ -61,6 +75,12 @@ class Budgets(_Strict):
         None, ge=0, le=1, description="With labels in --data: accuracy lost against Keras, absolute (e.g. 0.01); a "
                                       "check. A candidate below min_top1 agreement passes its fidelity check when "
                                       "its accuracy drop is within this budget (the report says so).")
+    max_relative_accuracy_drop: float | None = Field(
+        0.01, ge=0, le=1,
+        description="With labels in --data: accuracy lost against Keras, as a fraction of Keras' accuracy (default "
+                    "0.01: MLPerf Inference accepts a quantized model at 99% of the fp32 accuracy); with "
+                    "max_accuracy_drop, the tighter one applies. A drop above it passes when the samples lost are "
+                    "consistent with it at 95% confidence for the sample count (binomial). 1.0 switches it off.")
     max_mae_increase: float | None = Field(
         None, ge=0, description="With labels in --data: mean absolute error gained against Keras (regression "
                                 "outputs, label units); a check.")
@@ -107,13 +127,64 @@ class Robustness(_Strict):
     )
 
 
+class Consistency(_Strict):
+    """Agreement between the runtimes that ran one artifact (the deployed one against each cross-check)."""
+
+    gate_quantized: bool = Field(
+        False, description="A quantized artifact's disagreement between runtimes (LiteRT vs ONNX Runtime integer "
+                           "kernels round differently) fails the candidate; false: reported with figures only. An fp32 "
+                           "disagreement always fails (a converter bug).")
+
+
 class Selective(_Strict):
     """Selective int8 (`int8-mixed`): when full int8 fails, keep the layers that break it in float."""
 
     enabled: bool = Field(True, description="Search for layers to keep in float when full int8 fails (int8 allowed).")
     max_tries: int = Field(
         6, ge=1, le=100, description="Conversions the search may try at most (each one converts and runs the model).")
+    max_seconds: float = Field(
+        120, gt=0, le=86400,
+        description="Seconds the search may take (per-layer error, conversions and judging): no try starts that would "
+                    "end past it at the mean try's duration so far; the smallest passing set found by then is kept.")
     samples: int = Field(64, ge=1, le=10000, description="Validation samples the per-layer error is measured on.")
+
+
+CalibrationMethod = Literal["more-samples", "moving-average", "mean-min-max", "octav"]
+
+
+class Calibration(_Strict):
+    """Calibration repair (`int8-calibrated`): when full int8 fails, calibrate again, cheapest method first."""
+
+    enabled: bool = Field(True, description="Recalibrate full int8 when it fails (int8 allowed); the first method "
+                                            "that passes becomes candidate int8-calibrated.")
+    methods: list[CalibrationMethod] = Field(
+        ["more-samples", "moving-average", "mean-min-max", "octav"], min_length=1,
+        description="Methods in the order tried. more-samples: the TFLite converter's min-max on the calibration "
+                    "samples plus extra_samples held back from validation; moving-average: ai-edge-quantizer's "
+                    "static int8 with its default ranges (a moving average, smoothing 0.95, of each sample's "
+                    "min/max); mean-min-max: the mean of each sample's min/max; octav: moving-average ranges and "
+                    "OCTAV-clipped weights. The last three need the `quantizer` extra.")
+    extra_samples: int = Field(
+        256, ge=0, le=100000,
+        description="Samples held back from validation at the split for more-samples (and the quantizer methods), "
+                    "only where validation keeps min_validation_samples; never validation samples.")
+    min_validation_samples: int = Field(
+        1000, ge=1, le=1000000, description="Validation keeps at least this many samples: extra samples are held back "
+                                            "only from data beyond calibration_samples + this.")
+
+
+class Qat(_Strict):
+    """Quantization-aware training (`qat-int8`): TFMOT through the Keras 3 -> tf_keras bridge, a repair run only
+    when full int8 fails (and selective int8 found no passing candidate)."""
+
+    enabled: bool = Field(True, description="Try quantization-aware training when full int8 fails (int8 allowed, a "
+                                            ".keras/.h5 functional or Sequential model).")
+    epochs: int = Field(8, ge=1, le=1000, description="Fine-tuning epochs over the calibration samples.")
+    max_seconds: float = Field(
+        300, gt=0, le=86400, description="Training stops after this many seconds even before `epochs` (checked "
+                                         "after every batch); the model as trained so far is converted.")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Adam learning rate.")
+    batch_size: int = Field(16, ge=1, le=65536, description="Fine-tuning batch size.")
 
 
 class Device(_Strict):
@@ -193,11 +264,13 @@ class TargetProfile(_Strict):
     name: str = Field(description="Profile name, used with --target.")
     description: str = Field("", description="One line for `kdeploy targets`.")
     runtimes: list[Runtime] = Field(
-        min_length=1, description="Runtimes the artifact is deployed on; a candidate must run and agree on each."
+        min_length=1, description="Runtimes the artifact is deployed on; a candidate must run on each, and its "
+                                 "fidelity verdicts against Keras come from them."
     )
     crosscheck_runtimes: list[Runtime] = Field(
         default_factory=list,
-        description="Extra runtimes run where an artifact for them exists; their verdicts gate too.",
+        description="Extra runtimes run where an artifact for them exists: their figures against Keras are "
+                    "reported, and their agreement with the deployed runtime gates as [consistency] says.",
     )
     precisions: list[Precision] = Field(min_length=1, description="Post-training precisions this target allows.")
     onnx_quantization: bool = Field(False, description="Also try onnxruntime dynamic int8 quantization of the ONNX model.")
@@ -225,6 +298,9 @@ class TargetProfile(_Strict):
         False, description="The target runs integer kernels only (TFLite Micro on a microcontroller, an NPU): no "
                            "selective int8; the layers that break full int8 are named with the fix instead.")
     selective: Selective = Field(default_factory=Selective, description="Selective int8 search (int8-mixed).")
+    calibration: Calibration = Field(default_factory=Calibration,
+                                     description="Calibration repair when full int8 fails (int8-calibrated).")
+    consistency: Consistency = Field(default_factory=Consistency, description="Agreement between runtimes.")
     trusted_packages: list[str] = Field(
         [], description="Installed packages (top-level import names) whose registered Keras classes load without "
                         "--custom-objects, besides keras_hub (always trusted).")
@@ -235,6 +311,7 @@ class TargetProfile(_Strict):
     pruning: Pruning = Field(default_factory=Pruning, description="TFMOT pruning recipes (off unless sparsities or structured_2x4).")
     clustering: Clustering = Field(default_factory=Clustering, description="TFMOT weight clustering recipes (off unless clusters).")
     finetune: FineTune = Field(default_factory=FineTune, description="Fine-tuning shared by pruning and clustering.")
+    qat: Qat = Field(default_factory=Qat, description="Quantization-aware training, the repair when full int8 fails.")
     tolerances: dict[Precision, Tolerance] = Field(description="Fidelity tolerance per precision.")
 
     @model_validator(mode="after")
@@ -322,6 +399,12 @@ def _allowed_keys(loc: tuple) -> list[str]:
             model = FineTune
         elif part == "selective":
             model = Selective
+        elif part == "qat":
+            model = Qat
+        elif part == "calibration":
+            model = Calibration
+        elif part == "consistency":
+            model = Consistency
         elif part in ("tolerances", "tolerance") or part in PRECISIONS:
             model = Tolerance
     return sorted(model.model_fields)

@@ -8,7 +8,14 @@ evaluation reads its precision and tolerance, the report shows `Recipe.describe`
 - ONNX Runtime dynamic quantization of the fp32 ONNX model (`onnx_quantization = true`);
 - pruning and weight clustering through TFMOT (`[pruning]`, `[clustering]`): a child process
   fine-tunes one model per plan row, each converted to the section's precisions (and, for
-  pruning with `sparse_encoding`, a sparse-encoded twin kept when smaller).
+  pruning with `sparse_encoding`, a sparse-encoded twin kept when smaller);
+- calibration (`[calibration]`, `int8-calibrated`): a repair, full int8 calibrated again (more
+  samples, or ai-edge-quantizer's range estimators) only when full int8 fails;
+- quantization-aware training (`[qat]`, `qat-int8`): a repair, trained by the same child only
+  when full int8 fails, converted with the int8 settings.
+
+The three repairs are the steps of the int8 repair ladder (`REPAIR_LADDER`, run by
+`kdeploy.run.ladder` in that order, stopping at the first that passes).
 
 Adding a recipe: one row (or one family function) here + one test.
 """
@@ -48,19 +55,32 @@ SPARSE_RUNNABLE = ("fp32", "fp16")
 ORT_DYNAMIC = "ort-dynamic"
 # Selective int8: full int8 except the Keras layers a search keeps in float (`kdeploy.run.selective`).
 SELECTIVE_INT8 = "int8-mixed"
+# Quantization-aware training: the repair when full int8 fails (`kdeploy.run.qat`), converted like int8.
+QAT_INT8 = "qat-int8"
+# Calibration repair: full int8 calibrated again, by the first method of `[calibration] methods` that passes
+# (`kdeploy.run.calibrate`): more samples through the TFLite converter, or ai-edge-quantizer's range estimators.
+CALIBRATED_INT8 = "int8-calibrated"
+# method -> (converter, how it estimates each activation tensor's range); the profile's `CalibrationMethod`.
+CALIBRATION_METHODS: dict[str, tuple[str, str]] = {
+    "more-samples": ("tflite", "min-max over the calibration and extra samples"),
+    "moving-average": ("ai-edge-quantizer", "moving average (smoothing 0.95) of each sample's min/max"),
+    "mean-min-max": ("ai-edge-quantizer", "mean of each sample's min/max"),
+    "octav": ("ai-edge-quantizer", "moving average of each sample's min/max; weights clipped by OCTAV"),
+}
 
 
 @dataclass(frozen=True)
 class TfmotPlan:
     """One model the TFMOT child fine-tunes (pruned or clustered); converted by its recipes."""
 
-    name: str  # e.g. "prune50", "prune2x4", "cluster16"
-    technique: str  # "pruning" | "clustering"
+    name: str  # e.g. "prune50", "prune2x4", "cluster16", "qat-int8"
+    technique: str  # "pruning" | "clustering" | "qat"
     params: dict[str, Any] = field(default_factory=dict)
 
     def job(self) -> dict[str, Any]:
         """The row the child process reads (`kdeploy.compress.tfmot_worker`)."""
-        return {"name": self.name, "kind": "prune" if self.technique == "pruning" else "cluster", **self.params}
+        kind = {"pruning": "prune", "clustering": "cluster"}.get(self.technique, self.technique)
+        return {"name": self.name, "kind": kind, **self.params}
 
 
 @dataclass(frozen=True)
@@ -69,8 +89,8 @@ class Recipe:
 
     name: str
     precision: str
-    technique: str = "ptq"  # "ptq" | "selective" | "ort-quantization" | "pruning" | "clustering"
-    converter: str = "tflite"  # "tflite" | "onnxruntime.quantization.quantize_dynamic"
+    technique: str = "ptq"  # "ptq" | "selective" | "calibration" | "ort-quantization" | "pruning" | "clustering" | "qat"
+    converter: str = "tflite"  # "tflite" | "ai-edge-quantizer" | "onnxruntime.quantization.quantize_dynamic"
     onnx: str | None = "tflite"
     no_onnx: str | None = None
     plan: TfmotPlan | None = None  # the TFMOT model this recipe converts (None: the reference model)
@@ -176,8 +196,74 @@ def tfmot_recipes(prof: "TargetProfile", plan: TfmotPlan) -> list[Recipe]:
     return out
 
 
+def calibration_recipe(prof: "TargetProfile", method: str) -> Recipe | None:
+    """The `int8-calibrated` candidate made by `method`, where int8 is allowed and `[calibration]` is on.
+
+    Full-integer targets included: every method makes a full int8 graph (float only at the I/O edges).
+    """
+    if "int8" not in prof.precisions or not prof.calibration.enabled:
+        return None
+    return Recipe(CALIBRATED_INT8, "int8", technique="calibration", converter=CALIBRATION_METHODS[method][0])
+
+
+def qat_plan(prof: "TargetProfile") -> TfmotPlan | None:
+    """The model the TFMOT child trains with quantization-aware training, where int8 is allowed and `[qat]` is on.
+
+    Full-integer targets (`mcu`) included: the QAT model converts to full int8 like post-training int8.
+    """
+    q = prof.qat
+    if "int8" not in prof.precisions or not q.enabled:
+        return None
+    return TfmotPlan(QAT_INT8, "qat", {"epochs": q.epochs, "learning_rate": q.learning_rate,
+                                       "batch_size": q.batch_size, "max_seconds": q.max_seconds})
+
+
+def qat_recipe(plan: TfmotPlan) -> Recipe:
+    """The `qat-int8` candidate: the QAT model's SavedModel converted with the int8 recipe's settings."""
+    return Recipe(plan.name, "int8", technique="qat", plan=plan)
+
+
 def tolerance_for(prof: "TargetProfile", recipe: Recipe):
-    """The recipe's own tolerance vs Keras (pruning/clustering sections), else None: by precision."""
-    if recipe.plan is None:
+    """The recipe's own tolerance vs Keras (pruning/clustering sections), else None: by precision.
+
+    Quantization-aware training is held to the int8 tolerance: it is an int8 candidate of the same model.
+    """
+    if recipe.plan is None or recipe.technique == "qat":
         return None
     return (prof.pruning if recipe.technique == "pruning" else prof.clustering).tolerance
+
+
+@dataclass(frozen=True)
+class RepairStep:
+    """One step of the int8 repair ladder: the candidate it makes and whether that graph stays all-integer."""
+
+    step: str  # "calibration" | "selective" | "qat"
+    recipe: str  # the candidate's name
+    integer: bool  # every op int8 (runs on `full_integer` targets)
+    what: str
+
+
+# The int8 repair ladder, in the order tried (`kdeploy.run.ladder`), cheapest first.
+REPAIR_LADDER: tuple[RepairStep, ...] = (
+    RepairStep("calibration", CALIBRATED_INT8, True, "full int8 calibrated again ([calibration] methods)"),
+    RepairStep("selective", SELECTIVE_INT8, False, "the worst int8 layers kept in float ([selective])"),
+    RepairStep("qat", QAT_INT8, True, "quantization-aware training, converted to full int8 ([qat])"),
+)
+
+
+def repair_steps(prof: "TargetProfile") -> list[tuple[RepairStep, str | None]]:
+    """The ladder's steps for this profile, each with why it is not tried here (None: it is).
+
+    `full_integer` targets (`mcu`) get only the steps whose graph stays all-integer.
+    """
+    available = {
+        "calibration": (calibration_recipe(prof, prof.calibration.methods[0]) is not None, "[calibration] enabled = false"),
+        "selective": (selective_recipe(prof) is not None, "target runs integer kernels only (full_integer)"
+                      if prof.full_integer else "[selective] enabled = false"),
+        "qat": (qat_plan(prof) is not None, "[qat] enabled = false"),
+    }
+    out = []
+    for s in REPAIR_LADDER:
+        ok, why = available[s.step]
+        out.append((s, None if ok else why))
+    return out

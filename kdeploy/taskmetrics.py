@@ -1,9 +1,10 @@
 """Task metrics with labels: accuracy for classifiers, MAE/RMSE for regression, for Keras and each artifact.
 
 Pure functions over arrays and report rows (no run context). Labels come from `--data` as `y`
-(one-output models) or `y_<output>`. Budgets of the profile (`max_accuracy_drop`,
-`max_mae_increase`) become checks; with labels, a fidelity check that failed on top-1 agreement
-alone passes when the task accuracy of that output stays within its budget, and says so.
+(one-output models) or `y_<output>`. Budgets of the profile (`max_relative_accuracy_drop`, default 1% of Keras' accuracy
+as in MLPerf Inference; `max_accuracy_drop`; `max_mae_increase`) become checks, judged by
+`acceptance.task_verdict`; with labels, a fidelity check that failed on top-1 agreement alone
+passes when the task accuracy of that output stays within its budget, and says so.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from kdeploy.acceptance import accuracy_allowance, task_verdict
 from kdeploy.compare import output_kind
 from kdeploy.report.model import Check
 
@@ -43,7 +45,7 @@ def metric_values(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float
 
 def task_rows(names: list[str], kinds: list[str], labels: list[np.ndarray | None], keras: list[np.ndarray],
               got: list[np.ndarray]) -> list[dict[str, Any]]:
-    """`candidates[].task_metrics`: `{name, output, keras, value, drop}` per output with labels.
+    """`candidates[].task_metrics`: `{name, output, keras, value, drop, samples}` per output with labels.
 
     `drop` is how much worse the artifact is than Keras: accuracy lost, or MAE/RMSE gained.
     """
@@ -56,23 +58,38 @@ def task_rows(names: list[str], kinds: list[str], labels: list[np.ndarray | None
         for metric in k:
             drop = k[metric] - v[metric] if metric == "accuracy" else v[metric] - k[metric]
             rows.append({"name": metric, "output": name, "keras": round(k[metric], 6), "value": round(v[metric], 6),
-                         "drop": round(drop, 6)})
+                         "drop": round(drop, 6), "samples": int(len(ref))})
     return rows
 
 
 def budget_checks(rows: list[dict[str, Any]], max_accuracy_drop: float | None,
-                  max_mae_increase: float | None) -> list[Check]:
-    """The profile's task budgets over task metric rows, one check per (output, metric) budgeted."""
+                  max_mae_increase: float | None, max_relative_accuracy_drop: float | None = None) -> list[Check]:
+    """The profile's task budgets over task metric rows, one check per (output, metric) budgeted.
+
+    Accuracy: the allowance is the tighter of `max_accuracy_drop` and `max_relative_accuracy_drop`
+    of Keras' accuracy, and a larger drop still passes when the samples lost are consistent with it
+    for the sample count (`acceptance.task_verdict`). MAE: the increase against its limit.
+    """
     checks = []
     for r in rows:
-        limit = {"accuracy": max_accuracy_drop, "mae": max_mae_increase}.get(r["name"])
+        if r["name"] == "accuracy":
+            limit = accuracy_allowance(r["keras"], max_accuracy_drop, max_relative_accuracy_drop)
+        else:
+            limit = {"mae": max_mae_increase}.get(r["name"])
         if limit is None:
             continue
+        limit = round(limit, 6)
         what = "drop" if r["name"] == "accuracy" else "increase"
+        passed, note = (task_verdict(r["drop"], r.get("samples"), limit) if r["name"] == "accuracy"
+                        else (r["drop"] <= limit + 1e-12, ""))  # 1e-12: rounding of the rows only
+        summary = "" if passed else (
+            f"accuracy {r['value']:.1%} vs Keras {r['keras']:.1%} [{r['output']}]: {r['drop'] * 100:.3g} points lost, "
+            f"budget {limit * 100:.3g}" if r["name"] == "accuracy" else
+            f"MAE {r['value']:.4g} vs Keras {r['keras']:.4g} [{r['output']}]: +{r['drop']:.4g}, budget {limit:.4g}")
         checks.append(Check(name=f"task {r['name']} {what} [{r['output']}]", value=r["drop"], limit=limit,
-                            passed=r["drop"] <= limit + 1e-12,  # rounding of the rows only
+                            passed=passed, summary=summary,
                             detail=f"{r['name']} {r['value']:.4f} vs Keras {r['keras']:.4f} on the labelled "
-                                   "validation samples"))
+                                   f"validation samples{note}"))
     return checks
 
 
@@ -92,6 +109,7 @@ def accept_on_task(fidelity_check: Check, top1_only: bool, task: list[Check]) ->
     if fidelity_check.passed or not top1_only or acc is None or not acc.passed:
         return False
     fidelity_check.passed = True
+    fidelity_check.summary = ""
     fidelity_check.detail += (f"; top-1 agreement below min_top1, accepted on the task metric: accuracy drop "
                               f"{acc.value:.4f} <= max_accuracy_drop {acc.limit:g} (labels)")
     return True

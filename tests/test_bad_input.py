@@ -394,3 +394,13 @@ def test_scan_arbitrary_model_bytes(raw, suffix):
         p = Path(d) / f"m{suffix}"
         p.write_bytes(raw)
         _only_kdeploy_errors(lambda: scan_model(p, detect_format(p)))
+
+
+def test_model_that_refuses_the_synthetic_inputs_is_exit_2_naming_data(tmp_path):
+    import keras
+
+    i = keras.Input((3,), dtype="int32", name="ids")
+    emb = keras.layers.Embedding(1, 4)  # only id 0 exists: the synthetic ids {0, 1} index out of range
+    keras.Model(i, keras.layers.Dense(2)(keras.layers.Flatten()(emb(i)))).save(tmp_path / "emb.keras")
+    assert_usage_error(["optimize", tmp_path / "emb.keras", "--target", "cpu-edge", "--no-cache"], tmp_path / "o",
+                       "failed on synthetic inputs", "--data")

@@ -167,7 +167,7 @@ def test_attention_block_with_gelu_has_a_valid_onnx_equal_to_keras(tmp_path, bas
         return
     assert onnx["int8"]["source"] == "tf2onnx(tflite)+rewrite(TFL_GELU)"
     # The quantized twin runs on ONNX Runtime and agrees with LiteRT on the same int8 graph.
-    twin = [f for f in by_name["int8"]["fidelity"] if f["runtime"] == "onnxruntime" and f["reference"] == "litert"]
+    twin = [f for f in by_name["int8"]["consistency"] if f["runtime_b"] == "onnxruntime" and f["runtime_a"] == "litert"]
     assert twin and all(f["passed"] for f in twin)
 
 

@@ -45,6 +45,23 @@ def test_optimize_digits_cnn_selects_int8_that_agrees_on_both_runtimes(digits_ru
     assert all(c.latency for c in report.candidates), "every candidate has latency figures"
 
 
+def test_verdicts_come_from_the_deployed_runtime_and_runtimes_are_compared_as_consistency(digits_run):
+    """cpu-edge deploys LiteRT: only its rows against Keras are checks; ONNX Runtime's are figures, and its agreement
+    with LiteRT gates for fp32 (a converter bug) but not for int8 (integer kernels round differently)."""
+    report, _ = digits_run
+    for c in report.candidates:
+        rows = {f.runtime: f for f in c.fidelity if f.reference == "keras"}
+        assert rows["litert"].gates and not rows["onnxruntime"].gates
+        names = [k.name for k in c.checks]
+        assert "fidelity litert vs keras [digit]" in names
+        assert not any(n.startswith("fidelity onnxruntime") for n in names)
+        (pair,) = c.consistency
+        assert (pair.runtime_a, pair.runtime_b) == ("litert", "onnxruntime")
+        assert pair.gates == (c.recipe["precision"] == "fp32")
+        assert ("consistency onnxruntime vs litert [digit]" in names) == pair.gates
+        assert pair.figures["cosine_min"] is not None and pair.figures["peak_err"] is not None
+
+
 def test_optimize_report_holds_the_public_contract(digits_run):
     _, out = digits_run
     contract_problems(out)
@@ -109,7 +126,10 @@ def test_optimize_every_fixture_gets_a_report_with_an_agreeing_fp32(tmp_path, mo
     fp32 = report.candidate("fp32")
     assert fp32.passed, [k.detail for k in fp32.checks if not k.passed]
     runtimes = {(f.runtime, f.reference) for f in fp32.fidelity}
-    assert {("litert", "keras"), ("onnxruntime", "keras"), ("onnxruntime", "litert")} <= runtimes
+    assert {("litert", "keras"), ("onnxruntime", "keras")} <= runtimes
+    # issue 19: runtimes are held to each other in `consistency` (fp32: gating), no longer as fidelity rows
+    assert {(r.runtime_b, r.runtime_a) for r in fp32.consistency} == {("onnxruntime", "litert")}
+    assert all(r.gates for r in fp32.consistency)
     assert len({f.output for f in fp32.fidelity}) == len(report.model.outputs)
     assert report.ready
 

@@ -171,3 +171,25 @@ def test_example_github_workflow_uses_options_that_exist():
     for cmd, flag in used:
         assert flag in helps[cmd], f"kdeploy {cmd} has no {flag}"
     assert "report.html" in text and "GITHUB_STEP_SUMMARY" in text and "exit_code != '0'" in text
+
+
+def test_markdown_puts_the_deployed_runtimes_figures_in_its_columns_and_cross_checks_apart(run):
+    """issue 19: a LiteRT-deployed candidate's "top-1 vs Keras" showed ONNX Runtime's 0.875."""
+    from kdeploy.api import load_report
+    from kdeploy.report.render import markdown
+
+    _, out, _ = run
+    report = load_report(out)
+    c = next(c for c in report.candidates if any(f.runtime == "onnxruntime" for f in c.fidelity))
+    ort = next(f for f in c.fidelity if f.runtime == "onnxruntime" and f.reference == "keras")
+    ort.top1_agreement, ort.decision_agreement = 0.875, 0.875  # a cross-check whose integer kernels flip more
+    litert = next(f for f in c.fidelity if f.runtime == "litert" and f.reference == "keras")
+    md = markdown(report)
+    assert "| top-1 vs Keras (litert) |" in md and "cross-checks vs Keras" in md
+    row = next(line for line in md.splitlines() if line.startswith(f"| {c.name} ") or line.startswith(f"| **{c.name}**"))
+    cells = [x.strip() for x in row.split("|")]
+    assert cells[4] == f"{litert.top1_agreement:.4f}" and "onnxruntime: top-1 0.8750" in cells[7]
+    failing = [k for k in report.candidates if not k.passed]
+    if failing:
+        assert "**Why candidates fail**" in md
+        assert sum(1 for line in md.splitlines() if line.startswith("- `") and ": " in line) >= len(failing)

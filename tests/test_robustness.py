@@ -95,7 +95,11 @@ def test_optimize_gates_on_robustness_minimum_and_reports_every_probe(tmp_path):
     assert all(k.passed for k in fp32.checks if k.name.startswith("robustness"))
     failed = [k for k in int8.checks if k.name.startswith("robustness") and not k.passed]
     assert failed and failed[0].limit == {"min_cosine_mean": 0.99999}
-    assert not int8.passed and report.selected == "fp32"
+    assert not int8.passed and report.selected in ("fp32", "int8-mixed", "int8-calibrated", "qat-int8")
+    # The repair ladder may fix int8's robustness; whatever is selected passes the same robustness minimum.
+    selected = report.candidate(report.selected)
+    assert [k for k in selected.checks if k.name.startswith("robustness")]
+    assert all(k.passed for k in selected.checks if k.name.startswith("robustness"))
 
 
 @pytest.mark.parametrize("shape, dtype", [((37, 8, 8, 3), np.float32), ((5,), np.float32), ((11, 6), np.int32)])

@@ -78,8 +78,9 @@ def test_mcu_report_figures_reproduce_on_tflm_by_hand(mcu_run, capfd):
     tflm = next(f for f in c["fidelity"] if f["runtime"] == "tflm" and f["reference"] == "keras")
     assert tflm["max_abs_err"] == pytest.approx(m.max_abs_err, abs=1e-6)
     assert tflm["top1_agreement"] == m.top1_agreement
-    cross = {(f["runtime"], f["reference"]) for f in c["fidelity"]}
+    cross = {(r["runtime_b"], r["runtime_a"]) for r in c["consistency"]}
     assert {("litert", "tflm"), ("onnxruntime", "tflm")} <= cross  # the other runtimes held to TFLM's outputs
+    assert not any(r["gates"] for r in c["consistency"])  # int8: figures, not verdicts (gate_quantized false)
     assert [r["runtime"] for r in c["latency"]] == ["tflm"]  # single-threaded: one row for threads [1]
     assert {r["runtime"] for r in c["robustness"]} == {"tflm"}
     assert c["estimate"]["device"].startswith("Cortex-M4F") and c["estimate"]["kind"] == "estimate"

@@ -25,6 +25,7 @@ class Artifact:
     size_bytes: int = 0
     gzip_bytes: int = 0
     sha256: str = ""
+    pairing: list[dict] | None = None  # artifacts built elsewhere: how each model output was paired (external.Pairing)
 
     def measure(self) -> "Artifact":
         data = self.path.read_bytes()

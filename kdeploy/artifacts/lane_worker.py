@@ -27,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from kdeploy.child import child_main, progress
+from kdeploy.debug.names import LayerNamer
 from kdeploy.util import release_memory
 
 POLL_S = 0.05
@@ -86,6 +87,7 @@ def run(job: dict) -> dict:
         return {"results": {t["name"]: {"skipped": True} for t in job["tasks"]}}
     ref = json.loads((markers / f"{REFERENCE}.ready").read_text())
     model = SimpleNamespace(inputs=[SimpleNamespace(name=n) for n in job["inputs"]])
+    namer = None if not job.get("namer") else LayerNamer(job["namer"]["model_name"], job["namer"]["layers"])
     io = {"inputs": {n: n for n in job["inputs"]}, "outputs": list(ref["signature_outputs"])}
     results: dict[str, dict] = {}
     pending = list(job["tasks"])
@@ -114,13 +116,16 @@ def run(job: dict) -> dict:
         if task["route"] is None:
             continue
         progress(f"ONNX {name}")
+
+        def tflite_of(task: dict = task, src: Path = src) -> Artifact | None:
+            """The task's `.tflite` (waiting for the parent's, when its twin falls back to it); None when skipped."""
+            if not task["tflite"] and not _wait(markers, task["name"]):
+                return None
+            return Artifact(format="tflite", path=src, precision=task["precision"], source="tflite-converter", io=io)
+
         try:
-            if task["route"] == "savedmodel":
-                art = onnx_export.from_saved_model(Path(ref["savedmodel"]), model, Path(task["out"]),
-                                                   ref["signature_outputs"])
-            else:
-                art = onnx_export.from_tflite(Artifact(format="tflite", path=src, precision=task["precision"],
-                                                       source="tflite-converter", io=io), Path(task["out"]))
+            art = onnx_export.twin(task["route"], Path(task["out"]), tflite_of, Path(ref["savedmodel"]), model,
+                                   ref["signature_outputs"], namer)
         except ConversionError as e:
             res["error"] = str(e)
             continue

@@ -7,16 +7,51 @@ import contextlib
 import io
 import logging
 from pathlib import Path
+from typing import Any, Callable
 
 from kdeploy.errors import ConversionError
 from kdeploy.artifacts import Artifact
 from kdeploy.artifacts.canonical import canonicalize_onnx
-from kdeploy.artifacts.onnx_ops import rewrite_unsupported_ops
+from kdeploy.artifacts.onnx_ops import Unconverted, rewrite_unsupported_ops, teach_fused_activations
 from kdeploy.artifacts.tf2onnx_lean import converting
 from kdeploy.util import first_error_line, native_quiet
 from kdeploy.loading import LoadedModel
 
 OPSET = 17  # tf2onnx 1.17 supports opsets up to 18; 17 is what ORT and tf2onnx were verified on here.
+TFLITE_ROUTE, SAVEDMODEL_ROUTE = "tflite", "savedmodel"  # `Recipe.onnx` values of the two tf2onnx routes
+_ROUTE_TEXT = {TFLITE_ROUTE: "the .tflite", SAVEDMODEL_ROUTE: "the SavedModel"}
+
+
+class UnconvertedOps(ConversionError):
+    """tf2onnx left ops in the graph that ONNX Runtime cannot load and `onnx_ops.REWRITES` has no row for.
+
+    The message names each op, the Keras layer that emits it (when a `LayerNamer` is given) and
+    its node; `ops` keeps them for a caller that tries another route.
+    """
+
+    def __init__(self, ops: list[Unconverted], what: str, namer: Any = None):
+        self.ops = ops
+        seen: dict[str, Unconverted] = {}
+        for u in ops:
+            seen.setdefault(u.op, u)
+        named = [f"op {u.op} ({_where(u.node, namer)})" for u in list(seen.values())[:4]]
+        more = f" and {len(seen) - 4} more op type(s)" if len(seen) > 4 else ""
+        verb, it = ("has", "it") if len(seen) == 1 else ("have", "them")
+        super().__init__(f"no ONNX twin ({what}): {', '.join(named)}{more} {verb} no ONNX equivalent "
+                         f"(tf2onnx leaves {it} unconverted and kdeploy.artifacts.onnx_ops has no rewrite for {it})")
+
+
+def _where(node: str, namer: Any) -> str:
+    """`layer L, node N` for a node named after a TFLite tensor or TF node (`node N` when no layer is known)."""
+    name = node.split(";")[0].split(":")[0]
+    layer = None
+    if namer is not None:
+        segments = name.split("/")
+        # The SavedModel route prefixes the model's scope with its call nodes (`StatefulPartitionedCall/...`).
+        layer = next((hit for i in range(len(segments) - 1) if (hit := namer.layer_of("/".join(segments[i:])))), None)
+    if layer:
+        return f"layer {layer}, node {name}"
+    return f"node {name}, in no Keras layer" if namer is not None else f"node {name}"
 
 
 @contextlib.contextmanager
@@ -35,13 +70,18 @@ def _quiet():
             lg.setLevel(level)
 
 
-def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path, signature_outputs: list[str]) -> Artifact:
+def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path, signature_outputs: list[str],
+                     namer: Any = None) -> Artifact:
     """fp32 ONNX from the serving signature of the reference SavedModel (tf2onnx's `--saved-model` route).
 
     The SavedModel route freezes everything the graph captures. `from_function` on a Keras 3
     model turned captured constants (e.g. a Normalization layer's mean) into extra graph inputs,
     and `from_keras` fails on some Keras 3 models (STACK.md). ONNX names follow the signature keys
     (`signature_outputs`: the serving signature's output keys, in model output order).
+
+    Raises:
+        UnconvertedOps: tf2onnx left an op no rewrite replaces (named with its layer, via `namer`).
+        ConversionError: any other conversion failure.
     """
     import tensorflow as tf
     from tf2onnx import tf_loader
@@ -65,7 +105,10 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path, 
         if missing or len(graph_inputs) != len(model.inputs):
             raise ConversionError(f"ONNX graph names {sorted(graph_inputs)} -> {sorted(graph_outputs)} do not match "
                                   f"the signature (missing {missing})")
-        rewritten = rewrite_unsupported_ops(out_path)  # e.g. Erfc from an exact GELU
+        rewrite = rewrite_unsupported_ops(out_path)  # e.g. Erfc from an exact GELU
+        if rewrite.left:
+            raise UnconvertedOps(rewrite.left, "tf2onnx from the SavedModel", namer)
+        rewritten = rewrite.rewritten
         canonicalize_onnx(out_path)  # same model, same bytes (tf2onnx's generated names vary per process)
         _check_loads(out_path)
     except Exception as e:
@@ -82,8 +125,13 @@ def from_saved_model(saved_model_dir: Path, model: LoadedModel, out_path: Path, 
     ).measure()
 
 
-def from_tflite(tflite: Artifact, out_path: Path) -> Artifact:
-    """Converts a `.tflite` (e.g. full int8) to ONNX so the same quantized graph runs on ORT."""
+def from_tflite(tflite: Artifact, out_path: Path, namer: Any = None) -> Artifact:
+    """Converts a `.tflite` (e.g. full int8) to ONNX so the same quantized graph runs on ORT.
+
+    Raises:
+        UnconvertedOps: tf2onnx left an op no rewrite replaces (named with its layer, via `namer`).
+        ConversionError: any other conversion failure.
+    """
     import tf2onnx
     from ai_edge_litert.interpreter import Interpreter
 
@@ -92,13 +140,19 @@ def from_tflite(tflite: Artifact, out_path: Path) -> Artifact:
     out_details = runner.get_output_details()
     out_names = [out_details[k]["name"] for k in tflite.io["outputs"]]
     try:
+        teach_fused_activations()  # clamps fused into an op (clip(dense(x), -1, 1)), which tf2onnx drops
         with _quiet():
             converting(lambda: tf2onnx.convert.from_tflite(str(tflite.path), opset=OPSET, output_path=str(out_path)))
-        rewritten = rewrite_unsupported_ops(out_path)  # e.g. TFL_GELU, which tf2onnx has no handler for
+        rewrite = rewrite_unsupported_ops(out_path)  # e.g. TFL_GELU, which tf2onnx has no handler for
+        if rewrite.left:
+            raise UnconvertedOps(rewrite.left, f"tf2onnx from the {tflite.precision} .tflite", namer)
+        rewritten = rewrite.rewritten
         canonicalize_onnx(out_path)  # same model, same bytes (tf2onnx's generated names vary per process)
         _check_loads(out_path)
     except Exception as e:
         out_path.unlink(missing_ok=True)
+        if isinstance(e, ConversionError):
+            raise
         raise ConversionError(f"ONNX from {tflite.precision} TFLite failed: {first_error_line(e)}") from e
     return Artifact(
         format="onnx",
@@ -107,6 +161,58 @@ def from_tflite(tflite: Artifact, out_path: Path) -> Artifact:
         source=_source("tf2onnx(tflite)", rewritten),
         io={"inputs": in_names, "outputs": out_names},
     ).measure()
+
+
+def twin(route: str, out_path: Path, tflite: Callable[[], Artifact | None], saved_model_dir: Path,
+         model: LoadedModel, signature_outputs: list[str], namer: Any = None, fallback: bool = True) -> Artifact:
+    """A candidate's ONNX twin by `route` (`TFLITE_ROUTE` or `SAVEDMODEL_ROUTE`), or by the other route for fp32.
+
+    An fp32 twin whose route leaves an op unconverted (`UnconvertedOps`) is converted by the other
+    route: fp32 is the one precision both routes give (a quantized twin must be the quantized
+    graph itself). Its `source` then ends in `+fallback(<route>: <ops> unconverted)`.
+
+    Args:
+        tflite: returns the candidate's `.tflite` (None: there is none), called only when needed
+            (route "tflite", or the fallback of an fp32 SavedModel twin).
+        fallback: the candidate is the reference model itself (False for a pruned, clustered or
+            re-encoded one, whose SavedModel is not `saved_model_dir`): only then may routes swap.
+
+    Raises:
+        UnconvertedOps: the route left ops unconverted and no fallback applies (or it failed too).
+        ConversionError: any other conversion failure.
+    """
+    def by(which: str) -> Artifact:
+        if which == SAVEDMODEL_ROUTE:
+            return from_saved_model(saved_model_dir, model, out_path, signature_outputs, namer)
+        src = tflite()
+        if src is None:
+            raise ConversionError("no .tflite to convert")
+        return from_tflite(src, out_path, namer)
+
+    try:
+        return by(route)
+    except UnconvertedOps as e:
+        src = None if route == SAVEDMODEL_ROUTE else tflite()
+        if not fallback or (src is not None and src.precision != "fp32"):
+            raise
+        other = TFLITE_ROUTE if route == SAVEDMODEL_ROUTE else SAVEDMODEL_ROUTE
+        try:
+            art = by(other)
+        except ConversionError as again:
+            raise ConversionError(f"{e}; {_ROUTE_TEXT[other]} route failed too: {again}") from again
+        art.source += f"+fallback({route}: {','.join(sorted({u.op for u in e.ops}))} unconverted)"
+        return art
+
+
+def fallback_note(art: Artifact) -> str | None:
+    """How the report names the route of a twin made by `twin`'s fallback (`recipe.onnx`), else None."""
+    if "+fallback(" not in art.source:
+        return None
+    first = art.source.split("+fallback(", 1)[1].rstrip(")")
+    used = SAVEDMODEL_ROUTE if art.source.startswith("tf2onnx(saved_model)") else TFLITE_ROUTE
+    route, ops = first.split(": ", 1)
+    ops = ops.removesuffix(" unconverted")
+    return f"tf2onnx from {_ROUTE_TEXT[used]} ({_ROUTE_TEXT[route]} route left {ops} unconverted)"
 
 
 def quantize_dynamic(fp32: Artifact, out_path: Path) -> Artifact:

@@ -9,7 +9,7 @@ import numpy as np
 
 from kdeploy.errors import ConversionError
 from kdeploy.util import first_error_line, native_quiet
-from kdeploy.loading import LoadedModel, call_keras, is_nested
+from kdeploy.loading import LoadedModel, call_keras, is_nested, takes_dict
 
 RNN_CLASSES = ("LSTM", "GRU", "SimpleRNN")
 
@@ -27,6 +27,14 @@ def conversion_model(model: LoadedModel, probe_feeds: dict[str, np.ndarray]) -> 
     import keras
 
     m = model.keras_model
+    if not model.symbolic:  # clone_model takes functional and Sequential models only
+        rnns = [l for l in m._flatten_layers(include_self=False) if type(l).__name__ in RNN_CLASSES
+                and not getattr(l, "unroll", False)]
+        return m, [("warning", "rnn-unroll-skipped", (
+            f"recurrent layer(s) {', '.join(l.name for l in rnns)} of the subclassed model {type(m).__name__} are "
+            "converted as they are, not unrolled (the unrolled copy is made with keras.models.clone_model, which takes "
+            "functional and Sequential models only); if they need Select TF ops, set unroll=True in the model's code"))
+                   ] if rnns else []
     rnns = [l for l in _all_layers(m) if _is_rolled_rnn(l)]
     if not rnns:
         return m, []
@@ -106,16 +114,36 @@ def export_savedmodel(keras_model: Any, model: LoadedModel, out_dir: Path) -> li
                                   name=keras_model.name)
 
     specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in model.inputs]
-    if isinstance(getattr(keras_model, "_inputs_struct", None), dict):
+    if takes_dict(keras_model, model):
         signature = [{t.name: s for t, s in zip(model.inputs, specs)}]
     else:
         signature = [specs] if len(specs) > 1 else specs
     try:
         with native_quiet():
-            keras_model.export(str(out_dir), format="tf_saved_model", input_signature=signature, verbose=False)
+            if model.symbolic:
+                keras_model.export(str(out_dir), format="tf_saved_model", input_signature=signature, verbose=False)
+            else:
+                _export_flat(keras_model, model, out_dir, signature)
     except Exception as e:
         raise ConversionError(f"SavedModel export failed: {first_error_line(e)}") from e
     return signature_output_keys(out_dir, model)
+
+
+def _export_flat(keras_model: Any, model: LoadedModel, out_dir: Path, signature: list) -> None:
+    """Exports a model without symbolic outputs (a subclassed model: no functional wrapper can be built on it)
+    through a serving function that returns its outputs as a flat dict named as in `model.outputs`
+    (whatever structure its call() returns; what `model.export` does, with the outputs flattened)."""
+    import keras
+
+    from kdeploy.loading import flatten_outputs
+
+    def serve(x):
+        return {t.name: o for t, o in zip(model.outputs, flatten_outputs(keras_model(x, training=False)))}
+
+    archive = keras.export.ExportArchive()
+    archive.track(keras_model)
+    archive.add_endpoint("serve", serve, input_signature=signature)
+    archive.write_out(str(out_dir), verbose=False)
 
 
 def signature_output_keys(saved_model_dir: Path, model: LoadedModel) -> list[str]:

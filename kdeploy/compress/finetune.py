@@ -127,7 +127,8 @@ def fit(
     """Compiles and trains a tf_keras model (seeded by the caller).
 
     Returns:
-        {epochs, steps, batch_size, learning_rate, samples, loss_first, loss_last}.
+        {epochs, epochs_run (fewer when a callback stopped training), steps, batch_size, learning_rate, samples,
+        loss_first, loss_last}.
     """
     import tf_keras
 
@@ -145,7 +146,7 @@ def fit(
     if epochs > 0:
         model.fit(inputs if len(inputs) > 1 else inputs[0], targets if len(targets) > 1 else targets[0],
                   batch_size=batch, epochs=epochs, shuffle=True, verbose=0, callbacks=[*callbacks, _Progress()])
-    return {"epochs": epochs, "steps": epochs * math.ceil(n / batch), "batch_size": batch,
+    return {"epochs": epochs, "epochs_run": len(history), "steps": epochs * math.ceil(n / batch), "batch_size": batch,
             "learning_rate": learning_rate, "samples": n,
             "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None}
 

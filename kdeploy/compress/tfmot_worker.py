@@ -11,6 +11,8 @@ whole process, so all of it happens here, never in the parent (which uses Keras 
 4. import TFMOT; per recipe: a fresh bridged copy, wrap (prune / cluster), fine-tune, strip,
    and write a SavedModel whose serving signature has the model's input names and the parent's
    output keys;
+   (quantization-aware training, `kind = "qat"`: annotate, apply, set the activation ranges,
+   fine-tune and export with the FakeQuant ops; see `kdeploy.compress.qat`);
 5. hash the original's weights again (the reference must be untouched) and write result.json.
 
 Progress lines go to stdout as `PROGRESS <text>`; the parent relays them.
@@ -123,7 +125,7 @@ def run(job: dict) -> dict:
     ok = bool(np.isfinite(diff) and diff <= bridge.BRIDGE_ATOL)
     result["bridge"] = {"ok": ok, "max_abs_diff": diff, "atol": bridge.BRIDGE_ATOL, "samples": len(val[0]),
                         "seconds": round(time.perf_counter() - t0, 3), **info.to_dict()}
-    if ok:
+    if ok and job.get("baseline", True):
         # The same graph without TFMOT, exported the same way: the parent measures its size so the
         # report separates what pruning/clustering saved from what the tf_keras export path saves.
         with native_quiet():
@@ -159,6 +161,8 @@ def _run_recipe(recipe: dict, job: dict, original: Any, train: list, teacher: li
     seed = int(job["seed"])
     tf_keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    if recipe["kind"] == "qat":
+        return _run_qat(recipe, job, original, train, teacher, labels)
     targets, losses, described = finetune.choose_targets(job["output_kinds"], job["outputs"], teacher, labels,
                                                          ft["targets"], ft["loss"])
     with native_quiet():
@@ -191,6 +195,45 @@ def _run_recipe(recipe: dict, job: dict, original: Any, train: list, teacher: li
         export_savedmodel(stripped, job["inputs"], job["signature_outputs"], out_dir)
     return {"name": name, "savedmodel": str(out_dir), "layers": layer_stats(stripped, done), "skipped_layers": skipped,
             "finetune": {**tuned, **described}, **schedule}
+
+
+def _run_qat(recipe: dict, job: dict, original: Any, train: list, teacher: list, labels: dict | None) -> dict:
+    """Quantization-aware training (`kdeploy.compress.qat`): annotate, apply, set ranges, fine-tune, export.
+
+    Trained on the labels when every output has usable ones, else distilled from the original
+    model's outputs on the same (calibration) inputs; the SavedModel keeps the FakeQuant ops.
+    """
+    import tf_keras
+
+    from kdeploy.compress import bridge, finetune, qat
+    from kdeploy.util import native_quiet
+
+    name = recipe["name"]
+    targets, losses, described = finetune.choose_targets(job["output_kinds"], job["outputs"], teacher, labels,
+                                                         "auto", "auto")
+    with native_quiet():
+        copy, _ = bridge.to_tf_keras(original)
+        annotated, done, floats = qat.annotate(copy)
+    if not done:
+        return {"name": name, "skipped": "no layer is supported by TFMOT's quantization registry", "skipped_layers": floats}
+    progress(f"{name}: quantize_apply ({len(done)} layers annotated, {len(floats)} left float)")
+    with native_quiet():
+        model = qat.apply(annotated)
+    t0 = time.perf_counter()
+    batches = qat.init_ranges(model, train, int(recipe["batch_size"]))
+    limit = qat.time_limit(float(recipe["max_seconds"]), tf_keras)
+    with qat.ema_decay(lambda: qat.TRAIN_EMA_DECAY):
+        tuned = finetune.fit(model, train, targets, losses, epochs=int(recipe["epochs"]),
+                             batch_size=int(recipe["batch_size"]), learning_rate=float(recipe["learning_rate"]),
+                             callbacks=[limit], progress=progress, label=name)
+    seconds = round(time.perf_counter() - t0, 3)
+    out_dir = Path(job["out_dir"]) / name
+    progress(f"{name}: writing SavedModel")
+    with native_quiet():
+        export_savedmodel(model, job["inputs"], job["signature_outputs"], out_dir)
+    return {"name": name, "savedmodel": str(out_dir), "layers": {k: {} for k in done}, "skipped_layers": floats,
+            "finetune": {**tuned, **described, "train_seconds": seconds, "stopped_at_max_seconds": limit.stopped,
+                         "range_init_batches": batches, "range_ema_decay": qat.TRAIN_EMA_DECAY}}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ all zeros when a few outliers set the range: cancer_mlp's standardize layer, cos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class LayerTensors:
 
     outputs: dict[str, np.ndarray]
     meta: dict[str, dict[str, Any]]  # layer -> {op, ops, input_dtypes, nodes, fed_by}
+    non_finite: list[dict[str, Any]] = field(default_factory=list)  # ops with NaN/Inf outputs, op order (tensors.py)
 
 
 @dataclass
@@ -43,16 +44,21 @@ class LayerDump:
     path: Path
     index: int
     meta: dict[str, dict[str, Any]]
+    non_finite: list[dict[str, Any]] = field(default_factory=list)
 
     def load(self) -> LayerTensors:
         prefix = f"{self.index}/"
         with np.load(self.path) as z:
-            return LayerTensors({k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}, self.meta)
+            return LayerTensors({k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}, self.meta,
+                                self.non_finite)
 
 
-def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name: str, layers: list[str],
+def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name: str, layers: Any,
                 job_dir: Path, samples: int, timeout_s: float) -> list[LayerDump]:
     """Runs the LiteRT tensor dump child on `artifacts` ((path, io) pairs); one LayerDump each (in `job_dir`).
+
+    `layers`: the Keras layer paths the `LayerNamer` maps to; None for a SavedModel (ops grouped
+    by name scope, `names.ScopeNamer`).
 
     Raises:
         ChildFailure: the child crashed, hung or raised.
@@ -61,7 +67,8 @@ def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name
     job = {"artifacts": [{"path": str(p), "io": io} for p, io in artifacts], "feeds_path": str(feeds_path),
            "model_name": model_name, "layers": layers, "samples": samples, "out_path": str(out)}
     result = run_child("kdeploy.debug.tensors", job, job_dir, timeout_s=timeout_s, what="the LiteRT tensor dump")
-    return [LayerDump(out, i, meta) for i, meta in enumerate(result["artifacts"])]
+    bad = result.get("non_finite") or [[] for _ in result["artifacts"]]
+    return [LayerDump(out, i, meta, nf) for i, (meta, nf) in enumerate(zip(result["artifacts"], bad))]
 
 
 def _rel_rmse(ref: np.ndarray, got: np.ndarray) -> float:
@@ -104,11 +111,15 @@ def ranked_layers(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def first_divergence(keras_outputs: dict[str, np.ndarray], tfl: LayerTensors, order: list[str],
-                     atol: float, rtol: float) -> dict[str, Any] | None:
-    """The first layer (Keras order) whose `.tflite` output exceeds `atol + rtol·|keras|`, or None.
+                     atol: float, rtol: float, peak: float = 0.0) -> dict[str, Any] | None:
+    """The first layer (Keras order) whose `.tflite` output exceeds `atol + rtol·|keras| + peak·magnitude`, or None.
+
+    Args:
+        peak: the tolerance's `max_peak_err`: a fraction of the layer output's magnitude (the larger
+            of its max |value| and its range), as `acceptance` applies it to the model's outputs.
 
     Returns:
-        `{layer, max_abs_err, tolerance}`: tolerance is `atol + rtol·|keras|` at the worst element.
+        `{layer, max_abs_err, tolerance}`: tolerance is the allowance at the worst element.
     """
     for layer in order:
         ref, got = keras_outputs.get(layer), tfl.outputs.get(layer)
@@ -117,9 +128,66 @@ def first_divergence(keras_outputs: dict[str, np.ndarray], tfl: LayerTensors, or
         ref64 = ref.astype(np.float64).reshape(-1)
         got64 = got.astype(np.float64).reshape(-1)
         d = np.abs(got64 - ref64)
-        allowed = atol + rtol * np.abs(ref64)
+        magnitude = max(float(np.abs(ref64).max()), float(ref64.max() - ref64.min())) if peak and ref64.size else 0.0
+        allowed = atol + rtol * np.abs(ref64) + peak * magnitude
         if np.any(~np.isfinite(d)) or np.any(d > allowed):
             worst = int(np.nanargmax(np.where(np.isfinite(d), d - allowed, np.inf)))
             return {"layer": layer, "max_abs_err": float(np.nanmax(np.where(np.isfinite(d), d, np.inf))),
                     "tolerance": float(allowed[worst])}
+    return None
+
+
+def first_non_finite(cand: LayerTensors, ref: LayerTensors | None = None) -> dict[str, Any] | None:
+    """Where a `.tflite`'s NaN/Inf values start: the first op (execution order) whose float output holds some.
+
+    Args:
+        cand: the artifact's tensors (their `non_finite` ops).
+        ref: the float `.tflite`'s: an op with as many non-finite values there (matched by node
+            name) makes them in the model itself (e.g. a -inf attention mask), not the
+            conversion, and is passed over.
+
+    Returns:
+        `{layer, op, node, node_name, count, elements, reference_count}` or None when no op's
+        output held NaN/Inf (beyond the reference's); `layer` is the Keras layer (a name scope
+        for a SavedModel) or None; `reference_count` is None without `ref`.
+    """
+    seen = {r["node_name"]: r["count"] for r in ref.non_finite} if ref is not None else {}
+    for row in cand.non_finite:
+        if row["count"] > seen.get(row["node_name"], 0):
+            return {**row, "reference_count": seen.get(row["node_name"], 0) if ref is not None else None}
+    return None
+
+
+def first_failing_layer(ref: LayerTensors, cand: LayerTensors, order: list[str], tol, reference: str,
+                        precision: str) -> dict[str, Any] | None:
+    """The first layer (in `order`) whose output in `cand` fails `tol` against `ref` — the per-layer form of
+    the candidate's fidelity check, with the criteria that do not depend on the output's scale or task.
+
+    Top-1 agreement is left out (a hidden layer is no classifier); NaN/Inf fail.
+
+    Returns:
+        `{layer, op, max_abs_err, tolerance, detail, reference}` (`max_abs_err`: None where the
+        output holds NaN/Inf; `tolerance`: atol + rtol·|ref| at the worst element when the
+        tolerance has atol/rtol, else None; `detail`: the comparison's text), or None when every
+        layer passes.
+    """
+    from kdeploy.compare import compare
+
+    loose = tol.model_copy(update={"min_top1": None})
+    for layer in order:
+        f, c = ref.outputs.get(layer), cand.outputs.get(layer)
+        if f is None or c is None or np.size(f) != np.size(c):
+            continue
+        (res,) = compare([f], [c.reshape(f.shape)], names=[layer], kinds=["regression"], tol=loose, runtime="litert",
+                         reference=reference, precision=precision)
+        if res.passed:
+            continue
+        d = np.abs(c.astype(np.float64).reshape(-1) - f.astype(np.float64).reshape(-1))
+        tolerance = None
+        if tol.atol is not None or tol.rtol is not None:
+            allowed = (tol.atol or 0.0) + (tol.rtol or 0.0) * np.abs(f.astype(np.float64).reshape(-1))
+            tolerance = float(allowed[int(np.nanargmax(np.where(np.isfinite(d), d - allowed, np.inf)))])
+        return {"layer": layer, "op": cand.meta.get(layer, {}).get("op"),
+                "max_abs_err": float(d.max()) if d.size and np.all(np.isfinite(d)) else None,  # None: NaN/Inf
+                "tolerance": tolerance, "detail": res.detail, "reference": reference}
     return None

@@ -4,20 +4,25 @@
 job with `experimental_preserve_all_tensors=True`, sample by sample (batch 1, so it runs any
 batch-1 graph), and writes, per artifact, the output of the last op of each Keras layer,
 dequantized to float32 (`layers.npz` keyed `<artifact index>/<layer>`) with the op type and
-dtype of that layer's ops in `result.json`. No TensorFlow here.
+dtype of that layer's ops in `result.json`, and where non-finite values appear: the ops whose
+float output holds NaN/Inf on some sample, in op order (`non_finite`). With `layers` None (a
+SavedModel: no Keras layers) ops are grouped by their name scope (`names.ScopeNamer`). No
+TensorFlow here.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from kdeploy.child import child_main
-from kdeploy.debug.names import LayerNamer
+from kdeploy.debug.names import LayerNamer, ScopeNamer
 
 SKIP_OPS = ("QUANTIZE", "DEQUANTIZE")  # conversions at the edges of kept-float ops, not layers
+NON_FINITE_OPS = 10  # ops listed in `non_finite`: the first ones in op order (where the NaN/Inf start)
 
 
 def layer_ops(graph, namer: LayerNamer) -> tuple[dict[str, list[int]], dict[int, str]]:
@@ -43,38 +48,45 @@ def layer_ops(graph, namer: LayerNamer) -> tuple[dict[str, list[int]], dict[int,
 
 
 def _run(job: dict) -> dict:
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from ai_edge_litert.interpreter import OpResolverType
 
     from kdeploy.artifacts.flatbuffer import read_tflite
-    from kdeploy.runtimes.quant import dequantize, quantize
+    from kdeploy.runtimes.litert import LiteRTRunner
+    from kdeploy.runtimes.quant import dequantize
 
     with np.load(job["feeds_path"]) as z:
         feeds = {k: z[k] for k in z.files}
-    namer = LayerNamer(job["model_name"], job["layers"])
+    namer = ScopeNamer() if job["layers"] is None else LayerNamer(job["model_name"], job["layers"])
     n = min(len(next(iter(feeds.values()))), job["samples"])
     saved: dict[str, np.ndarray] = {}
     meta = []
+    non_finite = []
     for a, art in enumerate(job["artifacts"]):
         data = Path(art["path"]).read_bytes()
         graph = read_tflite(data)
         ops, producer = layer_ops(graph, namer)
         # Without the default (XNNPACK) delegate: a delegated subgraph keeps its intermediate
         # tensors to itself (int8 ones read back as zeros here, even with preserve_all_tensors).
-        it = Interpreter(model_content=data, experimental_preserve_all_tensors=True, num_threads=1,
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-        runner = it.get_signature_runner("serving_default")
-        in_details = runner.get_input_details()
-        details = {d["index"]: d for d in it.get_tensor_details()}
+        runner = LiteRTRunner(SimpleNamespace(path=Path(art["path"]), io=art["io"]), threads=1,
+                              experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         last = {layer: graph.ops[idx[-1]].outputs[0] for layer, idx in ops.items()}
         rows: dict[str, list[np.ndarray]] = {layer: [] for layer in last}
-        for s in range(n):
-            args = {}
-            for model_name, sig_name in art["io"]["inputs"].items():
-                d = in_details[sig_name]
-                args[sig_name] = quantize(feeds[model_name][s : s + 1], d["dtype"], *d["quantization"])
-            runner(**args)
-            for layer, t in last.items():
-                rows[layer].append(dequantize(it.get_tensor(t), *details[t]["quantization"]).astype(np.float32))
+        float_outs = [(i, op.outputs[0]) for i, op in enumerate(graph.ops)
+                      if op.outputs and graph.tensors[op.outputs[0]].dtype in ("float32", "float16")]
+        bad = dict.fromkeys((i for i, _ in float_outs), 0)
+        size = dict.fromkeys(bad, 0)
+        with runner:  # fed through its signature, or its tensors where the file has none
+            it = runner.interpreter
+            details = {d["index"]: d for d in it.get_tensor_details()}
+            for s in range(n):
+                runner.infer({k: v[s : s + 1] for k, v in feeds.items()})
+                for layer, t in last.items():
+                    rows[layer].append(dequantize(it.get_tensor(t), *details[t]["quantization"]).astype(np.float32))
+                for i, t in float_outs:
+                    v = it.get_tensor(t)
+                    bad[i] += int(v.size - np.count_nonzero(np.isfinite(v)))
+                    size[i] += int(v.size)
         for layer, r in rows.items():
             saved[f"{a}/{layer}"] = np.concatenate(r) if r[0].ndim else np.stack(r)
         meta.append({layer: {"op": graph.ops[idx[-1]].name, "ops": [graph.ops[i].name for i in idx],
@@ -84,8 +96,13 @@ def _run(job: dict) -> dict:
                              "fed_by": sorted({producer[t] for i in idx for t in graph.ops[i].inputs
                                                if producer.get(t, layer) != layer})}
                      for layer, idx in ops.items()})
+        non_finite.append([
+            {"node": i, "op": graph.ops[i].name, "node_name": graph.tensors[graph.ops[i].outputs[0]].name.split(";")[0],
+             "layer": producer.get(graph.ops[i].outputs[0]), "count": c,
+             "elements": size[i]}
+            for i, c in bad.items() if c][:NON_FINITE_OPS])
     np.savez(Path(job["out_path"]), **saved)
-    return {"artifacts": meta, "samples": n}
+    return {"artifacts": meta, "non_finite": non_finite, "samples": n}
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def inspect(
     Raises:
         UsageError: bad model, profile, data or options (exit 2).
     """
-    from kdeploy.data import load_data
+    from kdeploy.data import data_signature, load_data
     from kdeploy.loading import load_custom_objects, load_model
 
     progress = progress or (lambda stage, detail="": None)
@@ -64,7 +64,8 @@ def inspect(
     custom = load_custom_objects(custom_objects) if custom_objects else None
     progress("load", str(model))
     m = load_model(model, trust_custom_code=trust_custom_code, custom_objects=custom, input_shapes=input_shapes,
-                   seed=seed, allow_dynamic=True)
+                   seed=seed, allow_dynamic=True,
+                   data_signature=(lambda: data_signature(data)) if data is not None else None)
     if m.keras_model is None:
         raise UsageError(f"inspect needs a Keras model (.keras or .h5); received a {m.format} ({model})")
     arrays = None
@@ -202,7 +203,8 @@ def _summary(m: LoadedModel, index: dict[str, Any], inputs, found, prof: TargetP
                               "fits": {p: sizes[p] <= bud.max_size_bytes for p in prof.precisions}}
     if bud.max_arena_bytes is not None or "tflm" in prof.runtimes:
         act = rules.largest_activation(found.graph, found.tensor_names)
-        layers = [ops.layer_of(loc, m.keras_model.name, set(index)) for loc in (act["tensor"] or "").split(";")]
+        scopes = ops.scope_index(m.keras_model)
+        layers = [ops.layer_of(loc, m.keras_model.name, scopes) for loc in (act["tensor"] or "").split(";")]
         act["layer"] = next((x for x in layers if x), None)
         out["largest_activation"] = act
         out["mcu"] = {"predicted_flash_bytes": sizes["int8"], "max_size_bytes": bud.max_size_bytes,

@@ -44,7 +44,13 @@ class OpsFound:
 
 
 def layer_index(keras_model: Any) -> dict[str, Any]:
-    """Layer path ('outer/inner') -> layer, for the model and every nested model, in graph order."""
+    """Layer path ('outer/inner') -> layer, for the model and every nested model, in graph order (a
+    subclassed model: attribute paths, `debug.names.attribute_tree`)."""
+    from kdeploy.debug.names import attribute_tree
+    from kdeploy.subclassed import has_symbolic_inputs
+
+    if not has_symbolic_inputs(keras_model):
+        return {path: layer for path, (layer, _) in attribute_tree(keras_model, inner=True).items()}
     out: dict[str, Any] = {}
 
     def walk(model: Any, prefix: str) -> None:
@@ -58,13 +64,24 @@ def layer_index(keras_model: Any) -> dict[str, Any]:
     return out
 
 
-def layer_of(location: str, model_name: str, paths: set[str]) -> str | None:
+def scope_index(keras_model: Any) -> dict[str, str]:
+    """Name-scope path -> `layer_index` path: the same unless subclassed (scopes carry layer names, not
+    attribute paths); `layer_of` takes it for its `paths`."""
+    from kdeploy.debug.names import attribute_tree
+    from kdeploy.subclassed import has_symbolic_inputs
+
+    if not has_symbolic_inputs(keras_model):
+        return {scope: path for path, (_, scope) in attribute_tree(keras_model, inner=True).items()}
+    return {p: p for p in layer_index(keras_model)}
+
+
+def layer_of(location: str, model_name: str, paths: set[str] | dict[str, str]) -> str | None:
     """The deepest Keras layer path a TensorFlow/TFLite name scope points at, or None.
 
     Args:
         location: one name, e.g. `cnn_1/conv_1/Conv2D` (a `;`-separated fused name is split by the caller).
         model_name: the outer model's name (the first scope, possibly with a `_N` suffix).
-        paths: from `layer_index`.
+        paths: from `layer_index`; or `scope_index` (the path a matched scope stands for is returned).
 
     Each scope matches a layer named like it, or like it without a trailing `_N` (Keras 3's
     uniquified scopes); the suffix-free reading is preferred when both name a layer.
@@ -80,7 +97,7 @@ def layer_of(location: str, model_name: str, paths: set[str]) -> str | None:
             break
         found = prefix + name
         prefix = found + "/"
-    return found
+    return paths[found] if isinstance(paths, dict) and found is not None else found
 
 
 def _unsuffixed(part: str, names: set[str]) -> str | None:
@@ -129,8 +146,7 @@ def find_ops(loaded: LoadedModel, keras_model: Any, inputs: list[TensorInfo], tf
 
     started = time.perf_counter()
     found = OpsFound()
-    index = layer_index(keras_model)
-    paths = set(index)
+    paths = scope_index(keras_model)
     name = keras_model.name
     try:
         traced = trace(loaded, keras_model, inputs, freeze=tflite is None)

@@ -70,13 +70,19 @@ def budget_latency_ms(rd: dict, cd: dict) -> float | None:
     return row[f"{latency_percentile(rd)}_ms"] if row else None
 
 
-def vs_keras(cd: dict) -> list[dict]:
-    return [f for f in cd.get("fidelity") or [] if f.get("reference") == "keras"]
+def vs_keras(cd: dict, runtime: str | None = None) -> list[dict]:
+    """Fidelity rows against Keras; with `runtime`, that runtime's only (the deployed one's column)."""
+    return [f for f in cd.get("fidelity") or [] if f.get("reference") == "keras"
+            and (runtime is None or f.get("runtime") == runtime)]
 
 
-def fidelity_summary(cd: dict) -> dict[str, float | None]:
-    """Worst-case fidelity figures against Keras over outputs and runtimes (None when absent)."""
-    rows = vs_keras(cd)
+def fidelity_summary(cd: dict, runtime: str | None = None) -> dict[str, float | None]:
+    """Worst-case fidelity figures against Keras over outputs (and runtimes, unless `runtime`; None when absent).
+
+    Pass the deployed runtime (`primary_runtime`) wherever the figure stands for the candidate's
+    verdict: a cross-check runtime's figure is never the deployed one's.
+    """
+    rows = vs_keras(cd, runtime)
 
     def worst(key, fn):
         vals = [f[key] for f in rows if f.get(key) is not None]
@@ -92,8 +98,8 @@ def fidelity_summary(cd: dict) -> dict[str, float | None]:
     }
 
 
-def fidelity_label(cd: dict) -> str:
-    s = fidelity_summary(cd)
+def fidelity_label(cd: dict, runtime: str | None = None) -> str:
+    s = fidelity_summary(cd, runtime)
     if s["top1_agreement"] is not None:
         return f"top-1 {s['top1_agreement']:.3f}"
     if s["cosine_min"] is not None:

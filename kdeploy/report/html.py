@@ -104,7 +104,7 @@ def _candidate_table(rd: dict) -> str:
     out = ["<table id=\"candidates\"><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for c in rd.get("candidates") or []:
         art = primary_artifact(rd, c)
-        s = fidelity_summary(c)
+        s = fidelity_summary(c, rt)
         lat = budget_latency_ms(rd, c)
         checks = c.get("checks") or []
         npass = sum(1 for k in checks if k.get("passed"))
@@ -175,7 +175,7 @@ def render(report: Any) -> str:
     if sel is not None:
         art = primary_artifact(rd, sel)
         figs = (f"{fmt_bytes(art.get('size_bytes')) if art else '-'} ({fmt_bytes(art.get('gzip_bytes')) if art else '-'}"
-                f" gzip) · {pct} {fmt_ms(budget_latency_ms(rd, sel))} · {fidelity_label(sel)} vs Keras")
+                f" gzip) · {pct} {fmt_ms(budget_latency_ms(rd, sel))} · {fidelity_label(sel, primary_runtime(rd))} vs Keras")
         line = f"Selected <strong>{_e(selected)}</strong> — {_e(figs)}"
     else:
         nfail = sum(1 for c in cands if not c.get("passed"))

@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-SCHEMA_VERSION = "1.1"  # 1.1: inspection; model.trusted_package_classes; candidates[].sensitivity, task_metrics,
-# first_divergence; cache; selection.tie
+SCHEMA_VERSION = "1.2"  # 1.1: inspection; model.trusted_package_classes; candidates[].sensitivity, task_metrics,
+# first_divergence; cache; selection.tie. 1.2: artifacts[].pairing; fidelity[].peak_err, rel_rmse, decisions, gates;
+# candidates[].consistency, first_non_finite, crash_sites; first_divergence op/detail/reference; repair (the int8 ladder)
 
 
 class _M(BaseModel):
@@ -52,6 +53,16 @@ class ModelInfo(_M):
         description="Classes of trusted installed packages (e.g. keras_hub) the model uses, loaded without --custom-objects.")
 
 
+class PairingOut(_M):
+    output: str = Field(description="The model output.")
+    tensor: str = Field(description="The artifact's output tensor compared with it.")
+    how: Literal["output-map", "name", "shape", "values", "unverified"] = Field(
+        description="output-map: given by --output-map; name: the names match; shape: the only artifact output of "
+                    "that shape; values: the assignment of equal-shaped outputs that agrees best with Keras, by a "
+                    "margin (in detail); unverified: the values could not decide (the candidate fails).")
+    detail: str | None = None
+
+
 class ArtifactOut(_M):
     format: str
     path: str = Field(description="Relative to the report's folder.")
@@ -60,6 +71,10 @@ class ArtifactOut(_M):
     size_bytes: int
     gzip_bytes: int
     sha256: str
+    # Added in 1.1 (optional): artifacts given to `check` state how each model output was paired with theirs.
+    pairing: list[PairingOut] | None = Field(
+        default=None, description="Artifacts given to `check`: which artifact tensor each model output is compared "
+                                  "with, and how that pairing was decided.")
 
 
 class FidelityOut(_M):
@@ -78,6 +93,35 @@ class FidelityOut(_M):
     top1_agreement: float | None
     passed: bool
     detail: str
+    # Added by the acceptance policy (kdeploy.acceptance); absent in older reports.
+    peak_err: float | None = Field(None, description="Max abs error / the output's magnitude (larger of max |ref| "
+                                                     "and its range).")
+    rel_rmse: float | None = Field(None, description="RMS error / RMS of the reference output.")
+    decision_agreement: float | None = Field(
+        None, description="Softmax: top-1 class agreement; sigmoid outputs and score maps: agreement of the decisions "
+                          "at the tolerance's threshold (per element).")
+    decisions: int | None = Field(None, description="Decisions compared (samples, or elements of sigmoid outputs).")
+    summary: str = Field("", description="The failed criteria in user terms (empty when passed).")
+    gates: bool = Field(True, description="False: a cross-check runtime's figures against Keras, reported but not "
+                                          "a verdict (verdicts come from the target's deployed runtimes).")
+
+
+class ConsistencyOut(_M):
+    """Agreement of two runtimes that ran one artifact, per output: runtime_b against runtime_a (the deployed one)."""
+
+    runtime_a: str
+    runtime_b: str
+    output: str
+    precision: str
+    samples: int
+    figures: dict[str, float | int | None] = Field(
+        default_factory=dict, description="max_abs_err, peak_err, rel_rmse, cosine_min, cosine_mean, "
+                                          "decision_agreement of runtime_b against runtime_a")
+    gates: bool = Field(description="The verdict is a check: always for fp32, for quantized precisions where the "
+                                    "profile's [consistency] gate_quantized is true")
+    passed: bool
+    detail: str = ""
+    summary: str = ""
 
 
 class LatencyOut(_M):
@@ -128,6 +172,7 @@ class Check(_M):
     limit: Any
     passed: bool
     detail: str = ""
+    summary: str = Field("", description="Why it failed, in user terms (fidelity, consistency, task checks).")
 
 
 class Candidate(_M):
@@ -160,9 +205,27 @@ class Candidate(_M):
         default_factory=list,
         description="With labels: {name, output, keras, value, drop} on the validation samples (accuracy for "
                     "classifiers, mae/rmse for regression); drop: how much worse than Keras")
+    consistency: list[ConsistencyOut] = Field(
+        default_factory=list,
+        description="Agreement between the runtimes that ran this candidate's artifacts (deployed vs cross-check)")
     first_divergence: dict[str, Any] | None = Field(
-        None, description="fp32 .tflite failing its tolerance: the first Keras layer whose output exceeds it, "
-                          "{layer, max_abs_err, tolerance}")
+        None, description="A .tflite failing its tolerance: the first Keras layer whose output exceeds it, "
+                          "{layer, max_abs_err, tolerance}; fp32 against Keras, other precisions (issue 18, optional "
+                          "keys op, detail, reference) against the fp32 .tflite's layer outputs with the precision's "
+                          "tolerance (tolerance: null when it has no atol/rtol; detail says which criterion failed). "
+                          "For a SavedModel, layer is a name scope.")
+    # issue 18 (additive, optional): where NaN/Inf start and where a runtime crashed.
+    first_non_finite: dict[str, Any] | None = Field(
+        None, description="A .tflite whose ops output NaN/Inf: the first such op in execution order, {layer (Keras "
+                          "layer, a name scope for a SavedModel, or null), op, node (index), node_name (its output "
+                          "tensor), count (NaN/Inf values over the samples), elements, reference_count (the fp32 "
+                          ".tflite's count at the same node; null when not compared), inputs ('validation', or "
+                          "\"robustness probe 'edge'\" when only a probe's inputs gave NaN/Inf)}")
+    crash_sites: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Runtime failures located in the artifact: {runtime, op, node (LiteRT: execution-plan index; "
+                    "ONNX: graph.node index), node_name (output tensor / ONNX node: the SavedModel node), layer "
+                    "(Keras layer or null), inputs_from (layers or nodes feeding it), reason (the kernel's text)}")
 
 
 class LayerCompat(_M):
@@ -249,6 +312,16 @@ class Report(_M):
     )
 
     cache: CacheInfo | None = Field(None, description="What came from the result cache (None: written before 1.1).")
+    # issue 19 (additive, optional): the int8 repair ladder, when the run judged full int8.
+    repair: dict[str, Any] | None = Field(
+        None, description="The int8 repair ladder (kdeploy.run.ladder): int8 {passed, detail, seconds} (full int8's "
+                          "verdict on the deployed runtimes, judged once), runtimes, steps [{step (calibration, "
+                          "selective, qat), recipe (its candidate), tried, passed (its judge: evaluation's gates but "
+                          "latency), detail, seconds, conversions, size_bytes (deployed artifact), evaluation_passed "
+                          "(the candidate's verdict after evaluation), latency {runtime, p50_ms, int8_p50_ms, "
+                          "fp32_p50_ms} (host)}] in ladder order, repaired_by (the first passing step's candidate or "
+                          "null), seconds. Steps is empty where full int8 passed (the ladder did not run); null: no "
+                          "full int8 candidate.")
 
     _staging: Path | None = PrivateAttr(default=None)
     _mlflow: Any = PrivateAttr(default=None)  # kdeploy.registry.GateRecord when gated from an MLflow URI

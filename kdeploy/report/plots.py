@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from kdeploy.profiling import pareto_front
 from kdeploy.report.figures import (budget_latency_ms, fidelity_label, fmt_bytes, fmt_ms, latency_percentile,
-                                    primary_artifact)
+                                    primary_artifact, primary_runtime)
 
 PASS, FAIL = "#2e7d32", "#c62828"
 
@@ -271,7 +271,7 @@ def pareto_plot(rd: dict, colors: dict[str, str]) -> str:
     for (c, x, y), ly in zip(pts, label_y):
         name, px, py = c["name"], sx(x), sy(y)
         color = colors.get(name, "#777")
-        tip = (f"{name}: {pct} {x:.4f} ms, {size_key} {y:,}, {fidelity_label(c)}, "
+        tip = (f"{name}: {pct} {x:.4f} ms, {size_key} {y:,}, {fidelity_label(c, primary_runtime(rd))}, "
                f"{'passes every check' if c.get('passed') else 'fails'}" + (", Pareto front" if name in front else ""))
         if name == selected:
             svg.circle(px, py, 14, "none", PASS, 3)
@@ -285,7 +285,7 @@ def pareto_plot(rd: dict, colors: dict[str, str]) -> str:
         if abs(ly - py) > 1:
             svg.line(px + 8, py, px + 15, ly, "#9aa5b1", 1)
         svg.text(px + 16, ly - 3, f"{name}{tag}", size=12, weight="bold" if name == selected else "normal")
-        svg.text(px + 16, ly + 11, fidelity_label(c), size=11, fill="#44505b")
+        svg.text(px + 16, ly + 11, fidelity_label(c, primary_runtime(rd)), size=11, fill="#44505b")
     lx = width - right + 24
     svg.circle(lx, top_m + 8, 7, "#9aa5b1", "#1d232a", 1)
     svg.text(lx + 14, top_m + 12, "passes every check", size=11)

@@ -106,40 +106,44 @@ def check(
     progress: Progress | None = None,
     command: list[str] | None = None,
     trusted_packages: Sequence[str] = (),
+    output_map: dict[str, str] | str | None = None,
 ) -> Report:
     """Gates artifacts built elsewhere (`.tflite`, `.onnx`) against the reference model; no optimization.
 
     Each artifact becomes one candidate named after its file; `precision` (else detected from the
-    artifact) picks the tolerance.
+    artifact) picks the tolerance. A `.tflite` without a SignatureDef is fed through its tensors; a
+    fixed-batch artifact sample by sample (or in chunks of its batch). Each model output is paired
+    with the artifact output of its shape by `output_map`, by name, by a unique shape, else by
+    values (`kdeploy.artifacts.external`); the report states how (`artifacts[].pairing`).
+
+    Args:
+        output_map: model output name -> artifact output tensor name (or the CLI's
+            `NAME=TENSOR,...` text), for outputs that names and shapes do not pair and values
+            cannot settle.
+
+    Raises:
+        UsageError: an artifact that does not fit the model (input/output counts or shapes), an
+            ambiguous output pairing (the message names `--output-map`), bad options (exit 2).
     """
+    from kdeploy.artifacts.external import parse_output_map
+
     paths = [Path(a) for a in artifacts]
     for p in paths:
         if not p.is_file() or p.suffix.lower() not in (".tflite", ".onnx"):
             raise UsageError(f"artifact {p}: not found or not a .tflite/.onnx file (allowed: .tflite, .onnx)")
+    omap = parse_output_map(output_map) if isinstance(output_map, str) or output_map is None else dict(output_map)
     opts = RunOptions(model, target=target, profile=profile, data=data, out=out, formats=formats, seed=seed,
                       trust_custom_code=trust_custom_code, custom_objects=custom_objects, input_shapes=input_shapes,
                       progress=progress, command=command, trusted_packages=trusted_packages)
-    return _run(opts, lambda c: Built(_external_builds(c, paths, precision), []))
+    return _run(opts, lambda c: Built(_external_builds(c, paths, precision, omap), []))
 
 
-def _external_builds(ctx: Context, paths: list[Path], precision: str | None) -> list[Build]:
-    """One candidate per artifact file, copied into the staging folder."""
-    from kdeploy.artifacts.external import external_artifact
+def _external_builds(ctx: Context, paths: list[Path], precision: str | None,
+                     output_map: dict[str, str] | None = None) -> list[Build]:
+    """One candidate per artifact file, its outputs paired with the model's (`kdeploy.run.external`)."""
+    from kdeploy.run.external import external_builds
 
-    builds: list[Build] = []
-    for i, p in enumerate(paths):
-        dest = ctx.staging / "artifacts" / f"{i}-{p.name}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(p, dest)
-        art = external_artifact(dest, ctx.model, precision)
-        if art.precision not in ctx.profile.tolerances:
-            raise UsageError(
-                f"artifact {p.name} has precision {art.precision}, which target {ctx.profile.name} gives no "
-                f"tolerance for (allowed: {', '.join(ctx.profile.tolerances)})"
-            )
-        name = p.stem if p.stem not in [b.name for b in builds] else f"{p.stem}-{i}"
-        builds.append(Build(name, art.precision, {"precision": art.precision, "source": str(p)}, [art]))
-    return builds
+    return external_builds(ctx, paths, precision, output_map)
 
 
 def _run(opts: RunOptions, build: Callable[[Context], Built] | None) -> Report:

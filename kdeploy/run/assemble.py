@@ -42,7 +42,15 @@ def make_report(ctx: Context, candidates: list[Candidate], selection: dict[str, 
         duration_s=round(time.perf_counter() - started, 3),
         reproducibility=_reproducibility(ctx, command, built.reference_artifacts),
         inspection=built.inspection,
+        repair=_repair(ctx, candidates),
     )
+
+
+def _repair(ctx: Context, candidates: list[Candidate]) -> dict[str, Any] | None:
+    """The int8 repair ladder's record with each step's verdict after evaluation and its latency (`run.ladder`)."""
+    from kdeploy.run.ladder import finish
+
+    return finish(ctx.repair, candidates, ctx.profile.runtimes[0])
 
 
 def _reproducibility(ctx: Context, command: list[str] | None, reference_artifacts: list[dict]) -> dict[str, Any]:

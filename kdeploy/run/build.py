@@ -17,8 +17,8 @@ from kdeploy.report.model import Inspection
 from kdeploy.run.context import Build, Built, Context
 from kdeploy.run.convert import (ConversionLane, ReferenceModel, add_onnx_twin, attach_twin, convert_tflite,
                                 keeps_tflite, new_build, release_tflite)
+from kdeploy.run.ladder import repair_ladder
 from kdeploy.run.probes import probe_inputs
-from kdeploy.run.selective import selective_builds
 from kdeploy.util import file_sha256, release_memory
 
 
@@ -47,16 +47,24 @@ def build_candidates(ctx: Context) -> Built:
         builds, kept, seen = _ptq_builds(ctx, ref, recipes, lane)
         # What needs only this process' candidates (fp32, the calibrated ones) runs while the lane finishes.
         inspection = _inspection(ctx, conversion, kept)  # reads the fp32 .tflite
-        mixed = selective_builds(ctx, ref, builds)  # int8-mixed, when full int8 fails and float layers fix it
-        if lane is not None:
-            probe_inputs(ctx)  # Keras outputs on the robustness probes, which the evaluation needs
-            _lane_builds(ctx, ref, recipes, lane, builds, kept, seen)
+        finished: list[bool] = []
+
+        def finish_lane() -> None:  # once, before the ladder trains (no training child beside the lane) or after it
+            if lane is not None and not finished:
+                finished.append(True)
+                probe_inputs(ctx)  # Keras outputs on the robustness probes, which the evaluation needs
+                _lane_builds(ctx, ref, recipes, lane, builds, kept, seen)
+
+        # The int8 repair ladder, where full int8 fails (`run.ladder`): recalibration, float layers, training,
+        # stopping at the first that passes.
+        repairs = repair_ladder(ctx, ref, builds, before_training=finish_lane)
+        finish_lane()
     finally:
         if lane is not None:
             lane.close()
     for b, tfl in kept:
         release_tflite(ctx, b, tfl)
-    builds += mixed
+    builds += repairs
     for recipe in ort_recipes(prof):
         b = Build(recipe.name, recipe.precision, recipe.describe(len(ctx.calibration)), spec=recipe)
         builds.append(b)

@@ -10,20 +10,44 @@ import numpy as np
 from kdeploy.compare import FidelityResult
 from kdeploy.profiles import TargetProfile, Tolerance
 from kdeploy.report.figures import budget_row, deployed_artifact
-from kdeploy.report.model import Candidate, Check, FidelityOut
+from kdeploy.report.model import Candidate, Check, ConsistencyOut, FidelityOut
 from kdeploy.run.context import Build
 from kdeploy.runtimes import RUNTIME_FORMATS
 
 
-def add_fidelity(c: Candidate, f: FidelityResult, tol: Tolerance) -> None:
-    out = FidelityOut(**{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-                         for k, v in f.to_dict().items()})  # NaN/Inf are not JSON: reported as null
+def _finite(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}  # NaN: null
+
+
+def add_fidelity(c: Candidate, f: FidelityResult, tol: Tolerance, gates: bool = True) -> None:
+    """A fidelity row; with `gates` (a deployed runtime) also its check. A cross-check's row is figures only."""
+    out = FidelityOut(**_finite(f.to_dict()), gates=gates)
     c.fidelity.append(out)
-    value = {"max_abs_err": out.max_abs_err, "cosine_min": out.cosine_min}
+    if not gates:
+        return
+    value = {"max_abs_err": out.max_abs_err, "peak_err": out.peak_err, "cosine_min": out.cosine_min}
     if out.top1_agreement is not None:
         value["top1_agreement"] = out.top1_agreement
+    if out.decision_agreement is not None and out.top1_agreement is None:
+        value["decision_agreement"] = out.decision_agreement
     c.checks.append(Check(name=f"fidelity {f.runtime} vs {f.reference} [{f.output}]", value=value,
-                          limit=tol.model_dump(exclude_none=True), passed=f.passed, detail=f.detail))
+                          limit=tol.model_dump(exclude_none=True), passed=f.passed, detail=f.detail,
+                          summary=f.summary))
+
+
+def add_consistency(c: Candidate, f: FidelityResult, tol: Tolerance, gates: bool) -> ConsistencyOut:
+    """One output's agreement of runtime `f.runtime` with `f.reference` (the deployed one); a check where it gates."""
+    figures = _finite({k: getattr(f, k) for k in ("max_abs_err", "peak_err", "rel_rmse", "cosine_min", "cosine_mean",
+                                                  "decision_agreement", "decisions")})
+    row = ConsistencyOut(runtime_a=f.reference, runtime_b=f.runtime, output=f.output, precision=f.precision,
+                         samples=f.samples, figures=figures, gates=gates, passed=f.passed, detail=f.detail,
+                         summary=f.summary)
+    c.consistency.append(row)
+    if gates:
+        c.checks.append(Check(name=f"consistency {f.runtime} vs {f.reference} [{f.output}]", value=figures,
+                              limit=tol.model_dump(exclude_none=True), passed=f.passed, detail=f.detail,
+                              summary=f.summary))
+    return row
 
 
 def is_latency_check(name: str) -> bool:

@@ -36,7 +36,13 @@ def compressed_builds(ctx: Context, ref: ReferenceModel) -> list[Build]:
         ctx.finding("warning", "tfmot-skipped",
                     f"pruning/clustering recipes ({names}) skipped: they need a .keras or .h5 model, received a {m.format}")
         return []
-    result = _train(ctx, ref, plans, names)
+    if not m.symbolic:
+        ctx.finding("warning", "tfmot-skipped",
+                    f"pruning/clustering recipes ({names}) skipped: {type(m.keras_model).__name__} is a subclassed "
+                    "model (its call() is Python code, not a layer graph); TFMOT trains a tf_keras copy made by "
+                    "translating a functional or Sequential layer graph")
+        return []
+    result = train_plans(ctx, ref, plans, f"pruning/clustering recipes ({names})")
     if result is None:
         return []
     bridge_out = result["bridge_out"]
@@ -54,8 +60,13 @@ def compressed_builds(ctx: Context, ref: ReferenceModel) -> list[Build]:
     return builds
 
 
-def _train(ctx: Context, ref: ReferenceModel, plans: list, names: str) -> dict | None:
-    """Runs the TFMOT child; None (with a finding) when its models cannot be used."""
+def train_plans(ctx: Context, ref: ReferenceModel, plans: list, what: str, baseline: bool = True) -> dict | None:
+    """Runs the TFMOT child on `plans`; None (with a finding) when its models cannot be used.
+
+    Args:
+        what: how findings name the recipes (e.g. "pruning/clustering recipes (prune50, cluster16)").
+        baseline: also export the bridged model untouched (pruning/clustering size baseline).
+    """
     prof, m = ctx.profile, ctx.model
     job_dir = ctx.work / "tfmot"
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -75,24 +86,25 @@ def _train(ctx: Context, ref: ReferenceModel, plans: list, names: str) -> dict |
         "out_dir": str(job_dir / "models"),
         "recipes": [p.job() for p in plans],
         "finetune": ft.model_dump(exclude={"timeout_s"}),
+        "baseline": baseline,
         "seed": ctx.seed,
     }
-    ctx.progress("tfmot", f"pruning/clustering in a child process: {names}")
+    ctx.progress("tfmot", f"{what}: TFMOT in a child process")
     try:
         result = run_child("kdeploy.compress.tfmot_worker", job, job_dir, timeout_s=ft.timeout_s,
                            what="the TFMOT child process", on_progress=lambda t: ctx.progress("tfmot", t),
                            timeout_hint="; finetune.timeout_s")
     except ChildFailure as e:
-        ctx.finding("error", "tfmot-failed", f"pruning/clustering recipes ({names}) skipped: {e}")
+        ctx.finding("error", "tfmot-failed", f"{what} skipped: {e}")
         return None
     if "load_error" in result:
         ctx.finding("warning", "tfmot-skipped",
-                    f"pruning/clustering recipes ({names}) skipped: Keras 3 safe loading in the TFMOT child failed "
+                    f"{what} skipped: Keras 3 safe loading in the TFMOT child failed "
                     f"({result['load_error']}); models that need custom code are not translated to tf_keras")
         return None
     sha = result.get("reference_weights_sha256", {})
     if sha.get("before") != sha.get("after"):
-        ctx.finding("error", "reference-mutated", "the original model's weights changed during pruning/clustering "
+        ctx.finding("error", "reference-mutated", f"the original model's weights changed during {what} "
                     f"(sha256 {sha.get('before')} → {sha.get('after')}); TFMOT candidates discarded")
         return None
     bridge = result["bridge"]
@@ -103,7 +115,7 @@ def _train(ctx: Context, ref: ReferenceModel, plans: list, names: str) -> dict |
             why = (f"the tf_keras translation differs from the original by {bridge['max_abs_diff']:.2e} "
                    f"(> {bridge['atol']:.0e}) on {bridge['samples']} validation samples")
         ctx.finding("warning", "tfmot-bridge-unsupported",
-                    f"pruning/clustering recipes ({names}) skipped: the Keras 3 → tf_keras bridge cannot be trusted "
+                    f"{what} skipped: the Keras 3 → tf_keras bridge cannot be trusted "
                     f"for this model: {why}")
         return None
     if bridge.get("dropped_config_keys"):

@@ -91,6 +91,8 @@ class Context:
     layer_samples: int | None = None  # samples those tensors are taken on, fixed by the first dump (run/diagnose)
     probes: tuple | None = None  # robustness probe inputs and Keras outputs, made once (run/probes)
     parallel: bool | None = None  # RunOptions.parallel
+    spare: Dataset | None = None  # held back from validation for the calibration repair (data.hold_back), or None
+    repair: dict[str, Any] | None = None  # the int8 repair ladder's record (run/ladder), the report's `repair`
 
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))

@@ -96,19 +96,40 @@ def add_onnx_twin(ctx: Context, b: Build, recipe: Recipe, tfl: Artifact, ref: Re
     if recipe.onnx is None:
         onnx_missing(ctx, b, recipe.no_onnx or "no ONNX route for this recipe")
         return None
+    from kdeploy.run.diagnose import layer_namer
+
     ctx.progress("convert", f"ONNX {recipe.name}")
     out = ctx.staging / "artifacts" / f"{recipe.name}.onnx"
     try:
-        if recipe.onnx == "savedmodel":
-            art = onnx_export.from_saved_model(ref.savedmodel, ctx.model, out, ref.signature_outputs)
-        else:
-            art = onnx_export.from_tflite(source or tfl, out)
-            b.recipe["onnx"] = note or SAME_TFLITE
+        # fp32 of the reference model may swap routes when one leaves an op unconverted (`onnx.twin`)
+        art = onnx_export.twin(recipe.onnx, out, lambda: source or tfl, ref.savedmodel, ctx.model,
+                               ref.signature_outputs, layer_namer(ctx),
+                               fallback=recipe.plan is None and source is None)
     except ConversionError as e:
         onnx_missing(ctx, b, str(e))
         return None
+    note_route(b, recipe, art, note)
     b.artifacts.append(art)
     return art
+
+
+def note_route(b: Build, recipe: Recipe, art: Artifact, note: str | None = None) -> None:
+    """`recipe.onnx` in the report: how the twin was made (`note`, default SAME_TFLITE), or the fallback route."""
+    from kdeploy.artifacts.onnx import fallback_note
+
+    fell_back = fallback_note(art)
+    if fell_back is not None:
+        b.recipe["onnx"] = fell_back
+    elif recipe.onnx == "tflite":
+        b.recipe["onnx"] = note or SAME_TFLITE
+
+
+def namer_job(ctx: Context) -> dict | None:
+    """What a child process needs to rebuild `diagnose.layer_namer(ctx)` (None: a SavedModel, no Keras layers)."""
+    from kdeploy.run.diagnose import namer_layers
+
+    layers = namer_layers(ctx)
+    return None if layers is None else {"model_name": ctx.model.keras_model.name, "layers": layers}
 
 
 def onnx_missing(ctx: Context, b: Build, error: str) -> None:
@@ -161,7 +182,7 @@ class ConversionLane:
         self.failure: str | None = None  # why the child failed (crash, kill, exception), once `finish` saw it
         self.proc = None
         twins = "onnxruntime" in ctx.wanted_runtimes
-        job = {"inputs": [t.name for t in ctx.model.inputs], "markers": str(self.markers),
+        job = {"inputs": [t.name for t in ctx.model.inputs], "markers": str(self.markers), "namer": namer_job(ctx),
                "tasks": [{"name": r.name, "precision": r.precision, "tflite": self.converts(r),
                           "route": r.onnx if twins and r.onnx in ("savedmodel", "tflite") else None,
                           "src": str(ctx.staging / "artifacts" / f"{r.name}.tflite"),
@@ -269,5 +290,4 @@ def attach_twin(ctx: Context, b: Build, recipe: Recipe, res: LaneResult | None) 
         onnx_missing(ctx, b, res.onnx_error)
     elif res.onnx is not None:
         b.artifacts.append(res.onnx)
-        if recipe.onnx == "tflite":
-            b.recipe["onnx"] = SAME_TFLITE
+        note_route(b, recipe, res.onnx)

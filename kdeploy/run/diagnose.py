@@ -1,4 +1,5 @@
-"""Why a candidate is off, by Keras layer: task metrics with labels, per-layer error, the first diverging layer.
+"""Why a candidate is off, by Keras layer: task metrics with labels, per-layer error, the first diverging layer,
+where NaN/Inf start, and where a runtime crashed.
 
 `task_checks` runs inside evaluation (its checks gate); `diagnose` runs after it and only
 describes: the per-layer error of every quantized `.tflite` against the float one
@@ -7,6 +8,15 @@ Keras layer whose output is off (`candidates[].first_divergence`). The tensors c
 LiteRT child process (`kdeploy.debug.tensors`); results are cached per artifact hash in
 `Context.layer_errors` (the file, read again when needed), so the selective search and the report measure a
 `.tflite` once.
+
+For every precision, a `.tflite` that disagrees also gets `first_divergence` (the first layer
+failing the precision's tolerance: against Keras for fp32, against the fp32 `.tflite`'s tensors
+otherwise) and `first_non_finite` (the first op whose output holds NaN/Inf; located on a
+robustness probe's inputs when only a probe gave them, e.g. an all-zero input, which also
+gets a candidate that agrees otherwise diagnosed for that alone). A SavedModel has
+no Keras layers: its ops are grouped by name scope (`names.ScopeNamer`). An artifact that
+crashed its runtime is located from the runtime's error text (`locate_failure`, called by
+evaluation: `candidates[].crash_sites`) and gets no tensors (it does not run).
 """
 
 from __future__ import annotations
@@ -19,8 +29,11 @@ from kdeploy import taskmetrics
 from kdeploy.child import ChildFailure
 from kdeploy.compare import compare
 from kdeploy.memory import layer_samples_for
-from kdeploy.debug.attribution import LayerTensors, dump_layers, first_divergence, sensitivity
-from kdeploy.debug.names import layer_paths
+from kdeploy.debug.attribution import (LayerTensors, dump_layers, first_divergence, first_failing_layer,
+                                       first_non_finite, sensitivity)
+from kdeploy.debug.names import LayerNamer, layer_paths, layer_scopes
+from kdeploy.loading import keras_args
+from kdeploy.subclassed import layer_outputs
 from kdeploy.report.model import Candidate
 from kdeploy.run.context import Build, Context
 from kdeploy.util import file_sha256
@@ -37,7 +50,8 @@ def task_checks(ctx: Context, c: Candidate, b: Build, outputs: dict[str, list[np
     names = [t.name for t in m.outputs]
     labels = taskmetrics.labels_for(ctx.validation.labels, names)
     c.task_metrics = taskmetrics.task_rows(names, m.output_kinds, labels, ctx.reference, outputs[deployed])
-    task = taskmetrics.budget_checks(c.task_metrics, prof.budgets.max_accuracy_drop, prof.budgets.max_mae_increase)
+    task = taskmetrics.budget_checks(c.task_metrics, prof.budgets.max_accuracy_drop, prof.budgets.max_mae_increase,
+                                     prof.budgets.max_relative_accuracy_drop)
     c.checks += task
     tol = b.tolerance or prof.tolerances[b.precision]
     if tol.min_top1 is None:
@@ -58,6 +72,34 @@ def model_layers(ctx: Context) -> list[str]:
     return [p for p, layer in layer_paths(km).items() if type(layer).__name__ != "InputLayer"] if km is not None else []
 
 
+def namer_layers(ctx: Context) -> list[str] | dict[str, str] | None:
+    """What `LayerNamer` maps tensor names to: Keras layer paths (a subclassed model's attribute paths -> their
+    scopes); None for a SavedModel (no Keras layers: ops are grouped by scope)."""
+    if ctx.model.keras_model is None:
+        return None
+    return model_layers(ctx) if ctx.model.symbolic else layer_scopes(ctx.model.keras_model)  # attribute paths
+
+
+def layer_namer(ctx: Context) -> LayerNamer | None:
+    """TFLite tensor names -> Keras layer paths of the model; None for a SavedModel."""
+    layers = namer_layers(ctx)
+    return None if layers is None else LayerNamer(ctx.model.keras_model.name, layers)
+
+
+def locate_failure(ctx: Context, path: Path, fmt: str, runtime: str, message: str) -> dict | None:
+    """Where a runtime's failure text says the artifact at `path` failed (`debug.locate.crash_site`), with the
+    runtime; None when the text names no node of it."""
+    from kdeploy.debug.locate import crash_site
+
+    site = crash_site(path, fmt, message, layer_namer(ctx))
+    return None if site is None else {"runtime": runtime, **site}
+
+
+def layer_order(ctx: Context, t: LayerTensors) -> list[str]:
+    """The layers of per-layer tensors in model order: Keras layers, else (SavedModel) the scopes in op order."""
+    return model_layers(ctx) if ctx.model.keras_model is not None else list(t.meta)
+
+
 def layer_tensors(ctx: Context, paths: list[Path], io: dict) -> list[LayerTensors]:
     """Per-layer tensors of `.tflite` files on the validation inputs, measured once per file content.
 
@@ -71,8 +113,9 @@ def layer_tensors(ctx: Context, paths: list[Path], io: dict) -> list[LayerTensor
         if not feeds.is_file():
             np.savez(feeds, **ctx.validation.inputs)
         job_dir = ctx.work / f"layers-{len(ctx.layer_errors)}"
-        got = dump_layers([(p, io) for p, _ in todo], feeds, ctx.model.keras_model.name, model_layers(ctx), job_dir,
-                          layer_samples(ctx, paths[0]), ctx.profile.timing.timeout_s)
+        km = ctx.model.keras_model
+        got = dump_layers([(p, io) for p, _ in todo], feeds, km.name if km is not None else "", namer_layers(ctx),
+                          job_dir, layer_samples(ctx, paths[0]), ctx.profile.timing.timeout_s)
         ctx.layer_errors.update({s: t for (_, s), t in zip(todo, got)})
     return [ctx.layer_errors[s].load() for s in shas]
 
@@ -102,31 +145,51 @@ def float_tflite(ctx: Context) -> Path | None:
 
 
 def diagnose(ctx: Context, candidates: list[Candidate], builds: list[Build]) -> None:
-    """Fills `sensitivity` (quantized .tflite candidates) and `first_divergence` (fp32 .tflite ones) of the
-    candidates that disagree with Keras (a fidelity, robustness or task check failed).
+    """Fills `sensitivity` (quantized .tflite candidates), `first_divergence` and `first_non_finite` of the
+    candidates that disagree with Keras (a fidelity, robustness or task check failed) and ran.
 
     A candidate that agrees has nothing to explain, and the tensors of every layer are costly: a
     LiteRT run without its fast kernels, every layer's output kept (four MobileNetV2 candidates
     at 224x224 took 90 s and about 10 GB here when every quantized candidate was diagnosed).
     """
-    if ctx.model.keras_model is None:
-        return
     ref = float_tflite(ctx)
     for c, b in zip(candidates, builds):
         art = next((a for a in b.artifacts if a.format == "tflite"), None)
-        if art is None or _agrees(c):
+        if art is None or any(s["runtime"] in ("litert", "tflm") for s in c.crash_sites):
+            continue
+        nan_probe = _nan_probe(ctx, c)  # NaN/Inf on a probe is located even where no check gates it
+        if _agrees(c) and nan_probe is None:
             continue
         try:
-            if art.precision != "fp32" and ref is not None:
-                float_t, cand = layer_tensors(ctx, [ref, art.path], art.io)
-                c.sensitivity = sensitivity(float_t, cand, model_layers(ctx))
-            elif art.precision == "fp32" and not _fidelity_passed(c):
-                c.first_divergence = _first_divergence(ctx, b, art)
+            if not _agrees(c):
+                _layers_off(ctx, c, b, art, ref)
+            if c.first_non_finite is None and nan_probe is not None:
+                c.first_non_finite = _probe_non_finite(ctx, c, art, ref, nan_probe)
         except ChildFailure as e:
             ctx.finding("warning", "layer-error-unavailable", f"candidate {c.name}: per-layer tensors not measured ({e})")
     for c in candidates:
-        if c.recipe.get("float_layers"):
+        if c.recipe.get("float_layers") or c.recipe.get("float_nodes"):
             c.recipe["cost"] = _cost(ctx, c, {x.name: x for x in candidates})
+
+
+def _layers_off(ctx: Context, c: Candidate, b: Build, art, ref: Path | None) -> None:
+    """`sensitivity`, `first_divergence` and `first_non_finite` (on the validation inputs) of a disagreeing `.tflite`.
+
+    Raises:
+        ChildFailure: the LiteRT tensor dump failed.
+    """
+    if art.precision != "fp32" and ref is not None:
+        float_t, cand = layer_tensors(ctx, [ref, art.path], art.io)
+        order = layer_order(ctx, float_t)
+        c.sensitivity = sensitivity(float_t, cand, order)
+        tol = b.tolerance or ctx.profile.tolerances[art.precision]
+        c.first_divergence = first_failing_layer(float_t, cand, order, tol, "fp32 .tflite", art.precision)
+        c.first_non_finite = _inputs(first_non_finite(cand, float_t), "validation")
+    elif art.precision == "fp32" and not _fidelity_passed(c):
+        if ctx.model.keras_model is not None:
+            c.first_divergence = _first_divergence(ctx, b, art)
+        (tfl,) = layer_tensors(ctx, [art.path], art.io)
+        c.first_non_finite = _inputs(first_non_finite(tfl), "validation")
 
 
 def _cost(ctx: Context, c: Candidate, by_name: dict[str, Candidate]) -> dict[str, str]:
@@ -156,6 +219,36 @@ def _fidelity_passed(c: Candidate) -> bool:
     return all(k.passed for k in c.checks if k.name.startswith("fidelity ") and " vs keras " in k.name)
 
 
+def _inputs(found: dict | None, inputs: str) -> dict | None:
+    return None if found is None else {**found, "inputs": inputs}
+
+
+def _nan_probe(ctx: Context, c: Candidate) -> str | None:
+    """The first robustness probe on which the candidate gave NaN/Inf where Keras did not (e.g. an all-zero input)."""
+    rt = ctx.profile.runtimes[0]
+    # robustness.agreement's words for an output that is NaN/Inf where Keras' is finite
+    return next((r.probe for r in c.robustness if r.runtime == rt and "candidate gives NaN/Inf" in r.detail), None)
+
+
+def _probe_non_finite(ctx: Context, c: Candidate, art, ref: Path | None, bad: str) -> dict | None:
+    """`first_non_finite` on the inputs of robustness probe `bad`, when the validation inputs gave no NaN/Inf: the
+    tensors of the candidate (and the fp32 `.tflite`) dumped on them."""
+    from kdeploy.run.probes import probe_inputs
+
+    probes, _ = probe_inputs(ctx)
+    if bad not in probes:
+        return None
+    feeds = ctx.work / f"probe-{bad}-feeds.npz"
+    np.savez(feeds, **probes[bad][1])
+    paths = [art.path] if ref is None or art.path == ref else [ref, art.path]
+    km = ctx.model.keras_model
+    dumps = dump_layers([(p, art.io) for p in paths], feeds, km.name if km is not None else "", namer_layers(ctx),
+                        ctx.work / f"layers-{c.name}-{bad}", len(next(iter(probes[bad][1].values()))),
+                        ctx.profile.timing.timeout_s)
+    t = [d.load() for d in dumps]
+    return _inputs(first_non_finite(t[-1], t[0] if len(t) == 2 else None), f"robustness probe '{bad}'")
+
+
 def _agrees(c: Candidate) -> bool:
     """No check of agreement with Keras failed (fidelity, robustness, task metrics; budgets do not count)."""
     return all(k.passed for k in c.checks if k.name.startswith(("fidelity ", "robustness ", "task ")))
@@ -166,13 +259,17 @@ def _first_divergence(ctx: Context, b: Build, art) -> dict | None:
 
     km = ctx.model.keras_model
     tol = b.tolerance or ctx.profile.tolerances["fp32"]
-    top = [layer for layer in km.layers if type(layer).__name__ != "InputLayer"]
-    probe = keras.Model(km.inputs, [layer.output for layer in top])
     n = layer_samples(ctx, art.path)
     feeds = [ctx.validation.inputs[t.name][:n] for t in ctx.model.inputs]
-    outs = probe.predict(feeds if len(feeds) > 1 else feeds[0], verbose=0)
-    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    if ctx.model.symbolic:
+        top = [layer for layer in km.layers if type(layer).__name__ != "InputLayer"]
+        probe = keras.Model(km.inputs, [layer.output for layer in top])
+        outs = probe.predict(feeds if len(feeds) > 1 else feeds[0], verbose=0)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        keras_outputs, order = {layer.name: np.asarray(o) for layer, o in zip(top, outs)}, [layer.name for layer in top]
+    else:  # a subclassed model: no keras.Model(km.inputs, ...); its layers' calls are recorded
+        keras_outputs = layer_outputs(km, layer_paths(km), keras_args(km, feeds, ctx.model))
+        order = model_layers(ctx)
     (tfl,) = layer_tensors(ctx, [art.path], art.io)
-    found = first_divergence({layer.name: np.asarray(o) for layer, o in zip(top, outs)}, tfl,
-                             [layer.name for layer in top], tol.atol or 0.0, tol.rtol or 0.0)
+    found = first_divergence(keras_outputs, tfl, order, tol.atol or 0.0, tol.rtol or 0.0, tol.max_peak_err or 0.0)
     return found

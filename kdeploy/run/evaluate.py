@@ -1,5 +1,8 @@
 """Evaluation: every artifact on every runtime of the target, compared with Keras and with each other.
 
+Verdicts against Keras come from the target's deployed runtimes; cross-check runtimes are
+reported with their figures and held to the deployed one as consistency (`kdeploy.acceptance`).
+
 Fidelity and probe runs happen in child processes (two at a time on a multi-core host); latency
 is timed afterwards, alone (`kdeploy.run.timing`); checks turn the figures into verdicts
 (`kdeploy.run.checks`).
@@ -13,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from kdeploy.acceptance import gates_consistency
 from kdeploy.artifacts import Artifact
 from kdeploy.compare import compare
 from kdeploy.memory import batch_size_for
@@ -20,7 +24,7 @@ from kdeploy.profiles import TargetProfile
 from kdeploy.report.figures import budget_row
 from kdeploy.report.model import ArtifactOut, Candidate, Check, RobustnessOut
 from kdeploy.robustness import agreement
-from kdeploy.run.checks import add_fidelity, budget_checks, is_latency_check, latency_check
+from kdeploy.run.checks import add_consistency, add_fidelity, budget_checks, is_latency_check, latency_check
 from kdeploy.run.context import Build, Context
 from kdeploy.run.diagnose import task_checks
 from kdeploy.run.lock import timing_lock
@@ -45,8 +49,10 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     2. Latency is measured afterwards, alone: one child process per deployed runtime loads every
        artifact that ran and times them round-robin (cold load and first inference, then warm
        runs per thread count and batch size), so changes in host load hit all candidates alike.
-    3. Runtimes that ran the same artifact are compared with each other; every budget becomes a
-       check, and a candidate passes when all its checks pass. Selection is the caller's
+    3. Fidelity against Keras gates on the deployed runtimes (`profile.runtimes`); cross-check
+       runtimes are held to the deployed one (`consistency`: gates for fp32, and for quantized
+       graphs where `[consistency] gate_quantized`). Every budget becomes a check, and a
+       candidate passes when all its checks pass. Selection is the caller's
        (`kdeploy.run.select.select`).
     """
     m, prof = ctx.model, ctx.profile
@@ -65,7 +71,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
         for art in b.artifacts:
             c.artifacts.append(ArtifactOut(format=art.format, path=str(art.path.relative_to(ctx.staging)),
                                            precision=art.precision, source=art.source, size_bytes=art.size_bytes,
-                                           gzip_bytes=art.gzip_bytes, sha256=art.sha256))
+                                           gzip_bytes=art.gzip_bytes, sha256=art.sha256, pairing=art.pairing))
             for runtime in (rt for rt in ctx.wanted_runtimes if RUNTIME_FORMATS[rt] == art.format):
                 job = RunJob(runtime=runtime, artifact_path=str(art.path), io=art.io, feeds_path=str(feeds_path),
                              fidelity_batch=fixed_batch or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
@@ -78,6 +84,8 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     ran: dict[str, list[tuple[Candidate, Artifact]]] = {rt: [] for rt in prof.runtimes}
     peak_not_reset = False
     for (c, b, art, runtime, _, _), res in zip(runs, results):
+        if isinstance(res, RuntimeFailure):
+            res = RuntimeFailure(str(res) + _located(ctx, c, art, runtime, str(res)))
         if isinstance(res, RuntimeFailure) and runtime not in prof.runtimes:  # a cross-check: not the deployed one
             ctx.finding("warning", "crosscheck-failed",
                         f"candidate {b.name}: not cross-checked on {runtime}, which failed to run it "
@@ -98,7 +106,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
         tol = b.tolerance or prof.tolerances[art.precision]
         for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=runtime,
                          reference="keras", precision=art.precision):
-            add_fidelity(c, f, tol)
+            add_fidelity(c, f, tol, gates=runtime in prof.runtimes)
         for probe, got in result.get("probes", {}).items():
             desc, _, ref = probes[probe]
             c.robustness += [RobustnessOut(**row) for row in
@@ -225,19 +233,27 @@ def _run_parallel(ctx: Context, jobs: list[tuple[str, RunJob, Path]]) -> list:
 
 
 def _cross_compare(ctx: Context, c: Candidate, b: Build, outputs: dict[str, list[np.ndarray]], names: list[str]) -> None:
-    """Holds every runtime to the first one that ran (the deployed one when it ran), at the candidate's tolerance.
+    """Holds every other runtime to the first one that ran (the deployed one when it ran), at the precision's tolerance.
 
-    The runtimes run the same graph (or, for fp32, two conversions of the same model), so they
-    must agree with each other as closely as each must agree with Keras.
+    For fp32 the runtimes run two conversions of one float model: a disagreement is a converter
+    bug and gates. A quantized graph's integer kernels round differently on each runtime (LiteRT
+    vs ONNX Runtime), so there it gates only where the profile's `[consistency] gate_quantized`
+    asks; otherwise the figures are reported and a disagreement is a note.
     """
     order = [rt for rt in ctx.wanted_runtimes if rt in outputs]
     if len(order) < 2:
         return
     tol = ctx.profile.tolerances[b.precision]
+    gates = gates_consistency(b.precision, ctx.profile.consistency.gate_quantized)
     for rt in order[1:]:
         for f in compare(outputs[order[0]], outputs[rt], names=names, kinds=ctx.model.output_kinds, tol=tol,
                          runtime=rt, reference=order[0], precision=b.precision):
-            add_fidelity(c, f, tol)
+            row = add_consistency(c, f, tol, gates)
+            if not row.passed and not gates:
+                ctx.finding("info", "crosscheck-disagrees",
+                            f"candidate {b.name}: {rt} disagrees with {order[0]} on the same {b.precision} graph "
+                            f"[{f.output}] ({f.summary}); not a verdict: integer kernels round differently per "
+                            "runtime (set [consistency] gate_quantized = true to gate on it)")
 
 
 def _count_compute(builds: list[Build]) -> dict[str, dict[str, Any]]:
@@ -283,6 +299,18 @@ def _estimate(c: Candidate, b: Build, prof: TargetProfile, measured_on: str) -> 
         "p50_ms": round(lat.p50_ms, 6), "runtime": lat.runtime, "threads": lat.threads, "batch": lat.batch,
         "measured_on": measured_on}
     return est
+
+
+def _located(ctx: Context, c: Candidate, art: Artifact, runtime: str, message: str) -> str:
+    """Records where the runtime failed in `art` (`candidates[].crash_sites`); the text to append to its message."""
+    from kdeploy.debug.locate import describe
+    from kdeploy.run.diagnose import locate_failure
+
+    site = locate_failure(ctx, art.path, art.format, runtime, message)
+    if site is None:
+        return ""
+    c.crash_sites.append(site)
+    return f" [at {describe(site, ctx.model.keras_model is not None)}]"
 
 
 def _tflm_finding(ctx: Context, name: str, message: str) -> None:

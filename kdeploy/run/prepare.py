@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdeploy.data import load_data, split, synthetic_data
+from kdeploy.data import data_signature, hold_back, load_data, split, synthetic_data
 from kdeploy.errors import UsageError
 from kdeploy.inspection.rules import input_spread, static_batch_inputs
 from kdeploy.loading import load_custom_objects, load_model
@@ -18,7 +18,7 @@ from kdeploy.profiles import TargetProfile, resolve_profile
 from kdeploy.report.model import check_out_dir, discard_staging, make_staging
 from kdeploy.run.context import Context, RunOptions, no_progress
 from kdeploy.run.host import describe_host
-from kdeploy.util import release_memory
+from kdeploy.util import first_error_line, release_memory
 
 SYNTHETIC_SAMPLES = 128
 REFERENCE_BATCH = 256  # Keras predict's batch for small inputs (bounded by memory: `batch_size_for`)
@@ -59,20 +59,29 @@ def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None) -> Con
     progress("load", str(opts.model))
     m = load_model(opts.model, trust_custom_code=opts.trust_custom_code, custom_objects=custom,
                    input_shapes=opts.input_shapes, seed=opts.seed,
-                   trusted_packages=[*prof.trusted_packages, *opts.trusted_packages])
+                   trusted_packages=[*prof.trusted_packages, *opts.trusted_packages],
+                   data_signature=(lambda: data_signature(opts.data)) if opts.data is not None else None)
     m = dataclasses.replace(m, inputs=static_batch_inputs(m.inputs, prof))
     ds = load_data(opts.data, m.inputs) if opts.data is not None else synthetic_data(m.inputs, SYNTHETIC_SAMPLES,
                                                                                      opts.seed)
     cal, val = split(ds, prof.calibration_samples, opts.seed)
+    spare = None
+    if "int8" in prof.precisions and prof.calibration.enabled:  # the calibration repair's extra samples (run.calibrate)
+        spare, val = hold_back(val, prof.calibration.extra_samples, prof.calibration.min_validation_samples, opts.seed)
     progress("reference", f"Keras outputs on {len(val)} validation samples")
-    reference = m.predict(val.inputs, batch_size=batch_size_for(val.inputs, REFERENCE_BATCH))
+    try:
+        reference = m.predict(val.inputs, batch_size=batch_size_for(val.inputs, REFERENCE_BATCH))
+    except Exception as e:  # the model refuses these inputs (an index out of range, a shape it cannot take)
+        where = ("synthetic inputs (no --data given); pass --data with real inputs" if ds.synthetic
+                 else f"the inputs of {opts.data}; check their ranges and shapes")
+        raise UsageError(f"the Keras model failed on {where}: {first_error_line(e)}") from None
     release_memory()  # the batch activations are freed; hand their pages back before the conversions
     staging = make_staging(out_path)
     work = None
     try:  # from here on the caller cleans up through ctx; until then, this does (Ctrl-C, SIGTERM)
         work = Path(tempfile.mkdtemp(prefix="kdeploy-work-"))
         ctx = Context(m, prof, ds, cal, val, reference, staging, work, opts.seed, progress, describe_host(),
-                      parallel=opts.parallel)
+                      parallel=opts.parallel, spare=spare)
         _findings(ctx, reference)
     except BaseException:
         discard_staging(staging)

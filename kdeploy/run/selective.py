@@ -1,15 +1,25 @@
 """Selective int8: when full int8 fails, find a small set of Keras layers to keep in float.
 
-The search starts from full int8's per-layer error (`kdeploy.run.diagnose`): it keeps the worst
-layer in float, converts (`artifacts.tflite.convert_selective`), runs the result on LiteRT and
-judges it with the int8 tolerance and the task budgets — the same comparisons evaluation makes;
-while it fails, it measures the per-layer error again and keeps the next worst layer. A passing
-set is then thinned: each layer but the last added is dropped again if the candidate still
-passes. At most `selective.max_tries` conversions. The candidate (`int8-mixed`,
-`recipe.float_layers`) then goes through evaluation, checks and selection like every other one.
+The search ranks the layers by full int8's per-layer error (`kdeploy.run.diagnose`), measured
+once, and keeps the worst-ranked ones in float by groups (`_group_search`): the worst 1 and 2,
+then the worst half of the layers (when that still fails, nothing smaller will: the search stops),
+then 4, 8, ... up to the first set that passes, bisected back down and thinned. Each try converts
+(`artifacts.tflite.convert_selective`) and is judged by `run.judge` with exactly the gates
+evaluation applies to an int8 candidate on this profile, so a set the search accepts passes
+evaluation's fidelity, consistency, task and robustness checks. Bounded by `selective.max_tries`
+conversions and `selective.max_seconds`. The candidate (`int8-mixed`, `recipe.float_layers`,
+`recipe.search`) then goes through evaluation, checks and selection like every other one.
 
 Targets that run integer kernels only (`full_integer`, the `mcu` profile) get no float layers:
 the layers that break int8 are named in a finding, with the fix a user can make.
+
+A full int8 that crashes its runtime (e.g. LiteRT's int8 DIV refusing a divisor that quantizes
+to its zero point) is repaired first, by the crash: the failing op's Keras layer (for a
+SavedModel, which has no Keras layers, its name scope; an op in neither, the op alone) is kept
+in float and the model converted and judged again, until it runs (`_repair_crash`); the search
+above then goes on from there if it still disagrees. For a SavedModel the layers of that search
+are name scopes too, and the denylist is always by node (`QuantizationDebugOptions(
+denylisted_nodes=...)`, the float `.tflite`'s output tensor names).
 """
 
 from __future__ import annotations
@@ -19,69 +29,89 @@ import time
 from pathlib import Path
 
 from kdeploy.artifacts import Artifact
-from kdeploy.compare import compare
 from kdeploy.debug.attribution import ranked_layers, sensitivity
+from kdeploy.debug.locate import crash_site, describe, matching_node, parse_failure
 from kdeploy.errors import ConversionError
 from kdeploy.recipes import selective_recipe
-from kdeploy.report.model import Candidate
-from kdeploy.run.checks import add_fidelity
 from kdeploy.run.context import Build, Context
 from kdeploy.run.convert import ReferenceModel, add_onnx_twin, keeps_tflite, tflite_file
-from kdeploy.run.diagnose import FLOAT_REFERENCE, float_tflite, layer_tensors, model_layers, task_checks
-from kdeploy.runtimes.jobs import RunJob
-from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
+from kdeploy.run.diagnose import FLOAT_REFERENCE, float_tflite, layer_namer, layer_order, layer_tensors
+from kdeploy.run.judge import failed_text, judge  # noqa: F401 (judge: also the calibration step's import)
 
+LITERT_FAILED = failed_text("litert")  # how `judge` words a try that LiteRT did not run
 INPUT_LAYERS = ("Normalization", "Rescaling")  # in-model preprocessing a user can move before the model
 
 
-def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build]) -> list[Build]:
-    """The `int8-mixed` candidate when full int8 fails and some float layers fix it; else none (with a finding)."""
+def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
+                     verdict: tuple[bool, str] | None = None, log: dict | None = None) -> list[Build]:
+    """The `int8-mixed` candidate when full int8 fails and some float layers fix it; else none (with a finding).
+
+    Args:
+        verdict: full int8's (passed, detail) from `judge`, when the caller has it (else judged here).
+        log: filled with the search's `tries` (each conversion, passing or not) for the caller's record.
+    """
     prof = ctx.profile
     int8 = next((a for b in builds if b.name == "int8" for a in b.artifacts if a.format == "tflite"), None)
-    if int8 is None or ctx.model.keras_model is None or "int8" not in prof.precisions or not prof.selective.enabled:
+    if int8 is None or "int8" not in prof.precisions or not prof.selective.enabled:
         return []
     started = time.perf_counter()
-    ctx.progress("selective", "judging full int8 on litert")
-    passed, detail = judge(ctx, int8)
+    if verdict is None:
+        ctx.progress("selective", f"judging full int8 on {', '.join(prof.runtimes)}")
+        verdict = judge(ctx, int8)
+    passed, detail = verdict
     if passed:
         return []
-    float_path = float_tflite(ctx) or tflite_file(ctx, ref, ref.savedmodel, "fp32", ctx.work / FLOAT_REFERENCE).path
-    order = model_layers(ctx)
-    float_t, full = layer_tensors(ctx, [float_path, int8.path], int8.io)
-    rows = sensitivity(float_t, full, order)
-    if prof.full_integer:
-        ctx.finding("error", "int8-breaking-layers", _breaking(ctx, rows, full.meta, detail))
+    crashed = parse_failure(detail) is not None
+    if _did_not_run(ctx, detail) and not crashed:
+        ctx.finding("warning", "selective-int8-failed", f"full int8 fails ({detail}): the runtime names no node, so "
+                                                        "there is no op to keep in float")
         return []
-    recipe = selective_recipe(prof)
-    kept: list[str] = []
+    float_path = float_tflite(ctx) or tflite_file(ctx, ref, ref.savedmodel, "fp32", ctx.work / FLOAT_REFERENCE).path
+    if crashed:  # the crashing int8 has no tensors to dump
+        (float_t,) = layer_tensors(ctx, [float_path], int8.io)
+    else:
+        float_t, full = layer_tensors(ctx, [float_path, int8.path], int8.io)
+    order = layer_order(ctx, float_t)
+    first_detail = detail
+    sites: list[dict] = []  # where full int8 (and each try after it) crashed
     tries: list[dict] = []
-    ranking = ranked_layers(rows)
+    if log is not None:
+        log["tries"] = tries
+    kept: list[str] = []  # Keras layers (name scopes for a SavedModel) kept in float
+    nodes: list[str] = []  # single ops kept in float: crashing ops outside any layer or scope
     best: Artifact | None = None
-    while len(tries) < prof.selective.max_tries:
-        nxt = next((layer for layer in ranking if layer not in kept), None)
-        if nxt is None or len(kept) + 1 >= len(order):  # every layer in float is the fp32 candidate
-            break
-        art, ok, why = _try(ctx, ref, float_t, [*kept, nxt], len(tries), tries)
-        kept.append(nxt)
-        if art is None:
-            break
-        if ok:
-            best = art
-            break
-        ranking = ranked_layers(sensitivity(float_t, layer_tensors(ctx, [art.path], art.io)[0], order))
-    for layer in list(kept[:-1]) if best is not None else []:  # thin: drop layers that are not needed
-        if len(tries) >= prof.selective.max_tries:
-            break
-        art, ok, _ = _try(ctx, ref, float_t, [k for k in kept if k != layer], len(tries), tries)
-        if art is not None and ok:
-            kept.remove(layer)
-            best = art
+    start = int8
+    if crashed:
+        if prof.full_integer:
+            site = crash_site(int8.path, "tflite", detail, layer_namer(ctx))
+            ctx.finding("error", "int8-crash", _crash_text(ctx, site, detail))
+            return []
+        start, ok, detail = _repair_crash(ctx, ref, float_path, float_t, int8, detail, kept, nodes, tries, sites)
+        if start is None:
+            _failed(ctx, detail, kept + nodes, tries, started)
+            return []
+        best = start if ok else None
+    crash_kept = list(kept)
+    if best is None:
+        if start is not int8:
+            (full,) = layer_tensors(ctx, [start.path], start.io)
+        rows = sensitivity(float_t, full, order)
+        if prof.full_integer:
+            ctx.finding("error", "int8-breaking-layers", _breaking(ctx, rows, full.meta, detail))
+            return []
+    else:
+        rows = []
+    recipe = selective_recipe(prof)
+    search: dict = {}
+    if best is None:
+        ranking = [x for x in ranked_layers(rows) if x not in kept and float_t.meta.get(x, {}).get("nodes")]
+        cap = min(max(1, len(ranking) // 2), len(order) - 1 - len(kept))  # all layers in float is fp32
+        best, chosen, search = _group_search(ctx, ref, float_t, ranking[:max(cap, 0)], list(kept), nodes, tries,
+                                             started)
+        kept += chosen
     seconds = round(time.perf_counter() - started, 3)
     if best is None:
-        ctx.finding("warning", "selective-int8-failed",
-                    f"full int8 fails ({detail}); keeping {', '.join(kept) or 'no layer'} in float did not pass "
-                    f"within selective.max_tries = {prof.selective.max_tries} conversion(s) ({seconds} s); tries: "
-                    + " | ".join(f"{'+'.join(t['float_layers'])}: {t['detail']}" for t in tries))
+        _failed(ctx, detail, kept + nodes, tries, started, search.get("stopped", ""))
         return []
     kept = [layer for layer in order if layer in kept]
     b = Build(recipe.name, recipe.precision, recipe.describe(len(ctx.calibration)), spec=recipe)
@@ -89,11 +119,19 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build]) -> 
     b.recipe.update({
         "converter": "tflite (QuantizationDebugger denylisted_nodes)",
         "float_layers": kept,
-        "why": f"full int8 fails ({detail}); kept in float, by per-layer error: "
-               + ", ".join(f"{k} (int8 output cosine {worst.get(k, float('nan')):.3f} vs float)" for k in kept),
-        "search": {"tries": tries, "max_tries": prof.selective.max_tries, "seconds": seconds,
-                   "ranking": "per-layer error of full int8 against the float .tflite (LiteRT, all tensors kept)"},
+        "why": _why(ctx, first_detail, kept, crash_kept, nodes, sites, worst),
+        "search": {"tries": tries, "max_tries": prof.selective.max_tries, "max_seconds": prof.selective.max_seconds,
+                   "seconds": seconds, "conversions": len(tries), **search,
+                   "ranking": "per-layer error of full int8 against the float .tflite (LiteRT, all tensors kept), "
+                              "measured once"},
     })
+    if ctx.model.keras_model is None:  # a SavedModel: no Keras layers; name scopes, and the nodes denylisted
+        b.recipe.update({"float_layers": [], "float_scopes": kept,
+                         "float_nodes": [n for k in kept for n in float_t.meta.get(k, {}).get("nodes", [])] + nodes})
+    elif nodes:  # ops kept in float outside any layer: the crash repair's, by node
+        b.recipe["float_nodes"] = list(nodes)
+    if sites:
+        b.recipe["search"]["crash_sites"] = sites
     tfl = Artifact(format="tflite", path=ctx.staging / "artifacts" / f"{recipe.name}.tflite", precision="int8",
                    source=best.source, io=best.io)
     tfl.path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,23 +145,211 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build]) -> 
     return [b]
 
 
+def _group_search(ctx: Context, ref: ReferenceModel, float_t, ranking: list[str], base: list[str],
+                  nodes: list[str], tries: list[dict], started: float) -> tuple[Artifact | None, list[str], dict]:
+    """The fewest of the worst-ranked layers (a prefix of `ranking`, kept in float on top of `base`) that pass.
+
+    The ranking is full int8's per-layer error, measured once (no dump after a try). Prefix sizes
+    are tried in this order: 1 and 2 (one or two broken layers are the common case), then all of
+    `ranking` (the worst half of the model's layers: when that still fails, no prefix passes and
+    the search stops there), then 4, 8, ... up to the first that passes, then the sizes between
+    the largest failing and the smallest passing one are bisected; last, each layer of the passing
+    set but its last is dropped again if the candidate still passes (thinning). Every step stops
+    when `selective.max_tries` or `selective.max_seconds` would be exceeded; the smallest passing
+    set found so far is the result.
+
+    Returns:
+        (the passing `.tflite` or None, the layers chosen from `ranking`, the search record:
+        `half` (the cap's size and whether it passed), `stopped` (why, when nothing passed)).
+    """
+    record: dict = {"half": {"layers": len(ranking)}}
+    if not ranking:
+        return None, [], {"stopped": "no layer with ops left to keep in float"}
+    verdicts: dict[int, bool] = {}
+    best: tuple[Artifact | None, list[str]] = (None, [])
+
+    def attempt(k: int, phase: str, layers: list[str] | None = None) -> bool | None:
+        if not _budget_left(ctx, tries, started):
+            return None
+        chosen = ranking[:k] if layers is None else layers
+        art, ok, _ = _try(ctx, ref, float_t, [*base, *chosen], len(tries), tries, nodes, phase)
+        if layers is None:
+            verdicts[k] = ok
+        if ok:
+            nonlocal best
+            best = (art, chosen)
+        return ok
+
+    lo, hi = 0, None  # the largest failing and the smallest passing prefix size
+    for k in dict.fromkeys(k for k in (1, 2, len(ranking)) if k <= len(ranking)):
+        ok = attempt(k, "grow" if k < len(ranking) else "half")
+        if ok is None:
+            break
+        if ok:
+            hi = k
+            break
+        lo = k
+    if len(ranking) in verdicts:
+        record["half"]["passed"] = verdicts[len(ranking)]
+    if hi is None:
+        if verdicts.get(len(ranking)) is False:
+            record["stopped"] = (f"keeping the worst half of the layers ({len(ranking)}) in float still fails: no "
+                                 "smaller set passes by this ranking, so the search stopped")
+        else:
+            record["stopped"] = _budget_text(ctx, tries, started)
+        return None, [], record
+    k = max(lo * 2, 4)
+    while k < hi:  # doubling up to the first passing size below the cap
+        ok = attempt(k, "grow")
+        if ok is None:
+            break
+        if ok:
+            hi = k
+            break
+        lo, k = k, k * 2
+    while hi - lo > 1 and _budget_left(ctx, tries, started):  # bisect between the failing and the passing size
+        mid = (lo + hi) // 2
+        ok = attempt(mid, "bisect")
+        if ok is None:
+            break
+        lo, hi = (lo, mid) if ok else (mid, hi)
+    chosen = best[1]
+    for layer in reversed(chosen[:-1]):  # thinning: the ranking is a heuristic
+        fewer = [x for x in chosen if x != layer]
+        if attempt(len(fewer), "thin", fewer) is None:
+            break
+        if best[1] == fewer:
+            chosen = fewer
+    return best[0], best[1], record
+
+
+def _budget_left(ctx: Context, tries: list[dict], started: float) -> bool:
+    """Whether one more conversion fits in `selective.max_tries` and, at the mean try's duration so far, in
+    `selective.max_seconds`."""
+    s = ctx.profile.selective
+    if len(tries) >= s.max_tries:
+        return False
+    timed = [t["seconds"] for t in tries if "seconds" in t]
+    per_try = sum(timed) / len(timed) if timed else 0.0
+    return time.perf_counter() - started + per_try <= s.max_seconds
+
+
+def _budget_text(ctx: Context, tries: list[dict], started: float) -> str:
+    s = ctx.profile.selective
+    return (f"the search's budget ran out (selective.max_tries = {s.max_tries}, max_seconds = {s.max_seconds:g}; "
+            f"{len(tries)} conversion(s) in {time.perf_counter() - started:.1f} s)")
+
+
 def _try(ctx: Context, ref: ReferenceModel, float_t, layers: list[str], n: int,
-         tries: list[dict]) -> tuple[Artifact | None, bool, str]:
-    """Converts with `layers` in float and judges it; records the try."""
+         tries: list[dict], extra_nodes: list[str] = (), phase: str = "crash") -> tuple[Artifact | None, bool, str]:
+    """Converts with `layers` (and the single ops `extra_nodes`) in float and judges it; records the try
+    (with its `phase`: crash, grow, half, bisect, thin, and its seconds)."""
     from kdeploy.artifacts.tflite import convert_selective
 
-    nodes = [node for layer in layers for node in float_t.meta.get(layer, {}).get("nodes", [])]
-    ctx.progress("selective", f"try {n + 1}: {', '.join(layers)} in float")
+    t0 = time.perf_counter()
+    nodes = [node for layer in layers for node in float_t.meta.get(layer, {}).get("nodes", [])] + list(extra_nodes)
+    ctx.progress("selective", f"try {n + 1} ({phase}): {len(layers) + len(extra_nodes)} in float: "
+                              f"{_short([*layers, *extra_nodes])}")
+    row: dict = {"phase": phase, "float_layers": list(layers), **_nodes_row(extra_nodes)}
     try:
         art = convert_selective(ref.savedmodel, ctx.work / f"int8-mixed-{n}.tflite", ctx.calibration.inputs,
                                 _input_order(float_tflite(ctx) or ctx.work / FLOAT_REFERENCE, ctx),
                                 ref.signature_outputs, nodes)
     except ConversionError as e:
-        tries.append({"float_layers": layers, "passed": False, "detail": str(e)})
+        tries.append({**row, "passed": False, "detail": str(e), "seconds": round(time.perf_counter() - t0, 3)})
         return None, False, str(e)
     ok, detail = judge(ctx, art)
-    tries.append({"float_layers": layers, "passed": ok, "size_bytes": art.size_bytes, "detail": detail})
+    tries.append({**row, "passed": ok, "size_bytes": art.size_bytes, "detail": detail,
+                  "seconds": round(time.perf_counter() - t0, 3)})
     return art, ok, detail
+
+
+def _short(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _nodes_row(nodes) -> dict:
+    return {"float_nodes": list(nodes)} if nodes else {}
+
+
+def _repair_crash(ctx: Context, ref: ReferenceModel, float_path: Path, float_t, int8: Artifact, detail: str,
+                  kept: list[str], nodes: list[str], tries: list[dict], sites: list[dict],
+                  ) -> tuple[Artifact | None, bool, str]:
+    """Keeps each op that crashes LiteRT in float (its Keras layer; for a SavedModel its name scope; else the op
+    alone) and converts again, until the model runs.
+
+    `kept`, `nodes`, `tries` and `sites` are filled in place.
+
+    Returns:
+        (the first try that runs, whether it passes, its judge detail), or (None, False, why not):
+        the failing node was not found, kept in float it still failed, or `selective.max_tries` ran out.
+    """
+    from kdeploy.artifacts.flatbuffer import read_tflite_file
+    from kdeploy.debug.names import ScopeNamer
+
+    namer = layer_namer(ctx)
+    graph = read_tflite_file(float_path)
+    current, text = int8, detail
+    while len(tries) < ctx.profile.selective.max_tries:
+        site = crash_site(current.path, "tflite", text, namer)
+        if site is None:
+            return None, False, f"{text} (the failing node is not in {current.path.name})"
+        if any(x["node_name"] == site["node_name"] for x in sites):
+            return None, False, f"{text} (kept in float, the op failed again)"
+        sites.append({"runtime": "litert", "artifact": current.path.name, **site})
+        group = site["layer"] if namer is not None else ScopeNamer().layer_of(site["node_name"])
+        if group and group in float_t.meta and group not in kept:
+            kept.append(group)
+        else:
+            node = matching_node(graph.ops, graph.tensors, site["op"], site["node_name"])
+            if node is None:
+                return None, False, f"{text} (no op {site['op']} '{site['node_name']}' in the float model to keep)"
+            nodes.append(node)
+        art, ok, text = _try(ctx, ref, float_t, kept, len(tries), tries, nodes)
+        if art is None or (_did_not_run(ctx, text) and parse_failure(text) is None):
+            return None, False, text  # not converted, or a failure that names no node (a signal)
+        if parse_failure(text) is None:
+            return art, ok, text
+        current = art
+    return None, False, f"still failing after selective.max_tries = {ctx.profile.selective.max_tries}: {text}"
+
+
+def _failed(ctx: Context, detail: str, kept: list[str], tries: list[dict], started: float, stopped: str = "") -> None:
+    seconds = round(time.perf_counter() - started, 3)
+    s = ctx.profile.selective
+    ctx.finding("warning", "selective-int8-failed",
+                f"full int8 fails ({detail}); " + (f"{stopped}; " if stopped else "")
+                + f"no set of float layers passed within {len(tries)} conversion(s) and {seconds} s (selective."
+                f"max_tries = {s.max_tries}, max_seconds = {s.max_seconds:g}); tries: "
+                + " | ".join(f"{t.get('phase', '')} {len(t['float_layers']) + len(t.get('float_nodes', []))} float "
+                             f"({_short(t['float_layers'] + t.get('float_nodes', []), 3)}): {t['detail']}"
+                             for t in tries))
+
+
+def _why(ctx: Context, detail: str, kept: list[str], crash_kept: list[str], nodes: list[str], sites: list[dict],
+         worst: dict[str, float]) -> str:
+    """`recipe.why` of int8-mixed: the crash sites kept in float, then the layers the per-layer error chose."""
+    keras_layers = ctx.model.keras_model is not None
+    parts = []
+    if sites:
+        parts.append("crashes LiteRT at " + "; ".join(f"{describe(s, keras_layers)} ({s['reason']})" for s in sites)
+                     + "; kept in float for that: " + ", ".join([*crash_kept, *nodes]))
+    chosen = [k for k in kept if k not in crash_kept]
+    if chosen:
+        parts.append("kept in float, by per-layer error: " + ", ".join(
+            f"{k} (int8 output cosine {worst.get(k, float('nan')):.3f} vs float)" for k in chosen))
+    return ("full int8 " if sites else f"full int8 fails ({detail}); ") + "; ".join(parts)
+
+
+def _crash_text(ctx: Context, site: dict | None, detail: str) -> str:
+    """The finding for a full-integer target whose int8 crashes: where, and what a user can change."""
+    where = f"at {describe(site, ctx.model.keras_model is not None)} " if site else ""
+    fix = ("give the divisor a range whose int8 steps never round to zero (e.g. add an epsilon of at least one "
+           "quantization step, or clip it away from zero) or move the division out of the model"
+           if site and site["op"] == "DIV" else "change that op so its int8 kernel accepts the calibrated ranges")
+    return (f"full int8 crashes LiteRT {where}({detail}); target {ctx.profile.name} runs integer kernels only, so the "
+            f"op is not kept in float. Fix: {fix}, or a target with float kernels (selective int8 keeps it in float "
+            "there)")
 
 
 def _input_order(float_path: Path, ctx: Context) -> list[str]:
@@ -135,28 +361,9 @@ def _input_order(float_path: Path, ctx: Context) -> list[str]:
     return sorted(names, key=lambda n: sig.get(n, names.index(n)))
 
 
-def judge(ctx: Context, art: Artifact) -> tuple[bool, str]:
-    """Runs `art` on LiteRT and applies the int8 tolerance and task budgets, as evaluation does."""
-    prof = ctx.profile
-    feeds = ctx.work / "selective-feeds.npz"
-    if not feeds.is_file():
-        import numpy as np
-
-        np.savez(feeds, **ctx.validation.inputs)
-    job = RunJob(runtime="litert", artifact_path=str(art.path), io=art.io, feeds_path=str(feeds))
-    try:
-        outs, _ = run_isolated(job, ctx.work / f"judge-{art.path.stem}", timeout_s=prof.timing.timeout_s)
-    except RuntimeFailure as e:
-        return False, f"litert failed: {e}"
-    tol = prof.tolerances["int8"]
-    c = Candidate(name=art.path.stem, recipe={}, passed=False)
-    names = [t.name for t in ctx.model.outputs]
-    for f in compare(ctx.reference, outs, names=names, kinds=ctx.model.output_kinds, tol=tol, runtime="litert",
-                     reference="keras", precision="int8"):
-        add_fidelity(c, f, tol)
-    task_checks(ctx, c, Build(c.name, "int8", {}), {"litert": outs})
-    failed = [k for k in c.checks if not k.passed]
-    return not failed, "; ".join(k.detail for k in (failed or c.checks))
+def _did_not_run(ctx: Context, detail: str) -> bool:
+    """Whether a judge's detail says a deployed runtime failed to run the model (`judge.failed_text`)."""
+    return any(detail.startswith(failed_text(rt)) for rt in ctx.profile.runtimes)
 
 
 def _breaking(ctx: Context, rows: list[dict], meta: dict, detail: str) -> str:
@@ -167,14 +374,18 @@ def _breaking(ctx: Context, rows: list[dict], meta: dict, detail: str) -> str:
     from kdeploy.debug.names import layer_paths
 
     kinds = {p: type(layer).__name__ for p, layer in layer_paths(ctx.model.keras_model).items()}
-    fixes = []
+    fixes, trained = [], []
     for layer in worst:
         if kinds.get(layer) in INPUT_LAYERS and not meta.get(layer, {}).get("fed_by"):
             fixes.append(f"normalize the inputs before the model and remove its {kinds[layer]} layer '{layer}' (the "
                          "int8 input tensor has one scale, so small-range features are quantized to a few levels)")
         else:
-            fixes.append(f"quantization-aware training for '{layer}', or a target with float kernels "
-                         "(selective int8 keeps it in float there)")
+            trained.append(f"'{layer}'")
+    if trained:  # quantization-aware training (`run.qat`) runs after this finding and appends its result to it
+        qat = ("quantization-aware training, which kdeploy tries next as candidate qat-int8 (result below)"
+               if ctx.profile.qat.enabled else "quantization-aware training ([qat] enabled = true in the profile)")
+        fixes.append(f"{qat}, for {', '.join(trained)}; or a target with float kernels (selective int8 keeps "
+                     f"{'it' if len(trained) == 1 else 'them'} in float there)")
     return (f"full int8 fails ({detail}); target {ctx.profile.name} runs integer kernels only, so no layer is kept "
             "in float. Layers that break int8, worst first: "
             + ", ".join(f"{k} ({kinds.get(k, '?')}, {meta.get(k, {}).get('op', '?')}; int8 output cosine "

@@ -20,6 +20,9 @@ class OnnxRuntimeRunner(Runner):
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.artifact.path), opts, providers=["CPUExecutionProvider"])
         self.in_types = {i.name: i.type for i in self.session.get_inputs()}
+        batch = {i.shape[0] if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 else None
+                 for i in self.session.get_inputs()}
+        self.static_batch = batch.pop() if len(batch) == 1 else None
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         args = {}

@@ -1,10 +1,11 @@
 """TensorFlow Lite for Microcontrollers runner (`pip install tflite-micro`): the MCU interpreter.
 
 It runs the same `.tflite` file a microcontroller would, with TFLM's kernels, one sample per
-`invoke()` (TFLM does not resize tensors), single-threaded. Its recording allocator reports the
-tensor arena the model needs: the RAM figure of an `mcu` target. TFLM reports problems (an op
-it lacks, a hybrid kernel) by printing from C, so construction and the first `invoke()` run
-with file descriptors 1 and 2 captured, and what was printed becomes the exception message.
+`invoke()` (TFLM does not resize tensors: `static_batch` 1, so `Runner.infer` feeds the samples
+one by one), single-threaded. Its recording allocator reports the tensor arena the model needs:
+the RAM figure of an `mcu` target. TFLM reports problems (an op it lacks, a hybrid kernel) by
+printing from C, so construction and the first `invoke()` run with file descriptors 1 and 2
+captured, and what was printed becomes the exception message.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ class TFLMRunner(Runner):
 
         data = Path(self.artifact.path).read_bytes()
         graph = read_tflite(data)
-        sig = graph.signature or {"inputs": {}, "outputs": {}}
         io = self.artifact.io
+        if io.get("signature", "serving_default") is None:  # no SignatureDef: tensor names, in tensor order
+            sig = {"inputs": {graph.tensors[t].name: i for i, t in enumerate(graph.inputs)},
+                   "outputs": {graph.tensors[t].name: i for i, t in enumerate(graph.outputs)}}
+        else:
+            sig = graph.signature or {"inputs": {}, "outputs": {}}
         self.in_pos = {m: sig["inputs"].get(s, i) for i, (m, s) in enumerate(io["inputs"].items())}
         self.out_pos = [sig["outputs"].get(s, i) for i, s in enumerate(io["outputs"])]
         self.ops = sorted({op.name for op in graph.ops})
@@ -49,6 +54,7 @@ class TFLMRunner(Runner):
                 raise RuntimeError(self._explain(e, printed)) from None
         self.in_details = {p: self.it.get_input_details(p) for p in self.in_pos.values()}
         self.out_details = [self.it.get_output_details(p) for p in self.out_pos]
+        self.static_batch = 1  # one sample per invoke(): TFLM does not resize tensors
         self._checked = False
 
     def _explain(self, e: Exception, printed) -> str:
@@ -60,25 +66,22 @@ class TFLMRunner(Runner):
         return f"{head}: {text[:300]}" if text else head
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        n = len(next(iter(feeds.values())))
-        outs: list[list[np.ndarray]] = [[] for _ in self.out_pos]
-        for s in range(n):
-            for model_name, pos in self.in_pos.items():
-                d = self.in_details[pos]
-                x = quantize(feeds[model_name][s : s + 1], d["dtype"], *_scale_zero(d))
-                self.it.set_input(x.reshape(tuple(d["shape"])), pos)
-            if not self._checked:  # the first invoke is where TFLM reports kernel problems
-                with capture_fds() as printed:
-                    try:
-                        self.it.invoke()
-                    except Exception as e:
-                        raise RuntimeError(self._explain(e, printed)) from None
-                self._checked = True
-            else:
-                self.it.invoke()
-            for k, pos in enumerate(self.out_pos):
-                outs[k].append(dequantize(self.it.get_output(pos), *_scale_zero(self.out_details[k])))
-        return [np.concatenate(o) for o in outs]
+        """One sample (`static_batch` 1: `Runner.infer` feeds a batch sample by sample)."""
+        for model_name, pos in self.in_pos.items():
+            d = self.in_details[pos]
+            x = quantize(feeds[model_name], d["dtype"], *_scale_zero(d))
+            self.it.set_input(x.reshape(tuple(d["shape"])), pos)
+        if not self._checked:  # the first invoke is where TFLM reports kernel problems
+            with capture_fds() as printed:
+                try:
+                    self.it.invoke()
+                except Exception as e:
+                    raise RuntimeError(self._explain(e, printed)) from None
+            self._checked = True
+        else:
+            self.it.invoke()
+        return [dequantize(self.it.get_output(pos), *_scale_zero(self.out_details[k]))
+                for k, pos in enumerate(self.out_pos)]
 
     def arena_bytes(self) -> int | None:
         """Tensor arena TFLM allocated for this model (after an `invoke()`), from its recording allocator."""

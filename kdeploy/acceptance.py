@@ -1,0 +1,200 @@
+"""The acceptance policy: how a runtime's outputs become a verdict, for every precision, in one place.
+
+Evaluation, the selective int8 search's judge and `kdeploy check` all reach it through
+`compare.compare` (fidelity against Keras and between runtimes) and `taskmetrics.budget_checks`
+(labels). The rule, by what the tolerance of the artifact's precision sets:
+
+- **Magnitude** (`max_peak_err`, `min_cosine`): an fp32 conversion is the same function computed
+  with other kernels and another accumulation order, so it is held to an error relative to each
+  output's magnitude (its peak |value| or its range, whichever is larger: never a blow-up on a
+  near-constant output) and to the per-sample cosine. Drift measured on deep networks passes; a
+  real defect (a perturbed layer, a wrong op, swapped outputs) is one to two orders above it.
+- **Decisions** (`min_top1`): a quantized artifact is judged on what users act on. For a softmax
+  output, its top-1 class; for sigmoid outputs and score maps, the decision at
+  `decision_threshold`. Agreement below `min_top1` fails only when the number of flips shows it at
+  95% confidence for the sample count (one-sided binomial test of H0 "agreement >= min_top1"): one
+  low-margin flip on a small validation set does not turn a verdict.
+- **Relative error** (`max_rel_rmse`): regression and box outputs, RMS error over RMS of the
+  reference.
+- Other criteria (`atol`/`rtol`, `max_norm_err`, `max_mean_norm_err`, `min_cosine_mean`) apply to
+  every output where a profile sets them; the built-in profiles no longer do for quantized
+  precisions (`mean_norm_err` divides by the range of a nearly flat softmax and blows up).
+- NaN/Inf always fails. With labels, the task budget decides (`task_verdict`): by default the
+  artifact keeps 99% of Keras' accuracy (MLPerf Inference's rule for quantized models), with the
+  same confidence bound on the sample count.
+- Verdicts come from the target's deployed runtimes; agreement between runtimes is reported as
+  consistency and gates for fp32 (two runtimes of one float model disagreeing is a converter bug)
+  and for quantized graphs only where the profile's `[consistency] gate_quantized` asks
+  (`gates_consistency`): integer kernels legitimately round differently.
+
+Pure functions over arrays and figures (no run context, no report objects).
+"""
+
+from __future__ import annotations
+
+from math import erfc, exp, lgamma, log, log1p, sqrt
+from typing import Any
+
+import numpy as np
+
+CONFIDENCE = 0.95  # of every sample-count bound here (decision agreement, task accuracy)
+DECISION_KINDS = ("multiclass", "binary", "multilabel")
+
+
+def binomial_p(n: int, k: int, rate: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, rate): how likely `k` or more failures are at a failure rate of `rate`."""
+    if k <= 0:
+        return 1.0
+    if rate <= 0:
+        return 0.0
+    if rate >= 1 or k > n:
+        return 1.0 if rate >= 1 else 0.0
+    if n > 5000:  # score maps: one decision per element; the normal approximation, continuity-corrected
+        sd = sqrt(n * rate * (1 - rate))
+        return 0.5 * erfc((k - 0.5 - n * rate) / (sd * sqrt(2)))
+    log_r, log_q = log(rate), log1p(-rate)
+    cdf = sum(exp(lgamma(n + 1) - lgamma(i + 1) - lgamma(n - i + 1) + i * log_r + (n - i) * log_q) for i in range(k))
+    return min(1.0, max(0.0, 1.0 - cdf))
+
+
+def consistent_with(n: int, failures: int, rate: float) -> tuple[bool, float]:
+    """Whether `failures` in `n` trials are consistent with a failure rate <= `rate` at CONFIDENCE, and the p-value."""
+    p = binomial_p(n, failures, rate)
+    return p >= 1 - CONFIDENCE, p
+
+
+def samples_needed(min_agreement: float, confidence: float = CONFIDENCE) -> int:
+    """Samples that must all agree to show agreement >= min_agreement at `confidence` (one-sided binomial)."""
+    return int(np.ceil(np.log(1 - confidence) / np.log(min_agreement))) if 0 < min_agreement < 1 else 1
+
+
+def decisions(ref: np.ndarray, got: np.ndarray, kind: str, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Per decision, whether it flipped, and Keras' margin of it.
+
+    multiclass: one decision per sample, its top-1 class; margin = top-1 minus top-2 probability.
+    binary / multilabel (sigmoid outputs, score maps): one decision per element, above `threshold`
+    or not; margin = |value - threshold|.
+    """
+    a = ref.reshape(len(ref), -1).astype(np.float64)
+    b = got.reshape(len(got), -1).astype(np.float64)
+    if kind == "multiclass":
+        flipped = a.argmax(1) != b.argmax(1)
+        top2 = np.sort(a, axis=1)[:, -2:]
+        return flipped, top2[:, 1] - top2[:, 0]
+    flipped = (a > threshold) != (b > threshold)
+    return flipped.reshape(-1), np.abs(a - threshold).reshape(-1)
+
+
+def decision_verdict(ref: np.ndarray, got: np.ndarray, kind: str, limit: float, threshold: float,
+                     near_tie: float | None) -> dict[str, Any]:
+    """The decision-agreement verdict of one output: {agreement, decisions, flips, passed, p, note}."""
+    flipped, margins = decisions(ref, got, kind, threshold)
+    n, flips = int(flipped.size), int(flipped.sum())
+    agreement = 1.0 - flips / n if n else 1.0
+    out = {"agreement": agreement, "decisions": n, "flips": flips, "passed": True, "p": 1.0, "note": ""}
+    if flips == 0:
+        return out
+    flip_margins = np.sort(margins[flipped])
+    ok, p = consistent_with(n, flips, 1 - limit)
+    if near_tie is not None and agreement < limit and float(flip_margins.max()) >= near_tie:
+        ok = False  # the profile accepts only near-tie flips below min_top1 (legacy `near_tie_margin`)
+    unit = "sample(s)" if kind == "multiclass" else f"decision(s) at {threshold:g}"
+    out.update(passed=bool(agreement >= limit or ok), p=p,
+               note=f": {flips} flipped {unit} of {n}, Keras margin{'s' if flips > 1 else ''} "
+                    f"{', '.join(f'{x:.3f}' for x in flip_margins[:5])}; p={p:.2g} for agreement >= {limit:g} "
+                    f"({samples_needed(limit)} agreeing samples would show it at {CONFIDENCE:.0%})")
+    return out
+
+
+def judge(m: Any, ref: np.ndarray, got: np.ndarray, tol: Any, kind: str, runtime: str = "the runtime",
+          reference: str = "keras") -> tuple[bool, str, str]:
+    """The verdict of one output: (passed, detail with every criterion and its limit, summary in user terms).
+
+    Args:
+        m: the output's `compare.OutputMetrics`.
+        tol: the `profiles.Tolerance` of the artifact's precision.
+        kind: the resolved output kind (`compare.output_kind`).
+    """
+    other = "Keras" if reference == "keras" else reference
+    if not m.finite:
+        bad = int(np.size(got) - np.count_nonzero(np.isfinite(got)))
+        ref_bad = int(np.size(ref) - np.count_nonzero(np.isfinite(ref)))
+        return (False, f"non-finite outputs: {bad} NaN/Inf value(s) (reference has {ref_bad})",
+                f"{runtime} returns {bad} NaN/Inf value(s)")
+    parts: list[str] = []
+    failed: list[str] = []
+    if tol.atol is not None or tol.rtol is not None:
+        atol, rtol = tol.atol or 0.0, tol.rtol or 0.0
+        excess = np.abs(got.astype(np.float64) - ref) - (atol + rtol * np.abs(ref.astype(np.float64)))
+        good = bool(np.all(excess <= 0))
+        allowance = f"atol {atol:g} + rtol {rtol:g}·|ref|"
+        parts.append(f"max_abs={m.max_abs_err:.2e} ({allowance}: {'ok' if good else 'exceeded'})")
+        if not good:
+            failed.append(f"{runtime} differs from {other} by up to {m.max_abs_err:.2g} ({allowance})")
+    threshold = 0.5 if tol.decision_threshold is None else tol.decision_threshold
+    for value, limit, name, higher, applies in (
+        (m.peak_err, tol.max_peak_err, "peak_err", False, True),
+        (m.norm_err, tol.max_norm_err, "norm_err", False, True),
+        (m.mean_norm_err, tol.max_mean_norm_err, "mean_norm_err", False, True),
+        (m.cosine_min, tol.min_cosine, "cosine_min", True, True),
+        (m.cosine_mean, tol.min_cosine_mean, "cosine_mean", True, True),
+        (m.rel_rmse, tol.max_rel_rmse, "rel_rmse", False, kind not in DECISION_KINDS),
+        (None, tol.min_top1, "decisions", True, kind in DECISION_KINDS),
+    ):
+        if limit is None or not applies:
+            continue
+        if name == "decisions":
+            v = decision_verdict(ref, got, kind, limit, threshold, tol.near_tie_margin)
+            label = "top1" if kind == "multiclass" else f"decisions@{threshold:g}"
+            parts.append(f"{label}={v['agreement']:.5g} (>= {limit:g}{'' if v['passed'] else ' FAILED'}{v['note']})")
+            if not v["passed"]:
+                what = "change class" if kind == "multiclass" else f"change side of the {threshold:g} threshold"
+                n_what = "samples" if kind in ("multiclass", "binary") else "output elements"
+                failed.append(f"{v['flips']} of {v['decisions']} {n_what} {what} on {runtime} vs {other} "
+                              f"({v['agreement']:.1%} agree; {limit:.1%} required, p={v['p']:.2g})")
+            continue
+        if value is None:
+            continue
+        good = value >= limit if higher else value <= limit
+        parts.append(f"{name}={value:.5g} ({'>=' if higher else '<='} {limit:g}{'' if good else ' FAILED'})")
+        if not good:
+            failed.append(_summary(name, value, limit, runtime, other))
+    if not parts:
+        parts.append(f"max_abs={m.max_abs_err:.2e} (no criterion set)")
+    return not failed, ", ".join(parts), "; ".join(failed)
+
+
+def _summary(name: str, value: float, limit: float, runtime: str, other: str) -> str:
+    if name == "peak_err":
+        return (f"{runtime} differs from {other} by {value:.2g} of the output's magnitude (limit {limit:g}: more than "
+                "kernel/accumulation-order drift, a conversion defect)")
+    if name.startswith("cosine"):
+        return f"{runtime}'s outputs point away from {other}'s ({name} {value:.6g} < {limit:g})"
+    if name == "rel_rmse":
+        return f"{runtime}'s values are off by {value:.1%} RMS of their magnitude vs {other} (limit {limit:.1%})"
+    return f"{runtime} vs {other}: {name} {value:.3g} (limit {limit:g})"
+
+
+def gates_consistency(precision: str, gate_quantized: bool) -> bool:
+    """Whether two runtimes' disagreement on one artifact gates: always for fp32, for quantized where asked."""
+    return precision == "fp32" or gate_quantized
+
+
+def accuracy_allowance(keras_accuracy: float, max_drop: float | None, max_relative_drop: float | None) -> float | None:
+    """The accuracy an artifact may lose against Keras: the tighter of the absolute and relative budgets."""
+    allowed = [x for x in (max_drop, None if max_relative_drop is None else max_relative_drop * keras_accuracy)
+               if x is not None]
+    return min(allowed) if allowed else None
+
+
+def task_verdict(drop: float, samples: int | None, allowed: float) -> tuple[bool, str]:
+    """The task budget's verdict on an accuracy drop (or an error increase): within the allowance, or consistent
+    with it at CONFIDENCE for the sample count (net samples lost, one-sided binomial); and a note saying which."""
+    if drop <= allowed + 1e-12:  # rounding of the rows only
+        return True, ""
+    if not samples:
+        return False, ""
+    lost = int(round(drop * samples))
+    ok, p = consistent_with(samples, lost, allowed)
+    return ok, (f"; {lost} net sample(s) of {samples} lost: {'consistent' if ok else 'not consistent'} with a drop "
+                f"<= {allowed:.4g} at {CONFIDENCE:.0%} (p={p:.2g})")

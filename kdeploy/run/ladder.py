@@ -1,0 +1,202 @@
+"""The int8 repair ladder: when full int8 fails, its repairs in order, stopping at the first that passes.
+
+Full int8 is judged once (`run.judge`: evaluation's gates on the target's runtimes). Where it
+passes, nothing else runs. Where it fails, the steps of `recipes.REPAIR_LADDER` run in order,
+each given that verdict (no step judges full int8 again, none reads another's findings):
+
+1. calibration (`run.calibrate.calibration_builds`): full int8 calibrated again;
+2. selective int8 (`run.selective.selective_builds`): the worst layers kept in float;
+3. quantization-aware training (`run.qat.qat_builds`).
+
+A step passes when it makes a candidate its judge passed; later steps are then not needed.
+`full_integer` targets (`mcu`) run only the all-integer steps; there the selective step instead
+names the layers that break int8 (finding `int8-breaking-layers`, which QAT's result completes).
+
+Every step is recorded in `ctx.repair` (the report's `repair`): tried, passed, detail, seconds,
+conversions, size; after evaluation `finish` adds each candidate's verdict and its latency
+against full int8 and fp32 (`latency` on the deployed runtime, host p50).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from kdeploy.recipes import RepairStep, repair_steps
+from kdeploy.report.model import Candidate
+from kdeploy.run.context import Build, Context
+from kdeploy.run.convert import ReferenceModel
+from kdeploy.run.judge import judge
+from kdeploy.runtimes import RUNTIME_FORMATS
+
+
+def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
+                  before_training: Callable[[], None] | None = None) -> list[Build]:
+    """The repair candidates for a failing full int8 (none where it passes); records every step in `ctx.repair`.
+
+    Args:
+        builds: the post-training builds (full int8's `.tflite` among them).
+        before_training: called once before the QAT step trains (build.py finishes its conversion
+            lane there, so the training child never runs beside it).
+    """
+    prof = ctx.profile
+    int8 = next((a for b in builds if b.name == "int8" for a in b.artifacts if a.format == "tflite"), None)
+    if int8 is None or "int8" not in prof.precisions:
+        return []
+    started = time.perf_counter()
+    ctx.progress("repair", f"judging full int8 on {', '.join(prof.runtimes)}")
+    passed, detail = judge(ctx, int8)
+    record: dict[str, Any] = {"int8": {"passed": passed, "detail": detail,
+                                       "seconds": round(time.perf_counter() - started, 3)},
+                              "runtimes": list(prof.runtimes), "steps": [], "repaired_by": None}
+    ctx.repair = record
+    if passed:
+        return []
+    out: list[Build] = []
+    for step, skip in repair_steps(prof):
+        row: dict[str, Any] = {"step": step.step, "recipe": step.recipe, "tried": False, "passed": False}
+        record["steps"].append(row)
+        if record["repaired_by"] is not None:
+            row["detail"] = f"not needed: {record['repaired_by']} passed"
+            continue
+        if step.step == "selective" and prof.full_integer:
+            _name_breaking_layers(ctx, ref, builds, (passed, detail), row)
+            continue
+        if skip is not None:
+            row["detail"] = f"not tried: {skip}"
+            continue
+        if step.step == "qat" and before_training is not None:
+            before_training()
+        made = _run(ctx, ref, builds, step, (passed, detail), row)
+        out += made
+        if row["passed"]:
+            record["repaired_by"] = step.recipe
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    ctx.finding("info", "repair-ladder", summary(record))
+    return out
+
+
+def _run(ctx: Context, ref: ReferenceModel, builds: list[Build], step: RepairStep, verdict: tuple[bool, str],
+         row: dict[str, Any]) -> list[Build]:
+    """Runs one step with full int8's verdict and fills its row; returns the candidates it made."""
+    t0, seen = time.perf_counter(), len(ctx.findings)
+    extra: dict[str, Any] = {}
+    if step.step == "calibration":
+        from kdeploy.run.calibrate import calibration_builds
+
+        made = calibration_builds(ctx, ref, builds, verdict)
+    elif step.step == "selective":
+        from kdeploy.run.selective import selective_builds
+
+        made = selective_builds(ctx, ref, builds, verdict, log=extra)
+    else:
+        from kdeploy.run.qat import qat_builds
+
+        made = qat_builds(ctx, ref, f"full int8 fails ({verdict[1]})")
+    row.update(tried=True, seconds=round(time.perf_counter() - t0, 3))
+    b = next((x for x in made if x.name == step.recipe), None)
+    row["passed"] = b is not None and _passed(step, b)
+    if b is not None:
+        row["size_bytes"] = _size(ctx, b)
+    row["conversions"] = _conversions(step, b, extra)
+    row["detail"] = _detail(step, b) if b is not None and row["passed"] else \
+        " ".join(f.message for f in ctx.findings[seen:] if f.severity != "info" or f.code.endswith("failed")) \
+        or (_detail(step, b) if b is not None else "no candidate made")
+    return made
+
+
+def _passed(step: RepairStep, b: Build) -> bool:
+    """Whether the step's candidate passed its judge (calibration and selective make a candidate only then)."""
+    if step.step == "qat":
+        return bool((b.recipe.get("qat") or {}).get("judge", {}).get("passed"))
+    return True
+
+
+def _size(ctx: Context, b: Build) -> int | None:
+    fmt = RUNTIME_FORMATS[ctx.profile.runtimes[0]]
+    art = next((a for a in b.artifacts if a.format == fmt), None) or next(iter(b.artifacts), None)
+    return None if art is None else art.size_bytes
+
+
+def _conversions(step: RepairStep, b: Build | None, extra: dict[str, Any]) -> int | None:
+    """Models the step converted (and judged): attempts, search tries, or the one QAT model."""
+    if step.step == "selective":
+        return len(extra.get("tries", [])) if "tries" in extra else None
+    if step.step == "calibration":
+        if b is None:
+            return None
+        return sum(1 for a in b.recipe.get("calibration", {}).get("attempts", []) if "skipped" not in a)
+    return 1 if b is not None else 0
+
+
+def _detail(step: RepairStep, b: Build) -> str:
+    """A passing (or judged) candidate's step in a line: what it changed and its judge's figures."""
+    r = b.recipe
+    if step.step == "calibration":
+        cal = r.get("calibration", {})
+        last = (cal.get("attempts") or [{}])[-1]
+        return f"{cal.get('method')} ({cal.get('ranges')}): {last.get('detail', '')}"
+    if step.step == "selective":
+        kept = r.get("float_scopes") or r.get("float_layers") or []
+        last = next((t for t in reversed(r.get("search", {}).get("tries", [])) if t.get("passed")), {})
+        return f"{len(kept)} layer(s) in float ({', '.join(kept)}): {last.get('detail', '')}"
+    q = r.get("qat", {})
+    return (f"{q.get('epochs')} epoch(s) on {q.get('samples')} samples ({q.get('mode')}), "
+            f"{len(q.get('float_layers', []))} layer(s) left float: {q.get('judge', {}).get('detail', '')}")
+
+
+def _name_breaking_layers(ctx: Context, ref: ReferenceModel, builds: list[Build], verdict: tuple[bool, str],
+                          row: dict[str, Any]) -> None:
+    """A full-integer target: no float layers, but the layers that break int8 named (a finding, not a candidate)."""
+    from kdeploy.run.selective import selective_builds
+
+    t0 = time.perf_counter()
+    if ctx.profile.selective.enabled:
+        selective_builds(ctx, ref, builds, verdict)
+    row["detail"] = ("not tried: target runs integer kernels only (full_integer); the layers that break int8 are "
+                     "named in finding int8-breaking-layers")
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+
+
+def summary(record: dict[str, Any]) -> str:
+    """The ladder in one line: full int8's verdict, then each step tried with its result and seconds."""
+    parts = []
+    for s in record["steps"]:
+        if s["tried"]:
+            conv = f", {s['conversions']} conversion(s)" if s.get("conversions") else ""
+            parts.append(f"{s['step']} {'passes' if s['passed'] else 'fails'} ({s['seconds']:.1f} s{conv})")
+        else:
+            parts.append(f"{s['step']} {s['detail'].split(':')[0]}")
+    end = f"; repaired by {record['repaired_by']}" if record["repaired_by"] else "; not repaired"
+    return (f"full int8 fails on {', '.join(record['runtimes'])}; repair ladder "
+            f"({record.get('seconds', 0):.1f} s): " + "; ".join(parts) + end)
+
+
+def finish(record: dict[str, Any] | None, candidates: list[Candidate], deployed: str) -> dict[str, Any] | None:
+    """The ladder's record with what evaluation found: each step's candidate verdict and its latency cost.
+
+    `evaluation_passed` (the candidate's verdict after evaluation) next to `passed` (its judge's):
+    they agree but for the latency budget, which only evaluation times.
+    """
+    if record is None:
+        return None
+    from kdeploy.report.figures import budget_row
+
+    by_name = {c.name: c for c in candidates}
+
+    def p50(name: str) -> float | None:
+        c = by_name.get(name)
+        row = budget_row(c.latency, deployed, "p50") if c is not None else None
+        return None if row is None else round(row.p50_ms, 6)
+
+    for s in record["steps"]:
+        c = by_name.get(s["recipe"])
+        if not s["tried"] or c is None:
+            continue
+        s["evaluation_passed"] = c.passed
+        mine = p50(c.name)
+        if mine is not None:
+            s["latency"] = {"runtime": deployed, "p50_ms": mine, "int8_p50_ms": p50("int8"),
+                            "fp32_p50_ms": p50("fp32")}
+    return record
+

@@ -1,0 +1,208 @@
+"""The int8 repair ladder (`run.ladder`) and the selective group search (`run.selective._group_search`)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import FIXTURES, make_profile
+from kdeploy.profiles import load_profile_file, resolve_profile
+from kdeploy.recipes import CALIBRATED_INT8, QAT_INT8, SELECTIVE_INT8, repair_steps
+
+
+# ------------------------------------------------------------------------------------------------
+# The group search's conversions, against one-layer-per-try greedy
+# ------------------------------------------------------------------------------------------------
+def _search(monkeypatch, needed: set[str], n_layers: int = 40, max_tries: int = 12, seconds_per_try: float = 0.0,
+            max_seconds: float = 120.0):
+    """Runs `_group_search` over a ranking of `n_layers` where a set passes iff it holds every layer of `needed`.
+
+    The conversion is replaced by that oracle (each call is one conversion): what is counted is the search's
+    strategy, the number of conversions it spends.
+    """
+    from kdeploy.run import selective
+
+    ranking = [f"l{i}" for i in range(n_layers)]
+    calls: list[list[str]] = []
+    clock = [1000.0]  # each conversion takes `seconds_per_try` on this clock
+    monkeypatch.setattr(selective, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def fake_try(ctx, ref, float_t, layers, n, tries, extra_nodes=(), phase="crash"):
+        calls.append(list(layers))
+        clock[0] += seconds_per_try
+        ok = needed <= set(layers)
+        tries.append({"phase": phase, "float_layers": list(layers), "passed": ok, "detail": "", "seconds":
+                      seconds_per_try})
+        return (object() if ok else None), ok, ""
+
+    monkeypatch.setattr(selective, "_try", fake_try)
+    prof = SimpleNamespace(selective=SimpleNamespace(max_tries=max_tries, max_seconds=max_seconds))
+    ctx = SimpleNamespace(profile=prof)
+    tries: list[dict] = []
+    half = ranking[: n_layers // 2]
+    best, chosen, record = selective._group_search(ctx, None, None, half, [], [], tries, clock[0])
+    return best, chosen, record, calls
+
+
+def _greedy_to_find(needed: set[str], ranking: list[str]) -> int:
+    """Conversions one-layer-per-try greedy spends before its first passing set (the oracle's ranking is exact)."""
+    kept: list[str] = []
+    for layer in ranking:
+        kept.append(layer)
+        if needed <= set(kept):
+            return len(kept)
+    return len(ranking)
+
+
+def test_group_search_passes_where_greedy_runs_out_of_tries(monkeypatch):
+    needed = {f"l{i}" for i in range(8)}  # the eight worst-ranked layers all need float
+    ranking = [f"l{i}" for i in range(40)]
+    best, chosen, _, calls = _search(monkeypatch, needed, max_tries=6)  # the profiles' default budget
+
+    assert _greedy_to_find(needed, ranking) == 8 > 6  # greedy: one layer per try, never passes within 6
+    assert best is not None and set(chosen) == needed
+    # 1, 2 fail; the worst half (20) passes; 4 fails; 8 passes; 6 fails (bisecting): 6 conversions
+    assert [len(c) for c in calls] == [1, 2, 20, 4, 8, 6]
+
+
+def test_group_search_conversions_for_four_broken_layers(monkeypatch):
+    needed = {"l0", "l1", "l2", "l3"}
+    best, chosen, _, calls = _search(monkeypatch, needed)
+
+    assert best is not None and set(chosen) == needed
+    sizes = [len(c) for c in calls]
+    # first passing set after 3 conversions (greedy: 4); the smallest after 5 (4 passes, 3 fails); then thinning
+    # tries dropping each of l2, l1, l0 (all needed): 8 in all, no per-layer tensors measured after any of them
+    assert sizes == [1, 2, 20, 4, 3, 3, 3, 3]
+    assert sizes.index(20) + 1 == 3 < _greedy_to_find(needed, [f"l{i}" for i in range(40)]) == 4
+
+
+def test_group_search_thins_a_layer_the_ranking_put_first_wrongly(monkeypatch):
+    needed = {"l1", "l2"}  # the worst-ranked layer l0 does not need float
+    best, chosen, _, calls = _search(monkeypatch, needed)
+
+    assert best is not None and chosen == ["l1", "l2"]  # l0 dropped again by thinning
+    # 3 passes (2 failed: bisection ends); thinning tries without l1 (fails), then without l0 (passes)
+    assert [len(c) for c in calls] == [1, 2, 20, 4, 3, 2, 2]
+
+
+def test_group_search_stops_when_the_worst_half_in_float_fails(monkeypatch):
+    needed = {"l0", "l35"}  # l35 is outside the worst half: no prefix of the ranking passes
+    best, chosen, record, calls = _search(monkeypatch, needed)
+
+    assert best is None and chosen == []
+    assert [len(c) for c in calls] == [1, 2, 20]  # three conversions, not max_tries
+    assert record["half"] == {"layers": 20, "passed": False} and "worst half" in record["stopped"]
+
+
+def test_group_search_respects_max_seconds(monkeypatch):
+    # each try takes 30 s: after two (60 s, 30 s each) a third would end at 90 s, past 70 s
+    best, _, record, calls = _search(monkeypatch, {"l0", "l1", "l2"}, seconds_per_try=30.0, max_seconds=70.0)
+
+    assert len(calls) == 2 and best is None and "budget ran out" in record["stopped"]
+    assert "max_seconds = 70" in record["stopped"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The ladder's steps per profile
+# ------------------------------------------------------------------------------------------------
+def test_ladder_steps_in_order_and_only_integer_steps_on_mcu(tmp_path):
+    edge = [(s.step, s.recipe, why) for s, why in repair_steps(resolve_profile("cpu-edge"))]
+    assert edge == [("calibration", CALIBRATED_INT8, None), ("selective", SELECTIVE_INT8, None), ("qat", QAT_INT8, None)]
+    mcu = {s.step: why for s, why in repair_steps(resolve_profile("mcu"))}
+    assert mcu["calibration"] is None and mcu["qat"] is None and "full_integer" in mcu["selective"]
+    off = load_profile_file(make_profile(tmp_path, "cpu-edge", selective={"enabled": False}, qat={"enabled": False}))
+    assert {s.step: why for s, why in repair_steps(off)} == {
+        "calibration": None, "selective": "[selective] enabled = false", "qat": "[qat] enabled = false"}
+
+
+def test_profile_selective_max_seconds_is_validated(tmp_path):
+    from kdeploy.errors import ProfileError
+
+    assert load_profile_file(make_profile(tmp_path, "cpu-edge", selective={"max_seconds": 30})).selective.max_seconds == 30
+    with pytest.raises(ProfileError, match="max_seconds"):
+        load_profile_file(make_profile(tmp_path, "cpu-edge", selective={"max_seconds": 0}))
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end, on the real runtimes
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cancer_ladder(tmp_path_factory):
+    from kdeploy.run import optimize
+
+    tmp = tmp_path_factory.mktemp("ladder")
+    profile = make_profile(tmp, "cpu-edge")
+    started = time.perf_counter()
+    report = optimize(FIXTURES / "cancer_mlp.keras", profile=profile, data=FIXTURES / "cancer.npz", out=tmp / "out")
+    return report, tmp / "out", time.perf_counter() - started
+
+
+def test_ladder_stops_at_the_first_passing_step_and_reports_every_step(cancer_ladder):
+    report, out, _ = cancer_ladder
+    rec = report.repair
+    steps = {s["step"]: s for s in rec["steps"]}
+
+    assert not rec["int8"]["passed"] and not report.candidate("int8").passed  # full int8 fails, judged once
+    assert [s["step"] for s in rec["steps"]] == ["calibration", "selective", "qat"]
+    assert steps["calibration"]["tried"] and not steps["calibration"]["passed"] and steps["calibration"]["seconds"] > 0
+    assert steps["selective"]["tried"] and steps["selective"]["passed"] and steps["selective"]["seconds"] > 0
+    assert steps["selective"]["conversions"] >= 1 and steps["selective"]["size_bytes"] > 0
+    assert not steps["qat"]["tried"] and steps["qat"]["detail"] == f"not needed: {SELECTIVE_INT8} passed"
+    assert rec["repaired_by"] == SELECTIVE_INT8 and rec["seconds"] >= steps["selective"]["seconds"]
+    assert QAT_INT8 not in {c.name for c in report.candidates}  # the ladder stopped: nothing trained
+    assert steps["selective"]["latency"]["p50_ms"] > 0 and steps["selective"]["latency"]["int8_p50_ms"] > 0
+    md = (out / "report.md").read_text()
+    assert "<details><summary>int8 repair ladder: full int8 fails on litert; repaired by `int8-mixed`" in md
+    assert "| selective | `int8-mixed` | passes |" in md and "| qat | `qat-int8` | not needed: int8-mixed passed |" in md
+
+
+def test_search_verdict_is_evaluations_verdict(cancer_ladder):
+    """A set the search accepted passes evaluation (the judge applies evaluation's gates)."""
+    report, _, _ = cancer_ladder
+    mixed = report.candidate(SELECTIVE_INT8)
+    step = next(s for s in report.repair["steps"] if s["step"] == "selective")
+
+    assert step["passed"] and step["evaluation_passed"] is True and mixed.passed
+    last = mixed.recipe["search"]["tries"][-1]
+    assert last["passed"] and mixed.recipe["search"]["conversions"] == len(mixed.recipe["search"]["tries"])
+    # the checks evaluation gated on (fidelity on litert, task budget, robustness) all ran and passed
+    names = {k.name.split(" [")[0] for k in mixed.checks}
+    assert "fidelity litert vs keras" in names and any(n.startswith("task ") for n in names)
+    assert all(k.passed for k in mixed.checks)
+
+
+def test_ladder_does_not_run_where_full_int8_passes(tmp_path):
+    from kdeploy.run import optimize
+
+    report = optimize(FIXTURES / "digits_cnn.keras", profile=make_profile(tmp_path, "cpu-edge"),
+                      data=FIXTURES / "digits.npz", out=tmp_path / "out")
+
+    assert report.candidate("int8").passed
+    assert report.repair["int8"]["passed"] and report.repair["steps"] == [] and report.repair["repaired_by"] is None
+    names = {c.name for c in report.candidates}
+    assert not names & {CALIBRATED_INT8, SELECTIVE_INT8, QAT_INT8}
+    assert not any(f.code in ("repair-ladder", "calibration-failed", "selective-int8-failed") for f in report.findings)
+
+
+def test_ladder_stops_at_calibration_when_recalibrating_repairs_int8(tmp_path):
+    """digits with 6 calibration samples scaled by 10: min-max int8 fails, moving-average ranges repair it."""
+    from kdeploy.artifacts.aeq import missing
+    from kdeploy.run import optimize
+    from test_qat import _outlier_data
+
+    if missing() is not None:
+        pytest.skip(missing())
+    profile = make_profile(tmp_path, "cpu-edge")
+    data = _outlier_data(tmp_path, load_profile_file(profile).calibration_samples)
+    report = optimize(FIXTURES / "digits_cnn.keras", profile=profile, data=data, out=tmp_path / "out")
+    steps = {s["step"]: s for s in report.repair["steps"]}
+
+    assert not report.repair["int8"]["passed"] and not report.candidate("int8").passed
+    assert steps["calibration"]["passed"] and steps["calibration"]["evaluation_passed"] is True
+    assert steps["calibration"]["seconds"] > 0 and steps["calibration"]["conversions"] >= 1
+    assert not steps["selective"]["tried"] and not steps["qat"]["tried"]
+    assert report.repair["repaired_by"] == CALIBRATED_INT8 and report.candidate(CALIBRATED_INT8).passed
+    assert not {SELECTIVE_INT8, QAT_INT8} & {c.name for c in report.candidates}
