@@ -10,10 +10,12 @@ Evaluation, the selective int8 search's judge and `kdeploy check` all reach it t
   near-constant output) and to the per-sample cosine. Drift measured on deep networks passes; a
   real defect (a perturbed layer, a wrong op, swapped outputs) is one to two orders above it.
 - **Decisions** (`min_top1`): a quantized artifact is judged on what users act on. For a softmax
-  output, its top-1 class; for sigmoid outputs and score maps, the decision at
-  `decision_threshold`. Agreement below `min_top1` fails only when the number of flips shows it at
-  95% confidence for the sample count (one-sided binomial test of H0 "agreement >= min_top1"): one
-  low-margin flip on a small validation set does not turn a verdict.
+  output, its top-1 class along the last (class) axis: one decision per sample for (N, C), one per
+  location for a per-location softmax map (N, ..., C); for sigmoid outputs and score maps, the
+  decision at `decision_threshold`. Agreement below `min_top1` fails only when the number of flips
+  shows it at 95% confidence for the sample count (one-sided binomial test of H0 "agreement >=
+  min_top1"): one low-margin flip on a small validation set does not turn a verdict. For maps
+  (rank > 2) the trials of that test are the samples, not the cells (`_bound_counts`).
 - **Relative error** (`max_rel_rmse`): regression and box outputs, RMS error over RMS of the
   reference.
 - Other criteria (`atol`/`rtol`, `max_norm_err`, `max_mean_norm_err`, `min_cosine_mean`) apply to
@@ -49,7 +51,7 @@ def binomial_p(n: int, k: int, rate: float) -> float:
         return 0.0
     if rate >= 1 or k > n:
         return 1.0 if rate >= 1 else 0.0
-    if n > 5000:  # score maps: one decision per element; the normal approximation, continuity-corrected
+    if n > 5000:  # many decisions (sigmoid elements): the normal approximation, continuity-corrected
         sd = sqrt(n * rate * (1 - rate))
         return 0.5 * erfc((k - 0.5 - n * rate) / (sd * sqrt(2)))
     log_r, log_q = log(rate), log1p(-rate)
@@ -69,20 +71,45 @@ def samples_needed(min_agreement: float, confidence: float = CONFIDENCE) -> int:
 
 
 def decisions(ref: np.ndarray, got: np.ndarray, kind: str, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Per decision, whether it flipped, and Keras' margin of it.
+    """Per sample and decision (shape (N, decisions per sample)), whether it flipped, and Keras' margin of it.
 
-    multiclass: one decision per sample, its top-1 class; margin = top-1 minus top-2 probability.
+    multiclass: the top-1 class along the last (class) axis: one decision per sample for (N, C),
+    one per location for a per-location softmax map (N, ..., C), e.g. a detector's (N, H, W, 2)
+    face/not-face map (one argmax over the flattened map would be arbitrary among the many cells
+    near 1.0); margin = top-1 minus top-2 probability of that sample or cell.
     binary / multilabel (sigmoid outputs, score maps): one decision per element, above `threshold`
     or not; margin = |value - threshold|.
     """
-    a = ref.reshape(len(ref), -1).astype(np.float64)
-    b = got.reshape(len(got), -1).astype(np.float64)
+    n = len(ref)
     if kind == "multiclass":
+        width = ref.shape[-1] if ref.ndim >= 2 else (ref.size // n if n else 1)
+        a = ref.reshape(-1, width).astype(np.float64)
+        b = got.reshape(-1, width).astype(np.float64)
         flipped = a.argmax(1) != b.argmax(1)
-        top2 = np.sort(a, axis=1)[:, -2:]
-        return flipped, top2[:, 1] - top2[:, 0]
-    flipped = (a > threshold) != (b > threshold)
-    return flipped.reshape(-1), np.abs(a - threshold).reshape(-1)
+        top2 = np.sort(a, axis=1)[:, -2:] if width > 1 else np.concatenate([np.zeros_like(a), a], axis=1)
+        return flipped.reshape(n, -1), (top2[:, 1] - top2[:, 0]).reshape(n, -1)
+    a = ref.reshape(n, -1).astype(np.float64)
+    b = got.reshape(n, -1).astype(np.float64)
+    return (a > threshold) != (b > threshold), np.abs(a - threshold)
+
+
+def _bound_counts(flipped: np.ndarray, is_map: bool) -> tuple[int, int]:
+    """(trials, failures) of the binomial bound on decision agreement.
+
+    Rank-2 outputs: every decision is a trial (a softmax: one per sample; sigmoid outputs: one per
+    element, as before). Maps (rank > 2): the cells of one sample share its input, so their flips
+    come in clusters (a quantization error shifts a whole region's decisions together); counting
+    cells as independent trials would turn one sample's shifted region into proof against the
+    artifact. The sample is the independent draw: trials = samples, failures = the samples' flipped
+    fractions summed and rounded (net samples lost, as `task_verdict` counts them). That assumes
+    the worst correlation (all cells of a sample move together), so a map needs as much evidence
+    as a per-sample classifier on the same validation set: conservative toward passing, like
+    every bound here (a verdict fails only on flips the data show).
+    """
+    if not is_map:
+        return int(flipped.size), int(flipped.sum())
+    n = len(flipped)
+    return n, int(round(float(flipped.reshape(n, -1).mean(axis=1).sum()))) if n else 0
 
 
 def decision_verdict(ref: np.ndarray, got: np.ndarray, kind: str, limit: float, threshold: float,
@@ -95,14 +122,21 @@ def decision_verdict(ref: np.ndarray, got: np.ndarray, kind: str, limit: float, 
     if flips == 0:
         return out
     flip_margins = np.sort(margins[flipped])
-    ok, p = consistent_with(n, flips, 1 - limit)
+    is_map = ref.ndim > 2
+    trials, failures = _bound_counts(flipped, is_map)
+    ok, p = consistent_with(trials, failures, 1 - limit)
     if near_tie is not None and agreement < limit and float(flip_margins.max()) >= near_tie:
         ok = False  # the profile accepts only near-tie flips below min_top1 (legacy `near_tie_margin`)
-    unit = "sample(s)" if kind == "multiclass" else f"decision(s) at {threshold:g}"
+    if kind == "multiclass":
+        unit = "cell(s) (top-1 along the last axis)" if is_map else "sample(s)"
+    else:
+        unit = f"decision(s) at {threshold:g}"
+    where = f" in {len(ref)} samples" if is_map else ""
+    trials_note = f"the {len(ref)} samples as trials, {failures} net sample(s) lost; " if is_map else ""
     out.update(passed=bool(agreement >= limit or ok), p=p,
-               note=f": {flips} flipped {unit} of {n}, Keras margin{'s' if flips > 1 else ''} "
+               note=f": {flips} flipped {unit} of {n}{where}, Keras margin{'s' if flips > 1 else ''} "
                     f"{', '.join(f'{x:.3f}' for x in flip_margins[:5])}; p={p:.2g} for agreement >= {limit:g} "
-                    f"({samples_needed(limit)} agreeing samples would show it at {CONFIDENCE:.0%})")
+                    f"({trials_note}{samples_needed(limit)} agreeing samples would show it at {CONFIDENCE:.0%})")
     return out
 
 
@@ -145,11 +179,15 @@ def judge(m: Any, ref: np.ndarray, got: np.ndarray, tol: Any, kind: str, runtime
             continue
         if name == "decisions":
             v = decision_verdict(ref, got, kind, limit, threshold, tol.near_tie_margin)
-            label = "top1" if kind == "multiclass" else f"decisions@{threshold:g}"
+            is_map = ref.ndim > 2  # per-location decisions (`decisions`)
+            label = ("top1/cell" if is_map else "top1") if kind == "multiclass" else f"decisions@{threshold:g}"
             parts.append(f"{label}={v['agreement']:.5g} (>= {limit:g}{'' if v['passed'] else ' FAILED'}{v['note']})")
             if not v["passed"]:
                 what = "change class" if kind == "multiclass" else f"change side of the {threshold:g} threshold"
-                n_what = "samples" if kind in ("multiclass", "binary") else "output elements"
+                if kind == "multiclass":
+                    n_what = f"cells (of {len(ref)} samples)" if is_map else "samples"
+                else:
+                    n_what = "samples" if kind == "binary" and not is_map else "output elements"
                 failed.append(f"{v['flips']} of {v['decisions']} {n_what} {what} on {runtime} vs {other} "
                               f"({v['agreement']:.1%} agree; {limit:.1%} required, p={v['p']:.2g})")
             continue

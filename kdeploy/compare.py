@@ -24,7 +24,7 @@ class OutputMetrics:
     peak_err: float = float("nan")  # max abs error / the output's magnitude (the larger of max |ref| and its range)
     rel_rmse: float = float("nan")  # RMS error / RMS of the reference
     decision_agreement: float | None = None  # top-1 class (softmax) or decision at the threshold (sigmoid, score maps)
-    decisions: int | None = None  # decisions compared: samples (softmax) or elements (sigmoid, score maps)
+    decisions: int | None = None  # decisions compared: samples (softmax), cells (softmax map), elements (sigmoid)
 
 
 @dataclass
@@ -60,10 +60,15 @@ class FidelityResult:
 
 
 def output_kind(kind: str, ref: np.ndarray) -> str:
-    """Resolves "unknown" kinds (SavedModel inputs) from the reference values."""
+    """Resolves "unknown" kinds (SavedModel inputs) from the reference values.
+
+    Non-negative values summing to 1 along the last axis are a softmax: a classifier's (N, C), or a
+    per-location map (N, ..., C) whose decisions `acceptance.decisions` takes cell by cell.
+    """
     if kind != "unknown":
         return kind
-    if ref.ndim == 2 and ref.shape[1] > 1 and np.all(ref >= 0) and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3):
+    if (ref.ndim >= 2 and ref.shape[-1] > 1 and np.all(ref >= 0)
+            and np.allclose(ref.sum(axis=-1), 1.0, atol=1e-3)):
         return "multiclass"
     return "regression"
 
@@ -84,8 +89,9 @@ def metrics(ref: np.ndarray, got: np.ndarray, kind: str, threshold: float = 0.5)
     mean_abs = float(d.mean()) if d.size else 0.0
     cos = cosines(ref64, got64)
     top1 = None
-    if kind == "multiclass":
-        top1 = float(np.mean(ref64.reshape(len(ref64), -1).argmax(1) == got64.reshape(len(got64), -1).argmax(1)))
+    if kind == "multiclass":  # along the last (class) axis: per sample, or per location of a map
+        flipped = decisions(ref64, got64, kind)[0] if d.size else np.zeros(0, bool)
+        top1 = float(1 - flipped.mean()) if flipped.size else 1.0
     elif kind == "binary":
         top1 = float(np.mean((ref64 > 0.5) == (got64 > 0.5)))
     agree = n_dec = None

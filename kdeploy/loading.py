@@ -419,13 +419,20 @@ def _output_names(m: Any) -> list[str]:
 
 
 def _keras_output_kind(m: Any, tensor: Any) -> str:
+    """The output's kind from the layer that makes it.
+
+    A softmax is "multiclass" whatever the rank: its decision is the top-1 along the last axis, per
+    sample for (N, C) and per location for a map (N, H, W, C) (`acceptance.decisions`). A Softmax
+    layer over another axis is none of that (judged as regression).
+    """
     hist = getattr(tensor, "_keras_history", None)
     layer = hist[0] if hist else None
     act = None
     if layer is not None:
         cls = type(layer).__name__
         if cls == "Softmax":
-            act = "softmax"
+            axis = getattr(layer, "axis", -1)
+            act = "softmax" if axis in (-1, len(tensor.shape) - 1) else None
         elif cls == "Activation" or hasattr(layer, "activation"):
             a = getattr(layer, "activation", None)
             act = getattr(a, "__name__", None) or (a if isinstance(a, str) else None)

@@ -126,7 +126,12 @@ def _flat(struct: Any) -> tuple[list[str], list]:
 
 
 def _kind(t: Any) -> str:
-    """The output's kind from the graph op that makes it (through Identity ops), when it is an activation."""
+    """The output's kind from the graph op that makes it (through Identity ops), when it is an activation.
+
+    TF's Softmax op normalizes the last axis (another axis is a Transpose around it: regression here),
+    so "multiclass" of any rank is judged top-1 along the last axis, per location for a map
+    (`acceptance.decisions`).
+    """
     op = t.op
     while op.type in ("Identity", "IdentityN") and op.inputs:
         op = op.inputs[0].op

@@ -28,10 +28,21 @@ def metric_values(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float
     """Task metrics of `pred` against labels `y` for an output of `kind`.
 
     Binary: accuracy at 0.5; multiclass: accuracy of the argmax (labels as class ids or one-hot);
-    regression: MAE and RMSE. Other kinds (multilabel): no metric.
+    regression: MAE and RMSE. Other kinds (multilabel): no metric. A map (rank > 2) is scored cell
+    by cell, as `acceptance.decisions` judges it: the argmax along the last axis against a label
+    map of class ids (N, ...) or one-hot (N, ..., C), or every element at 0.5; the fraction of
+    cells right (its `samples` stay the samples: the bound counts net samples lost).
     """
     pred = np.asarray(pred, dtype=np.float64)
     y = np.asarray(y)
+    if pred.ndim > 2 and kind in ("binary", "multiclass"):
+        if kind == "binary" and y.size == pred.size:
+            return {"accuracy": float(np.mean((pred > 0.5) == (y.reshape(pred.shape) > 0.5)))}
+        if kind == "multiclass" and y.shape == pred.shape:
+            return {"accuracy": float(np.mean(pred.argmax(-1) == y.argmax(-1)))}
+        if kind == "multiclass" and y.size * pred.shape[-1] == pred.size:
+            return {"accuracy": float(np.mean(pred.argmax(-1) == y.reshape(pred.shape[:-1]).astype(int)))}
+        return {}  # labels that are not a map of this output's cells: no metric
     if kind == "binary":
         return {"accuracy": float(np.mean((pred.reshape(len(pred), -1)[:, 0] > 0.5) == (y.reshape(len(y), -1)[:, 0] > 0.5)))}
     if kind == "multiclass":

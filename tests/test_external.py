@@ -337,3 +337,29 @@ def test_check_tflite_of_another_model(heads, tmp_path):
     assert any("fail their fidelity tolerance whichever way" in e for e in c.errors), c.errors
     assert {p.output: p.how for p in c.artifacts[0].pairing} == {"wide": "shape", "onset": "unverified",
                                                                 "frames": "unverified"}
+
+
+def test_check_artifact_the_target_cannot_run_is_exit_2_before_any_work(heads, tmp_path):
+    import kdeploy
+
+    # cpu-edge deploys LiteRT only: an .onnx could never pass there ("artifact for litert" was all it said).
+    res = kdeploy_cli("check", heads.keras, heads.onnx, "--target", "cpu-edge", "--data", heads.data,
+                      "--out", tmp_path / "o", "-q")
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert ("renamed.onnx is .onnx, which target cpu-edge cannot run: cpu-edge deploys litert, which runs .tflite; "
+            "for .onnx use --target cpu-server or a profile whose runtimes all run .onnx (onnxruntime)") in lines[0]
+    assert not (tmp_path / "o").exists()
+
+    stages = []  # nothing loaded or run: the refusal comes from the profile alone
+    with pytest.raises(UsageError, match=r"target cpu-server cannot run: cpu-server deploys onnxruntime, which "
+                                         r"runs \.onnx; for \.tflite use --target cpu-edge / mcu / mobile or"):
+        kdeploy.check(heads.keras, [heads.batch1], target="cpu-server", data=heads.data,
+                      progress=lambda stage, detail="": stages.append(stage))
+    assert stages == []
+    # A profile deploying both formats: one artifact cannot run on each of its runtimes.
+    both = make_profile(tmp_path, "cpu-edge", runtimes=["litert", "onnxruntime"], crosscheck_runtimes=[])
+    with pytest.raises(UsageError, match=r"deploys litert, which runs \.tflite, and onnxruntime, which runs \.onnx "
+                                         r"\(a candidate must run on each\)"):
+        kdeploy.check(heads.keras, [heads.batch1], profile=both, data=heads.data)

@@ -98,9 +98,11 @@ class FidelityOut(_M):
                                                      "and its range).")
     rel_rmse: float | None = Field(None, description="RMS error / RMS of the reference output.")
     decision_agreement: float | None = Field(
-        None, description="Softmax: top-1 class agreement; sigmoid outputs and score maps: agreement of the decisions "
-                          "at the tolerance's threshold (per element).")
-    decisions: int | None = Field(None, description="Decisions compared (samples, or elements of sigmoid outputs).")
+        None, description="Softmax: top-1 class agreement (along the last axis: per sample, or per cell of a map "
+                          "(N, ..., C)); sigmoid outputs and score maps: agreement of the decisions at the "
+                          "tolerance's threshold (per element).")
+    decisions: int | None = Field(None, description="Decisions compared (samples, cells of a softmax map, or "
+                                                    "elements of sigmoid outputs).")
     summary: str = Field("", description="The failed criteria in user terms (empty when passed).")
     gates: bool = Field(True, description="False: a cross-check runtime's figures against Keras, reported but not "
                                           "a verdict (verdicts come from the target's deployed runtimes).")

@@ -122,10 +122,12 @@ def check(
             cannot settle.
 
     Raises:
-        UsageError: an artifact that does not fit the model (input/output counts or shapes), an
-            ambiguous output pairing (the message names `--output-map`), bad options (exit 2).
+        UsageError: an artifact that does not fit the model (input/output counts or shapes) or that a
+            deployed runtime of the target cannot run (an `.onnx` on cpu-edge), an ambiguous output
+            pairing (the message names `--output-map`), bad options (exit 2).
     """
     from kdeploy.artifacts.external import parse_output_map
+    from kdeploy.run.external import check_formats
 
     paths = [Path(a) for a in artifacts]
     for p in paths:
@@ -135,7 +137,8 @@ def check(
     opts = RunOptions(model, target=target, profile=profile, data=data, out=out, formats=formats, seed=seed,
                       trust_custom_code=trust_custom_code, custom_objects=custom_objects, input_shapes=input_shapes,
                       progress=progress, command=command, trusted_packages=trusted_packages)
-    return _run(opts, lambda c: Built(_external_builds(c, paths, precision, omap), []))
+    return _run(opts, lambda c: Built(_external_builds(c, paths, precision, omap), []),
+                validate=lambda prof: check_formats(prof, paths))
 
 
 def _external_builds(ctx: Context, paths: list[Path], precision: str | None,
@@ -146,14 +149,18 @@ def _external_builds(ctx: Context, paths: list[Path], precision: str | None,
     return external_builds(ctx, paths, precision, output_map)
 
 
-def _run(opts: RunOptions, build: Callable[[Context], Built] | None) -> Report:
+def _run(opts: RunOptions, build: Callable[[Context], Built] | None,
+         validate: Callable[[TargetProfile], None] | None = None) -> Report:
     """Checks the inputs, then answers from the result cache or prepares, builds, evaluates, selects and reports.
 
     On any failure or interruption the staging folder goes too. The memory guard watches the
     whole run (`--max-memory`); every progress line is a point where it can stop the run.
+    `validate` (of `check`) refuses what the resolved profile cannot take, before any work.
     """
     started = time.perf_counter()
     prof, out_path = check_inputs(opts)
+    if validate is not None:
+        validate(prof)
     with MemoryGuard(opts.max_memory_mb) as guard:
         user_progress = opts.progress or no_progress
 

@@ -17,12 +17,39 @@ from pathlib import Path
 from kdeploy.compare import compare
 from kdeploy.errors import UsageError
 from kdeploy.memory import batch_size_for
+from kdeploy.profiles import TargetProfile, builtin_names, resolve_profile
 from kdeploy.run.context import Build, Context
+from kdeploy.runtimes import RUNTIME_FORMATS
 
 # The runtime that runs an artifact of each format for the value pairing (any runtime of the
 # format would do: the pairing is about which tensor is which, not about the deployed runtime).
 PAIRING_RUNTIME = {"tflite": "litert", "onnx": "onnxruntime"}
 PAIRING_BATCH = 64  # at most, as evaluation's fidelity runs
+
+
+def check_formats(prof: TargetProfile, paths: list[Path]) -> None:
+    """Refuses, before any work, an artifact that a deployed runtime of the target cannot run.
+
+    A candidate must run on every runtime in `runtimes` (`checks.budget_checks`): an `.onnx` on
+    cpu-edge (LiteRT only) could never pass, and the report would say only "artifact for litert".
+
+    Raises:
+        UsageError: naming the target's runtimes, the format each runs, and the built-in targets
+            (or the runtimes for a profile) that run the artifact's format.
+    """
+    for p in paths:
+        fmt = p.suffix.lower().lstrip(".")
+        if all(RUNTIME_FORMATS[rt] == fmt for rt in prof.runtimes):
+            continue
+        deploys = ", and ".join(f"{rt}, which runs .{RUNTIME_FORMATS[rt]}" for rt in prof.runtimes)
+        each = " (a candidate must run on each)" if len(prof.runtimes) > 1 else ""
+        targets = [n for n in builtin_names() if all(RUNTIME_FORMATS[rt] == fmt for rt in resolve_profile(n).runtimes)]
+        runners = ", ".join(rt for rt, f in RUNTIME_FORMATS.items() if f == fmt)
+        use = f"--target {' / '.join(targets)} or " if targets else ""
+        raise UsageError(
+            f"artifact {p.name} is .{fmt}, which target {prof.name} cannot run: {prof.name} deploys {deploys}{each}; "
+            f"for .{fmt} use {use}a profile whose runtimes all run .{fmt} ({runners})"
+        )
 
 
 def external_builds(ctx: Context, paths: list[Path], precision: str | None,
