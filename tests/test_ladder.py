@@ -41,8 +41,8 @@ def _search(monkeypatch, needed: set[str], n_layers: int = 40, max_tries: int = 
     prof = SimpleNamespace(selective=SimpleNamespace(max_tries=max_tries, max_seconds=max_seconds))
     ctx = SimpleNamespace(profile=prof)
     tries: list[dict] = []
-    half = ranking[: n_layers // 2]
-    best, chosen, record = selective._group_search(ctx, None, None, half, [], [], tries, clock[0])
+    capped = ranking[: n_layers - 1]  # every layer but one, as `selective_builds` caps it (all float is fp32)
+    best, chosen, record = selective._group_search(ctx, None, None, capped, [], [], tries, clock[0])
     return best, chosen, record, calls
 
 
@@ -63,8 +63,8 @@ def test_group_search_passes_where_greedy_runs_out_of_tries(monkeypatch):
 
     assert _greedy_to_find(needed, ranking) == 8 > 6  # greedy: one layer per try, never passes within 6
     assert best is not None and set(chosen) == needed
-    # 1, 2 fail; the worst half (20) passes; 4 fails; 8 passes; 6 fails (bisecting): 6 conversions
-    assert [len(c) for c in calls] == [1, 2, 20, 4, 8, 6]
+    # 1, 2 fail; the worst half (19) passes; 4 fails; 8 passes; 6 fails (bisecting): 6 conversions
+    assert [len(c) for c in calls] == [1, 2, 19, 4, 8, 6]
 
 
 def test_group_search_conversions_for_four_broken_layers(monkeypatch):
@@ -75,8 +75,8 @@ def test_group_search_conversions_for_four_broken_layers(monkeypatch):
     sizes = [len(c) for c in calls]
     # first passing set after 3 conversions (greedy: 4); the smallest after 5 (4 passes, 3 fails); then thinning
     # tries dropping each of l2, l1, l0 (all needed): 8 in all, no per-layer tensors measured after any of them
-    assert sizes == [1, 2, 20, 4, 3, 3, 3, 3]
-    assert sizes.index(20) + 1 == 3 < _greedy_to_find(needed, [f"l{i}" for i in range(40)]) == 4
+    assert sizes == [1, 2, 19, 4, 3, 3, 3, 3]
+    assert sizes.index(19) + 1 == 3 < _greedy_to_find(needed, [f"l{i}" for i in range(40)]) == 4
 
 
 def test_group_search_thins_a_layer_the_ranking_put_first_wrongly(monkeypatch):
@@ -85,16 +85,26 @@ def test_group_search_thins_a_layer_the_ranking_put_first_wrongly(monkeypatch):
 
     assert best is not None and chosen == ["l1", "l2"]  # l0 dropped again by thinning
     # 3 passes (2 failed: bisection ends); thinning tries without l1 (fails), then without l0 (passes)
-    assert [len(c) for c in calls] == [1, 2, 20, 4, 3, 2, 2]
+    assert [len(c) for c in calls] == [1, 2, 19, 4, 3, 2, 2]
 
 
-def test_group_search_stops_when_the_worst_half_in_float_fails(monkeypatch):
-    needed = {"l0", "l35"}  # l35 is outside the worst half: no prefix of the ranking passes
+def test_group_search_goes_past_the_worst_half_when_the_repair_needs_more(monkeypatch):
+    needed = {"l0", "l35"}  # l35 is outside the worst half: only a larger prefix passes
+    best, chosen, record, calls = _search(monkeypatch, needed, max_tries=20)
+
+    # bisected to the prefix of 36 that holds l35, then thinned as far as max_tries allows
+    assert best is not None and needed <= set(chosen) and len(chosen) <= 36 and len(calls) == 20
+    assert [len(c) for c in calls][:4] == [1, 2, 19, 39]
+    assert record["half"] == {"layers": 19, "passed": False} and record["all"] == {"layers": 39, "passed": True}
+
+
+def test_group_search_stops_when_every_layer_but_one_in_float_fails(monkeypatch):
+    needed = {"l0", "l39"}  # l39 is the one layer left int8: no prefix of the ranking passes
     best, chosen, record, calls = _search(monkeypatch, needed)
 
     assert best is None and chosen == []
-    assert [len(c) for c in calls] == [1, 2, 20]  # three conversions, not max_tries
-    assert record["half"] == {"layers": 20, "passed": False} and "worst half" in record["stopped"]
+    assert [len(c) for c in calls] == [1, 2, 19, 39]  # four conversions, not max_tries
+    assert record["all"] == {"layers": 39, "passed": False} and "every ranked layer but one" in record["stopped"]
 
 
 def test_group_search_respects_max_seconds(monkeypatch):
@@ -206,3 +216,70 @@ def test_ladder_stops_at_calibration_when_recalibrating_repairs_int8(tmp_path):
     assert not steps["selective"]["tried"] and not steps["qat"]["tried"]
     assert report.repair["repaired_by"] == CALIBRATED_INT8 and report.candidate(CALIBRATED_INT8).passed
     assert not {SELECTIVE_INT8, QAT_INT8} & {c.name for c in report.candidates}
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps that cannot help are not tried
+# ------------------------------------------------------------------------------------------------
+def _flat_ctx(profile: str, margin: float, n: int = 64, classes: int = 1000):
+    """A ladder context whose one softmax output has top-1 margin `margin` on every sample (findings recorded)."""
+    import numpy as np
+
+    ref = np.full((n, classes), (1.0 - margin) / classes, np.float32)
+    ref[:, 3] += margin  # class 3 leads every other class by `margin`
+    findings = []
+    return SimpleNamespace(
+        profile=resolve_profile(profile), findings=findings, repair=None, progress=lambda *a: None,
+        finding=lambda sev, code, msg: findings.append(SimpleNamespace(severity=sev, code=code, message=msg)),
+        model=SimpleNamespace(outputs=[SimpleNamespace(name="predictions")], output_kinds=["multiclass"]),
+        reference=[ref])
+
+
+def test_integer_steps_are_not_tried_where_decisions_are_below_int8_softmax_resolution(monkeypatch):
+    """A flat 1000-way softmax (margins 1e-4 < 1/256): recalibrating or training a full int8 graph cannot keep its
+    classes apart (the MobileNetV2-224 of issue 19: 338 s of both, failing); float layers (selective) still run."""
+    from kdeploy.artifacts import Artifact
+    from kdeploy.run import ladder
+    from kdeploy.run.context import Build
+
+    int8 = Build("int8", "int8", {}, artifacts=[Artifact(format="tflite", path=FIXTURES / "absent.tflite",
+                                                          precision="int8", source="tflite-converter")])
+    ran = []
+    monkeypatch.setattr(ladder, "judge", lambda c, art: (False, "top1=0"))
+    monkeypatch.setattr(ladder, "_run", lambda c, r, b, step, verdict, row: ran.append(step.step) or
+                        row.update(tried=True, seconds=1.0) or [])
+    flat = _flat_ctx("cpu-edge", 1e-4)
+    assert "64 of 64 decisions of output predictions" in ladder.below_int8_resolution(flat)
+    ladder.repair_ladder(flat, None, [int8], before_steps=lambda: ran.append("lane finished"))
+    steps = {s["step"]: s for s in flat.repair["steps"]}
+    assert ran == ["lane finished", "selective"]  # the lane finishes once, before any step converts
+    for name in ("calibration", "qat"):
+        assert not steps[name]["tried"] and steps[name]["detail"].startswith("not tried: cannot help: 64 of 64")
+    assert "calibration not tried; selective fails (1.0 s); qat not tried" in ladder.summary(flat.repair)
+
+    confident = _flat_ctx("cpu-edge", 0.02)  # margins 5x the step: every step may help
+    assert ladder.below_int8_resolution(confident) is None
+    ran.clear()
+    ladder.repair_ladder(confident, None, [int8], before_steps=lambda: ran.append("lane finished"))
+    assert ran == ["lane finished", "calibration", "selective", "qat"]
+
+
+def test_mcu_finding_says_why_qat_was_not_tried_below_int8_resolution(monkeypatch):
+    from kdeploy.artifacts import Artifact
+    from kdeploy.run import ladder
+    from kdeploy.run.context import Build
+
+    int8 = Build("int8", "int8", {}, artifacts=[Artifact(format="tflite", path=FIXTURES / "absent.tflite",
+                                                          precision="int8", source="tflite-converter")])
+    ctx = _flat_ctx("mcu", 1e-4)
+    monkeypatch.setattr(ladder, "judge", lambda c, art: (False, "top1=0"))
+
+    def breaking(c, r, b, verdict, row):
+        c.finding("warning", "int8-breaking-layers", "int8 breaks at layers dense.")
+        row["detail"] = "not tried: target runs integer kernels only"
+
+    monkeypatch.setattr(ladder, "_name_breaking_layers", breaking)
+    monkeypatch.setattr(ladder, "_run", lambda *a: pytest.fail("no integer step may run"))
+    ladder.repair_ladder(ctx, None, [int8])
+    msg = next(f.message for f in ctx.findings if f.code == "int8-breaking-layers")
+    assert "Quantization-aware training (candidate qat-int8): not tried (cannot help: 64 of 64 decisions" in msg

@@ -2,8 +2,8 @@
 
 The search ranks the layers by full int8's per-layer error (`kdeploy.run.diagnose`), measured
 once, and keeps the worst-ranked ones in float by groups (`_group_search`): the worst 1 and 2,
-then the worst half of the layers (when that still fails, nothing smaller will: the search stops),
-then 4, 8, ... up to the first set that passes, bisected back down and thinned. Each try converts
+then the worst half of the layers, then every layer but one (when that still fails, nothing smaller
+will: the search stops), then 4, 8, ... up to the first set that passes, bisected back down and thinned. Each try converts
 (`artifacts.tflite.convert_selective`) and is judged by `run.judge` with exactly the gates
 evaluation applies to an int8 candidate on this profile, so a set the search accepts passes
 evaluation's fidelity, consistency, task and robustness checks. Bounded by `selective.max_tries`
@@ -105,7 +105,7 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
     search: dict = {}
     if best is None:
         ranking = [x for x in ranked_layers(rows) if x not in kept and float_t.meta.get(x, {}).get("nodes")]
-        cap = min(max(1, len(ranking) // 2), len(order) - 1 - len(kept))  # all layers in float is fp32
+        cap = len(order) - 1 - len(kept)  # every layer in float is the fp32 candidate: one stays int8
         best, chosen, search = _group_search(ctx, ref, float_t, ranking[:max(cap, 0)], list(kept), nodes, tries,
                                              started)
         kept += chosen
@@ -150,9 +150,10 @@ def _group_search(ctx: Context, ref: ReferenceModel, float_t, ranking: list[str]
     """The fewest of the worst-ranked layers (a prefix of `ranking`, kept in float on top of `base`) that pass.
 
     The ranking is full int8's per-layer error, measured once (no dump after a try). Prefix sizes
-    are tried in this order: 1 and 2 (one or two broken layers are the common case), then all of
-    `ranking` (the worst half of the model's layers: when that still fails, no prefix passes and
-    the search stops there), then 4, 8, ... up to the first that passes, then the sizes between
+    are tried in this order: 1 and 2 (one or two broken layers are the common case), then the worst
+    half of `ranking`, then all of it (every layer but one: when that still fails, no prefix passes
+    and the search stops there; a real model's repair may need more than half, e.g. MTCNN's ONet
+    kept six of its first seven layers float), then 4, 8, ... up to the first that passes, then the sizes between
     the largest failing and the smallest passing one are bisected; last, each layer of the passing
     set but its last is dropped again if the candidate still passes (thinning). Every step stops
     when `selective.max_tries` or `selective.max_seconds` would be exceeded; the smallest passing
@@ -160,9 +161,10 @@ def _group_search(ctx: Context, ref: ReferenceModel, float_t, ranking: list[str]
 
     Returns:
         (the passing `.tflite` or None, the layers chosen from `ranking`, the search record:
-        `half` (the cap's size and whether it passed), `stopped` (why, when nothing passed)).
+        `half` and `all` (those sizes and whether they passed), `stopped` (why, when nothing passed)).
     """
-    record: dict = {"half": {"layers": len(ranking)}}
+    half = max(1, len(ranking) // 2)
+    record: dict = {"half": {"layers": half}, "all": {"layers": len(ranking)}}
     if not ranking:
         return None, [], {"stopped": "no layer with ops left to keep in float"}
     verdicts: dict[int, bool] = {}
@@ -181,19 +183,20 @@ def _group_search(ctx: Context, ref: ReferenceModel, float_t, ranking: list[str]
         return ok
 
     lo, hi = 0, None  # the largest failing and the smallest passing prefix size
-    for k in dict.fromkeys(k for k in (1, 2, len(ranking)) if k <= len(ranking)):
-        ok = attempt(k, "grow" if k < len(ranking) else "half")
+    for k in dict.fromkeys(k for k in (1, 2, half, len(ranking)) if k <= len(ranking)):
+        ok = attempt(k, "half" if k == half else "all" if k == len(ranking) else "grow")
         if ok is None:
             break
         if ok:
             hi = k
             break
         lo = k
-    if len(ranking) in verdicts:
-        record["half"]["passed"] = verdicts[len(ranking)]
+    for key in ("half", "all"):
+        if record[key]["layers"] in verdicts:
+            record[key]["passed"] = verdicts[record[key]["layers"]]
     if hi is None:
         if verdicts.get(len(ranking)) is False:
-            record["stopped"] = (f"keeping the worst half of the layers ({len(ranking)}) in float still fails: no "
+            record["stopped"] = (f"keeping every ranked layer but one ({len(ranking)}) in float still fails: no "
                                  "smaller set passes by this ranking, so the search stopped")
         else:
             record["stopped"] = _budget_text(ctx, tries, started)
