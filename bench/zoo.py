@@ -10,6 +10,11 @@ resident memory of that process tree from /proc, and writes a Markdown table.
     python bench/zoo.py --work /tmp/zoo --only bert,gpt2,vit  # some
     python bench/zoo.py --list
 
+Two tables: the candidates (verdicts, failures, warnings), and full int8's verdict with the repair
+ladder (report.json `repair`: each step tried, pass/fail, seconds, conversions; where evaluation's
+verdict differs from the step's judge, it says so), with the selected candidate, wall time and
+peak memory. `mobilenetv2` is MobileNetV2 alpha 0.35.
+
 Not part of the tests. Each model is built in its own child process (`--build NAME`), so one
 model's memory does not count against the next.
 """
@@ -30,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SEQ = 16  # sequence length of the text models
 SAMPLES = 192  # data samples per model (calibration + validation)
 
-# name -> (keras.applications class, smallest input side it allows)
+# name -> (keras.applications class, smallest input side it allows[, constructor keywords])
 APPLICATIONS = {
     "mobilenet": ("MobileNet", 32),
+    "mobilenetv2": ("MobileNetV2", 32, {"alpha": 0.35}),
     "mobilenetv3large": ("MobileNetV3Large", 32),
     "efficientnetb0": ("EfficientNetB0", 32),
     "efficientnetv2b0": ("EfficientNetV2B0", 32),
@@ -78,10 +84,10 @@ def _fit_and_save(model, x, y, folder: Path, epochs: int = 1) -> None:
 def build_application(name: str, folder: Path) -> None:
     import keras
 
-    cls, side = APPLICATIONS[name]
+    cls, side, *kw = APPLICATIONS[name]
     x, y = _digits(side)
     keras.utils.set_random_seed(0)
-    model = getattr(keras.applications, cls)(weights=None, input_shape=(side, side, 3), classes=10)
+    model = getattr(keras.applications, cls)(weights=None, input_shape=(side, side, 3), classes=10, **(kw or [{}])[0])
     _fit_and_save(model, x, y, folder)
 
 
@@ -250,7 +256,29 @@ def sweep_one(name: str, work: Path, profile: Path, timeout: float) -> dict:
             failed.append(f"{c['name']} ({'; '.join(why) or '?'})")
     row["failed"] = ", ".join(failed) or "-"
     row["findings"] = sorted({f["code"] for f in rep["findings"] if f["severity"] != "info"})
+    row.update(ladder(rep.get("repair")))
     return row
+
+
+def ladder(repair: dict | None) -> dict:
+    """Full int8's verdict and each repair step from report.json's `repair` (None: int8 not judged)."""
+    if not repair:
+        return {"int8": "-", "steps": "-"}
+    i8 = repair["int8"]
+    steps = []
+    for s in repair["steps"]:
+        if s.get("tried"):
+            ev = s.get("evaluation_passed")
+            ev = "" if ev is None or ev == s["passed"] else f", evaluation {'pass' if ev else 'FAIL'}"
+            conv = f", {s['conversions']} conv" if s.get("conversions") else ""
+            steps.append(f"{s['step']} {'pass' if s['passed'] else 'fail'} ({s['seconds']:.0f} s{conv}{ev})")
+        else:
+            steps.append(f"{s['step']} {s.get('detail', '').split(':')[0]}")
+    detail = i8["detail"]
+    if i8["passed"] and "accepted on" in detail:  # top-1 agreement short, the labels' task budget decided
+        detail = "accepted on" + detail.split("accepted on", 1)[1]
+    return {"int8": ("pass" if i8["passed"] else "FAIL") + f" ({detail[:110]})",
+            "steps": "; ".join(steps) or "not run", "ladder_s": repair.get("seconds")}
 
 
 def table(rows: list[dict]) -> str:
@@ -260,6 +288,12 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {r['model']} | {r.get('exit')} | {r.get('selected') or '-'} | {r.get('fp32_litert', '-')} | "
                    f"{r.get('fp32_onnxruntime', '-')} | {r.get('failed', r.get('why', '-'))} | "
                    f"{', '.join(r.get('findings', [])) or '-'} | {r.get('wall_s', '-')} | {r.get('peak_mb', '-')} |")
+    out += ["", "| model | full int8 (new policy) | repair ladder: each step tried, its result | ladder s | selected | "
+            "wall s | peak MB |", "|" + "---|" * 7]
+    for r in rows:
+        lad = "-" if r.get("ladder_s") is None else f"{r['ladder_s']:.0f}"
+        out.append(f"| {r['model']} | {r.get('int8', '-')} | {r.get('steps', '-')} | {lad} | {r.get('selected') or '-'} | "
+                   f"{r.get('wall_s', '-')} | {r.get('peak_mb', '-')} |")
     return "\n".join(out) + "\n"
 
 

@@ -49,7 +49,7 @@ def build_candidates(ctx: Context) -> Built:
         inspection = _inspection(ctx, conversion, kept)  # reads the fp32 .tflite
         finished: list[bool] = []
 
-        def finish_lane() -> None:  # once, before the ladder trains (no training child beside the lane) or after it
+        def finish_lane() -> None:  # once, before the ladder's first step (none runs beside the lane) or after it
             if lane is not None and not finished:
                 finished.append(True)
                 probe_inputs(ctx)  # Keras outputs on the robustness probes, which the evaluation needs
@@ -57,7 +57,7 @@ def build_candidates(ctx: Context) -> Built:
 
         # The int8 repair ladder, where full int8 fails (`run.ladder`): recalibration, float layers, training,
         # stopping at the first that passes.
-        repairs = repair_ladder(ctx, ref, builds, before_training=finish_lane)
+        repairs = repair_ladder(ctx, ref, builds, before_steps=finish_lane)
         finish_lane()
     finally:
         if lane is not None:

@@ -9,6 +9,11 @@ each given that verdict (no step judges full int8 again, none reads another's fi
 3. quantization-aware training (`run.qat.qat_builds`).
 
 A step passes when it makes a candidate its judge passed; later steps are then not needed.
+The all-integer steps (calibration, QAT) are not tried where the model's decisions lie below the
+resolution of an int8 softmax output (`below_int8_resolution`): TFLite quantizes every int8 softmax
+to steps of 1/256, so where most samples' top-two classes differ by less, no full int8 graph can
+keep them apart, however calibrated or trained (a MobileNetV2-224 with a flat 1000-way softmax:
+calibration 19 s and QAT 319 s of a 535 s run, both failing); only float layers can.
 `full_integer` targets (`mcu`) run only the all-integer steps; there the selective step instead
 names the layers that break int8 (finding `int8-breaking-layers`, which QAT's result completes).
 
@@ -29,15 +34,22 @@ from kdeploy.run.convert import ReferenceModel
 from kdeploy.run.judge import judge
 from kdeploy.runtimes import RUNTIME_FORMATS
 
+# TFLite's int8 softmax output has a fixed quantization (scale 1/256, zero point -128, TFLite's
+# quantization spec): full int8 cannot tell apart two classes closer than this.
+INT8_SOFTMAX_STEP = 1.0 / 256
+UNRESOLVED_SHARE = 0.5  # more than this share of samples below one step: the integer steps are not tried
+
 
 def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
-                  before_training: Callable[[], None] | None = None) -> list[Build]:
+                  before_steps: Callable[[], None] | None = None) -> list[Build]:
     """The repair candidates for a failing full int8 (none where it passes); records every step in `ctx.repair`.
 
     Args:
         builds: the post-training builds (full int8's `.tflite` among them).
-        before_training: called once before the QAT step trains (build.py finishes its conversion
-            lane there, so the training child never runs beside it).
+        before_steps: called once before the first step runs (build.py finishes its conversion
+            lane there, so no step's conversions or training child run beside the lane's: on the
+            MobileNetV2-224 of issue 19 the selective search beside the lane's last ONNX
+            conversion set the run's peak memory).
     """
     prof = ctx.profile
     int8 = next((a for b in builds if b.name == "int8" for a in b.artifacts if a.format == "tflite"), None)
@@ -53,20 +65,28 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
     if passed:
         return []
     out: list[Build] = []
+    unresolved = below_int8_resolution(ctx)
     for step, skip in repair_steps(prof):
+        if skip is None and step.integer and unresolved is not None:
+            skip = f"cannot help: {unresolved}"
         row: dict[str, Any] = {"step": step.step, "recipe": step.recipe, "tried": False, "passed": False}
         record["steps"].append(row)
         if record["repaired_by"] is not None:
             row["detail"] = f"not needed: {record['repaired_by']} passed"
             continue
+        if before_steps is not None:  # once: no step's conversions or training child beside the lane's
+            before_steps()
+            before_steps = None
         if step.step == "selective" and prof.full_integer:
             _name_breaking_layers(ctx, ref, builds, (passed, detail), row)
             continue
         if skip is not None:
             row["detail"] = f"not tried: {skip}"
+            if step.step == "qat" and unresolved is not None:
+                from kdeploy.run.qat import offer
+
+                offer(ctx, f"not tried ({skip})")
             continue
-        if step.step == "qat" and before_training is not None:
-            before_training()
         made = _run(ctx, ref, builds, step, (passed, detail), row)
         out += made
         if row["passed"]:
@@ -74,6 +94,24 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
     record["seconds"] = round(time.perf_counter() - started, 3)
     ctx.finding("info", "repair-ladder", summary(record))
     return out
+
+
+def below_int8_resolution(ctx: Context) -> str | None:
+    """Why no all-integer graph can hold the model's decisions (most samples' Keras top-1 margin below an int8
+    softmax output's step), or None. Only softmax outputs ("multiclass"), whose int8 step is fixed."""
+    import numpy as np
+
+    for name, kind, ref in zip([t.name for t in ctx.model.outputs], ctx.model.output_kinds, ctx.reference):
+        if kind != "multiclass" or ref.ndim < 2 or ref.shape[-1] < 2:
+            continue
+        top2 = np.sort(ref.reshape(-1, ref.shape[-1]).astype(np.float64), axis=-1)[:, -2:]
+        margins = top2[:, 1] - top2[:, 0]
+        below = int(np.sum(margins < INT8_SOFTMAX_STEP))
+        if below > UNRESOLVED_SHARE * len(margins):
+            return (f"{below} of {len(margins)} decisions of output {name} have a Keras top-1 margin below an int8 "
+                    f"softmax's step 1/256 (median margin {float(np.median(margins)):.2g}): no full int8 graph "
+                    "keeps them apart")
+    return None
 
 
 def _run(ctx: Context, ref: ReferenceModel, builds: list[Build], step: RepairStep, verdict: tuple[bool, str],
@@ -90,9 +128,13 @@ def _run(ctx: Context, ref: ReferenceModel, builds: list[Build], step: RepairSte
 
         made = selective_builds(ctx, ref, builds, verdict, log=extra)
     else:
-        from kdeploy.run.qat import qat_builds
+        from kdeploy.run.qat import qat_builds, skip_reason
 
+        reason = skip_reason(ctx)  # a model QAT cannot take (SavedModel, subclassed): the step is not tried
         made = qat_builds(ctx, ref, f"full int8 fails ({verdict[1]})")
+        if reason is not None:
+            row["detail"] = f"not tried: {reason}"
+            return made
     row.update(tried=True, seconds=round(time.perf_counter() - t0, 3))
     b = next((x for x in made if x.name == step.recipe), None)
     row["passed"] = b is not None and _passed(step, b)

@@ -58,18 +58,18 @@ def qat_builds(ctx: Context, ref: ReferenceModel, why: str = "") -> list[Build]:
     reason = skip_reason(ctx)
     if reason is not None:
         ctx.finding("warning", "qat-skipped", f"quantization-aware training ({plan.name}) skipped: {reason}")
-        _offer(ctx, f"not tried ({reason})")
+        offer(ctx, f"not tried ({reason})")
         return []
     started = time.perf_counter()
     result = train_plans(ctx, ref, [plan], f"quantization-aware training ({plan.name})", baseline=False)
     if result is None:
-        _offer(ctx, "not available (see the qat/tfmot findings)")
+        offer(ctx, "not available (see the qat/tfmot findings)")
         return []
     row = result["recipes"][0]
     if "error" in row or "skipped" in row:
         text = row.get("error") or row["skipped"]
         ctx.finding("warning", "qat-failed", f"quantization-aware training ({plan.name}) failed: {text}")
-        _offer(ctx, f"failed ({text})")
+        offer(ctx, f"failed ({text})")
         return []
     recipe = qat_recipe(plan)
     b, tfl = convert_tflite(ctx, recipe, ref, Path(row["savedmodel"]))
@@ -85,12 +85,12 @@ def qat_builds(ctx: Context, ref: ReferenceModel, why: str = "") -> list[Build]:
                       "quantized_layers": sorted(row["layers"]), "float_layers": row["skipped_layers"],
                       "child_seconds": row.get("seconds")}
     if tfl is None:
-        _offer(ctx, f"did not convert ({b.errors[0] if b.errors else 'no .tflite'})")
+        offer(ctx, f"did not convert ({b.errors[0] if b.errors else 'no .tflite'})")
         return [b]
     passed, detail = judge(ctx, tfl)
     runtimes = ", ".join(ctx.profile.runtimes)
     b.recipe["qat"]["judge"] = {"runtime": runtimes, "passed": passed, "detail": detail}
-    _offer(ctx, f"{'passes' if passed else 'fails'} the int8 checks on {runtimes} ({detail}); its evaluation is "
+    offer(ctx, f"{'passes' if passed else 'fails'} the int8 checks on {runtimes} ({detail}); its evaluation is "
                 f"candidate {plan.name}'s")
     add_onnx_twin(ctx, b, recipe, tfl, ref)
     release_tflite(ctx, b, tfl)
@@ -107,7 +107,7 @@ def _lead(text: str) -> str:
     return text
 
 
-def _offer(ctx: Context, result: str) -> None:
+def offer(ctx: Context, result: str) -> None:
     """Adds quantization-aware training's result to the `int8-breaking-layers` finding (full-integer targets)."""
     for f in ctx.findings:
         if f.code == BREAKING:
