@@ -23,10 +23,16 @@ CUSTOM = FIXTURES / "subclassed_net.py"
 LEAVES = {"stem", "block1/conv_a", "block1/conv_b", "block1/add", "block1/act", "pool", "head"}
 
 
-def kdeploy(*args) -> subprocess.CompletedProcess:
+def _clean_env() -> dict:
+    """The environment without what in-process tests may have set (TFMOT's import sets TF_USE_LEGACY_KERAS)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "kdeploy", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=900)
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    return env
+
+
+def kdeploy(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdeploy", *map(str, args)], capture_output=True, text=True,
+                          env=_clean_env(), timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -109,21 +115,25 @@ def test_optimize_with_input_shape_and_synthetic_data(tmp_path):
 
 
 def test_check_locates_a_perturbed_layer_of_the_residual_block(tmp_path):
-    import keras
-    import tensorflow as tf
-
-    sys.path.insert(0, str(FIXTURES))
-    try:
-        import subclassed_net  # noqa: F401  (registers DigitsNet and ResidualBlock)
-    finally:
-        sys.path.remove(str(FIXTURES))
-    m = keras.saving.load_model(MODEL)
-    w = m.block1.conv_b.get_weights()
-    m.block1.conv_b.set_weights([w[0] * 1.5, w[1]])
-    m.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False,
-             input_signature=[tf.TensorSpec((None, 8, 8, 1), tf.float32, name="x")])
+    # The perturbed artifact is made in a fresh process, as by a user's own export script: layers built
+    # earlier in this test process would give the traced tensors other generated names than a fresh load.
+    script = f"""
+import sys
+sys.path.insert(0, {str(FIXTURES)!r})
+import keras, tensorflow as tf
+import subclassed_net  # registers DigitsNet and ResidualBlock
+m = keras.saving.load_model({str(MODEL)!r})
+w = m.block1.conv_b.get_weights()
+m.block1.conv_b.set_weights([w[0] * 1.5, w[1]])
+m.export({str(tmp_path / "sm")!r}, format="tf_saved_model", verbose=False,
+         input_signature=[tf.TensorSpec((None, 8, 8, 1), tf.float32, name="x")])
+open({str(tmp_path / "perturbed.tflite")!r}, "wb").write(
+    tf.lite.TFLiteConverter.from_saved_model({str(tmp_path / "sm")!r}).convert())
+"""
+    made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_clean_env(),
+                          timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
     art = tmp_path / "perturbed.tflite"
-    art.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm")).convert())
     res = kdeploy("check", MODEL, art, "--target", "cpu-edge", "--custom-objects", CUSTOM,
                   "--data", FIXTURES / "digits.npz", "--precision", "fp32", "--out", tmp_path / "o")
     assert res.returncode == 1, res.stderr[-2000:]
