@@ -49,7 +49,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -60,34 +59,20 @@ PSS_EVERY = 20  # RSS sums every 50 ms, PSS every second
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(ROOT)]
 
-from kdeploy.memory import tree_memory_mb  # noqa: E402 - this checkout's sampler, whichever kdeploy runs
+from sampling import PeakMemory  # noqa: E402 - this checkout's sampler, whichever kdeploy runs
 
 
 def run_sampled(cmd: list[str], env: dict, cwd: Path, stderr_lines: list | None = None) -> tuple[float, dict, int]:
     """Runs `cmd` in `cwd`; returns (wall seconds, peak process-tree PSS and RSS-sum in MB, exit code)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = {"pss": 0.0, "rss": 0.0}
-    done = threading.Event()
-
-    def sample():
-        n = 0
-        while not done.is_set():
-            peak["rss"] = max(peak["rss"], tree_memory_mb(proc.pid, "rss"))
-            if n % PSS_EVERY == 0:  # reading PSS walks the page tables (~0.1 s per GB): 1 in 20 samples
-                peak["pss"] = max(peak["pss"], tree_memory_mb(proc.pid, "pss"))
-            n += 1
-            done.wait(0.05)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    for line in proc.stderr:
-        if stderr_lines is not None:
-            stderr_lines.append((time.perf_counter() - start, line.rstrip()))
-    proc.wait()
-    wall = time.perf_counter() - start
-    done.set()
-    th.join()
+    with PeakMemory(proc.pid, interval=0.05, pss_every=PSS_EVERY) as sampler:  # PSS: 1 in 20 samples
+        for line in proc.stderr:
+            if stderr_lines is not None:
+                stderr_lines.append((time.perf_counter() - start, line.rstrip()))
+        proc.wait()
+        wall = time.perf_counter() - start
+    peak = sampler.peak
     return wall, peak, proc.returncode
 
 

@@ -56,7 +56,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -64,7 +63,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 KD_ROOT = [ROOT]  # the kdeploy checkout that runs (--kdeploy-root: e.g. `git archive HEAD` for a "before")
-from kdeploy.memory import tree_memory_mb  # noqa: E402 - this checkout's sampler
+from sampling import PeakMemory  # noqa: E402 - this checkout's sampler
 from real_table import broken_verdict, candidate_line, ladder_lines, pairing_lines, table  # noqa: E402
 
 CACHE = Path(os.environ.get("KDEPLOY_BENCH_CACHE", "~/.cache/kdeploy-bench")).expanduser()
@@ -311,28 +310,14 @@ def run_sampled(cmd: list[str], log: Path, timeout: float) -> tuple[int | str, f
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=KD_ROOT[0])
-        peak = {"pss": 0.0, "rss": 0.0}
-        done = threading.Event()
-
-        def sample():
-            n = 0
-            while not done.is_set():
-                peak["rss"] = max(peak["rss"], tree_memory_mb(proc.pid, "rss"))
-                if n % 10 == 0:
-                    peak["pss"] = max(peak["pss"], tree_memory_mb(proc.pid, "pss"))
-                n += 1
-                done.wait(0.1)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        try:
-            code: int | str = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # only our own child (and the tree dies with it)
-            proc.wait()
-            code = "timeout"
-        done.set()
-        th.join()
+        with PeakMemory(proc.pid, interval=0.1, pss_every=10) as sampler:
+            try:
+                code: int | str = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # only our own child (and the tree dies with it)
+                proc.wait()
+                code = "timeout"
+    peak = sampler.peak
     return code, time.perf_counter() - start, peak["pss"] or peak["rss"]
 
 
