@@ -21,6 +21,7 @@ from kdeploy.runtimes import RUNTIME_FORMATS
 
 
 SAME_TFLITE = "tf2onnx from the same .tflite"  # how the report names the ONNX route of a twin (`recipe.onnx`)
+CALIBRATED_INT8 = "int8.calibrated.tflite"  # in ctx.work: post-training int8's calibrated model (selective int8's start)
 
 
 @dataclass
@@ -42,7 +43,9 @@ def convert_tflite(ctx: Context, recipe: Recipe, ref: ReferenceModel, savedmodel
     ctx.progress("convert", f"TFLite {recipe.name}")
     try:
         tfl = tflite_file(ctx, ref, savedmodel or ref.savedmodel, recipe.precision,
-                          ctx.staging / "artifacts" / f"{recipe.name}.tflite", sparse=recipe.sparse)
+                          ctx.staging / "artifacts" / f"{recipe.name}.tflite", sparse=recipe.sparse,
+                          calibrated_out=ctx.work / CALIBRATED_INT8 if recipe.name == "int8" and savedmodel is None
+                          else None)
     except ConversionError as e:
         b.errors.append(str(e))
         return b, None
@@ -58,8 +61,11 @@ def new_build(ctx: Context, recipe: Recipe) -> Build:
 
 
 def tflite_file(ctx: Context, ref: ReferenceModel, savedmodel: Path, precision: str, out: Path,
-                sparse: bool = False) -> Artifact:
+                sparse: bool = False, calibrated_out: Path | None = None) -> Artifact:
     """`savedmodel` converted at `precision` (calibrated on the run's calibration split) to `out`.
+
+    Args:
+        calibrated_out: int8: also keep the calibrated model there (`artifacts.tflite.convert`).
 
     Raises:
         ConversionError: the converter refused it.
@@ -67,7 +73,7 @@ def tflite_file(ctx: Context, ref: ReferenceModel, savedmodel: Path, precision: 
     from kdeploy.artifacts import tflite
 
     return tflite.convert(savedmodel, precision, out, ctx.calibration.inputs, [t.name for t in ctx.model.inputs],
-                          ref.signature_outputs, sparse=sparse)
+                          ref.signature_outputs, sparse=sparse, calibrated_out=calibrated_out)
 
 
 def keeps_tflite(ctx: Context) -> bool:

@@ -3,8 +3,9 @@
 The search ranks the layers by full int8's per-layer error (`kdeploy.run.diagnose`), measured
 once, and keeps the worst-ranked ones in float by groups (`_group_search`): the worst 1 and 2,
 then the worst half of the layers, then every layer but one (when that still fails, nothing smaller
-will: the search stops), then 4, 8, ... up to the first set that passes, bisected back down and thinned. Each try converts
-(`artifacts.tflite.convert_selective`) and is judged by `run.judge` with exactly the gates
+will: the search stops), then 4, 8, ... up to the first set that passes, bisected back down and thinned. Each try quantizes
+post-training int8's calibrated model again with its set in float (`artifacts.tflite.quantize_calibrated`:
+no calibration per try) and is judged by `run.judge` with exactly the gates
 evaluation applies to an int8 candidate on this profile, so a set the search accepts passes
 evaluation's fidelity, consistency, task and robustness checks. Bounded by `selective.max_tries`
 conversions and `selective.max_seconds`. The candidate (`int8-mixed`, `recipe.float_layers`,
@@ -34,7 +35,7 @@ from kdeploy.debug.locate import crash_site, describe, matching_node, parse_fail
 from kdeploy.errors import ConversionError
 from kdeploy.recipes import selective_recipe
 from kdeploy.run.context import Build, Context
-from kdeploy.run.convert import ReferenceModel, add_onnx_twin, keeps_tflite, tflite_file
+from kdeploy.run.convert import CALIBRATED_INT8, ReferenceModel, add_onnx_twin, keeps_tflite, tflite_file
 from kdeploy.run.diagnose import FLOAT_REFERENCE, float_tflite, layer_namer, layer_order, layer_tensors
 from kdeploy.run.judge import failed_text, judge  # noqa: F401 (judge: also the calibration step's import)
 
@@ -117,7 +118,7 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
     b = Build(recipe.name, recipe.precision, recipe.describe(len(ctx.calibration)), spec=recipe)
     worst = {r["layer"]: r["value"] for r in rows if r["metric"] == "cosine_mean"}
     b.recipe.update({
-        "converter": "tflite (QuantizationDebugger denylisted_nodes)",
+        "converter": "tflite quantizer on int8's calibrated model (denylisted_nodes)",
         "float_layers": kept,
         "why": _why(ctx, first_detail, kept, crash_kept, nodes, sites, worst),
         "search": {"tries": tries, "max_tries": prof.selective.max_tries, "max_seconds": prof.selective.max_seconds,
@@ -247,7 +248,7 @@ def _try(ctx: Context, ref: ReferenceModel, float_t, layers: list[str], n: int,
          tries: list[dict], extra_nodes: list[str] = (), phase: str = "crash") -> tuple[Artifact | None, bool, str]:
     """Converts with `layers` (and the single ops `extra_nodes`) in float and judges it; records the try
     (with its `phase`: crash, grow, half, bisect, thin, and its seconds)."""
-    from kdeploy.artifacts.tflite import convert_selective
+    from kdeploy.artifacts.tflite import quantize_calibrated
 
     t0 = time.perf_counter()
     nodes = [node for layer in layers for node in float_t.meta.get(layer, {}).get("nodes", [])] + list(extra_nodes)
@@ -255,9 +256,8 @@ def _try(ctx: Context, ref: ReferenceModel, float_t, layers: list[str], n: int,
                               f"{_short([*layers, *extra_nodes])}")
     row: dict = {"phase": phase, "float_layers": list(layers), **_nodes_row(extra_nodes)}
     try:
-        art = convert_selective(ref.savedmodel, ctx.work / f"int8-mixed-{n}.tflite", ctx.calibration.inputs,
-                                _input_order(float_tflite(ctx) or ctx.work / FLOAT_REFERENCE, ctx),
-                                ref.signature_outputs, nodes)
+        art = quantize_calibrated(_calibrated(ctx, ref), ctx.work / f"int8-mixed-{n}.tflite",
+                                  [t.name for t in ctx.model.inputs], ref.signature_outputs, nodes)
     except ConversionError as e:
         tries.append({**row, "passed": False, "detail": str(e), "seconds": round(time.perf_counter() - t0, 3)})
         return None, False, str(e)
@@ -355,13 +355,16 @@ def _crash_text(ctx: Context, site: dict | None, detail: str) -> str:
             "there)")
 
 
-def _input_order(float_path: Path, ctx: Context) -> list[str]:
-    """Model input names in the order of the float graph's input tensors (the debugger feeds lists)."""
-    from kdeploy.artifacts.flatbuffer import read_tflite_file
+def _calibrated(ctx: Context, ref: ReferenceModel) -> Path:
+    """Post-training int8's calibrated model (kept by its conversion; calibrated here once when it was reused
+    from the cache): every try quantizes it again with other ops in float, without calibrating again."""
+    from kdeploy.artifacts.tflite import calibrate
 
-    sig = read_tflite_file(float_path).signature.get("inputs", {})
-    names = [t.name for t in ctx.model.inputs]
-    return sorted(names, key=lambda n: sig.get(n, names.index(n)))
+    path = ctx.work / CALIBRATED_INT8
+    if not path.is_file():
+        ctx.progress("selective", "calibrating int8 once for the search")
+        calibrate(ref.savedmodel, path, ctx.calibration.inputs)
+    return path
 
 
 def _did_not_run(ctx: Context, detail: str) -> bool:
