@@ -15,7 +15,12 @@ Evaluation, the selective int8 search's judge and `kdeploy check` all reach it t
   decision at `decision_threshold`. Agreement below `min_top1` fails only when the number of flips
   shows it at 95% confidence for the sample count (one-sided binomial test of H0 "agreement >=
   min_top1"): one low-margin flip on a small validation set does not turn a verdict. For maps
-  (rank > 2) the trials of that test are the samples, not the cells (`_bound_counts`).
+  (rank > 2) the trials of that test are the samples, not the cells (`_bound_counts`). A decision
+  agrees only when the runtime picks the same class alone: a tie at the runtime's top (an int8
+  softmax rounding two classes, or all of them, to one level) is a flip, not argmax's first index.
+  A decision Keras itself does not make (top-1 margin below `TIE_MARGIN`, e.g. a constant softmax)
+  is not counted; an output with no such decision left is judged by its relative error instead
+  (a random MobileNetV2's constant 0.001 softmax, all zeros in int8, had "top-1 1.000").
 - **Relative error** (`max_rel_rmse`): regression and box outputs, RMS error over RMS of the
   reference.
 - Other criteria (`atol`/`rtol`, `max_norm_err`, `max_mean_norm_err`, `min_cosine_mean`) apply to
@@ -40,6 +45,9 @@ from typing import Any
 import numpy as np
 
 CONFIDENCE = 0.95  # of every sample-count bound here (decision agreement, task accuracy)
+# A Keras decision closer than this to a tie (top-1 minus top-2 probability; distance to the threshold) is no
+# decision: float32 drift alone can turn it (fp32 .tflite vs Keras differ by up to ~1e-4 of the magnitude).
+TIE_MARGIN = 1e-6
 DECISION_KINDS = ("multiclass", "binary", "multilabel")
 
 
@@ -79,13 +87,16 @@ def decisions(ref: np.ndarray, got: np.ndarray, kind: str, threshold: float = 0.
     near 1.0); margin = top-1 minus top-2 probability of that sample or cell.
     binary / multilabel (sigmoid outputs, score maps): one decision per element, above `threshold`
     or not; margin = |value - threshold|.
+    A multiclass decision flips when another class is above Keras' class or tied with it. Decisions
+    with a margin below `TIE_MARGIN` are Keras ties: `decided` leaves them out of every count.
     """
     n = len(ref)
     if kind == "multiclass":
         width = ref.shape[-1] if ref.ndim >= 2 else (ref.size // n if n else 1)
         a = ref.reshape(-1, width).astype(np.float64)
         b = got.reshape(-1, width).astype(np.float64)
-        flipped = a.argmax(1) != b.argmax(1)
+        mine = b[np.arange(len(b)), a.argmax(1)]  # the runtime's value of Keras' class
+        flipped = (b >= mine[:, None]).sum(1) > 1  # another class above it, or tied with it
         top2 = np.sort(a, axis=1)[:, -2:] if width > 1 else np.concatenate([np.zeros_like(a), a], axis=1)
         return flipped.reshape(n, -1), (top2[:, 1] - top2[:, 0]).reshape(n, -1)
     a = ref.reshape(n, -1).astype(np.float64)
@@ -93,7 +104,19 @@ def decisions(ref: np.ndarray, got: np.ndarray, kind: str, threshold: float = 0.
     return (a > threshold) != (b > threshold), np.abs(a - threshold)
 
 
-def _bound_counts(flipped: np.ndarray, is_map: bool) -> tuple[int, int]:
+def decided(margins: np.ndarray) -> np.ndarray:
+    """The decisions Keras makes (its margin at least `TIE_MARGIN`), of `decisions`' margins."""
+    return margins >= TIE_MARGIN
+
+
+def agreement_of(flipped: np.ndarray, margins: np.ndarray) -> tuple[float | None, int]:
+    """(agreement, decisions counted) over the decisions Keras makes; (None, 0) when it makes none."""
+    mask = decided(margins)
+    n = int(mask.sum())
+    return (1.0 - int((flipped & mask).sum()) / n, n) if n else (None, 0)
+
+
+def _bound_counts(flipped: np.ndarray, is_map: bool, mask: np.ndarray | None = None) -> tuple[int, int]:
     """(trials, failures) of the binomial bound on decision agreement.
 
     Rank-2 outputs: every decision is a trial (a softmax: one per sample; sigmoid outputs: one per
@@ -106,24 +129,31 @@ def _bound_counts(flipped: np.ndarray, is_map: bool) -> tuple[int, int]:
     as a per-sample classifier on the same validation set: conservative toward passing, like
     every bound here (a verdict fails only on flips the data show).
     """
+    mask = np.ones_like(flipped, dtype=bool) if mask is None else mask
     if not is_map:
-        return int(flipped.size), int(flipped.sum())
+        return int(mask.sum()), int((flipped & mask).sum())
     n = len(flipped)
-    return n, int(round(float(flipped.reshape(n, -1).mean(axis=1).sum()))) if n else 0
+    cells = mask.reshape(n, -1).sum(axis=1)
+    lost = (flipped & mask).reshape(n, -1).sum(axis=1)
+    has = cells > 0  # a sample whose cells Keras all ties on is no trial
+    return int(has.sum()), int(round(float((lost[has] / cells[has]).sum())))
 
 
 def decision_verdict(ref: np.ndarray, got: np.ndarray, kind: str, limit: float, threshold: float,
                      near_tie: float | None) -> dict[str, Any]:
     """The decision-agreement verdict of one output: {agreement, decisions, flips, passed, p, note}."""
     flipped, margins = decisions(ref, got, kind, threshold)
-    n, flips = int(flipped.size), int(flipped.sum())
-    agreement = 1.0 - flips / n if n else 1.0
-    out = {"agreement": agreement, "decisions": n, "flips": flips, "passed": True, "p": 1.0, "note": ""}
+    mask = decided(margins)
+    n, flips = int(mask.sum()), int((flipped & mask).sum())
+    ties = int(flipped.size - n)
+    tie_note = f" ({ties} Keras tie(s) below margin {TIE_MARGIN:g} not counted)" if ties else ""
+    agreement = 1.0 - flips / n if n else None
+    out = {"agreement": agreement, "decisions": n, "flips": flips, "passed": True, "p": 1.0, "note": tie_note}
     if flips == 0:
         return out
-    flip_margins = np.sort(margins[flipped])
+    flip_margins = np.sort(margins[flipped & mask])
     is_map = ref.ndim > 2
-    trials, failures = _bound_counts(flipped, is_map)
+    trials, failures = _bound_counts(flipped, is_map, mask)
     ok, p = consistent_with(trials, failures, 1 - limit)
     if near_tie is not None and agreement < limit and float(flip_margins.max()) >= near_tie:
         ok = False  # the profile accepts only near-tie flips below min_top1 (legacy `near_tie_margin`)
@@ -136,7 +166,8 @@ def decision_verdict(ref: np.ndarray, got: np.ndarray, kind: str, limit: float, 
     out.update(passed=bool(agreement >= limit or ok), p=p,
                note=f": {flips} flipped {unit} of {n}{where}, Keras margin{'s' if flips > 1 else ''} "
                     f"{', '.join(f'{x:.3f}' for x in flip_margins[:5])}; p={p:.2g} for agreement >= {limit:g} "
-                    f"({trials_note}{samples_needed(limit)} agreeing samples would show it at {CONFIDENCE:.0%})")
+                    f"({trials_note}{samples_needed(limit)} agreeing samples would show it at {CONFIDENCE:.0%})"
+                    f"{tie_note}")
     return out
 
 
@@ -166,19 +197,27 @@ def judge(m: Any, ref: np.ndarray, got: np.ndarray, tol: Any, kind: str, runtime
         if not good:
             failed.append(f"{runtime} differs from {other} by up to {m.max_abs_err:.2g} ({allowance})")
     threshold = 0.5 if tol.decision_threshold is None else tol.decision_threshold
+    no_decisions = False  # set when Keras makes no decision on a decision output (all ties)
     for value, limit, name, higher, applies in (
         (m.peak_err, tol.max_peak_err, "peak_err", False, True),
         (m.norm_err, tol.max_norm_err, "norm_err", False, True),
         (m.mean_norm_err, tol.max_mean_norm_err, "mean_norm_err", False, True),
         (m.cosine_min, tol.min_cosine, "cosine_min", True, True),
         (m.cosine_mean, tol.min_cosine_mean, "cosine_mean", True, True),
-        (m.rel_rmse, tol.max_rel_rmse, "rel_rmse", False, kind not in DECISION_KINDS),
         (None, tol.min_top1, "decisions", True, kind in DECISION_KINDS),
+        (m.rel_rmse, tol.max_rel_rmse, "rel_rmse", False, kind not in DECISION_KINDS),
     ):
+        if name == "rel_rmse" and limit is not None and no_decisions:
+            applies = True  # Keras makes no decision on this output: its values are what is left to judge
         if limit is None or not applies:
             continue
         if name == "decisions":
             v = decision_verdict(ref, got, kind, limit, threshold, tol.near_tie_margin)
+            if v["agreement"] is None:
+                no_decisions = True
+                parts.append(f"decisions: none (Keras ties on all {np.size(decisions(ref, got, kind, threshold)[0])} "
+                             f"within {TIE_MARGIN:g}; judged by rel_rmse)")
+                continue
             is_map = ref.ndim > 2  # per-location decisions (`decisions`)
             label = ("top1/cell" if is_map else "top1") if kind == "multiclass" else f"decisions@{threshold:g}"
             parts.append(f"{label}={v['agreement']:.5g} (>= {limit:g}{'' if v['passed'] else ' FAILED'}{v['note']})")

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from kdeploy.acceptance import DECISION_KINDS, decisions, judge
+from kdeploy.acceptance import DECISION_KINDS, agreement_of, decisions, judge
 from kdeploy.profiles import Tolerance
 
 
@@ -90,14 +90,12 @@ def metrics(ref: np.ndarray, got: np.ndarray, kind: str, threshold: float = 0.5)
     cos = cosines(ref64, got64)
     top1 = None
     if kind == "multiclass":  # along the last (class) axis: per sample, or per location of a map
-        flipped = decisions(ref64, got64, kind)[0] if d.size else np.zeros(0, bool)
-        top1 = float(1 - flipped.mean()) if flipped.size else 1.0
+        top1 = agreement_of(*decisions(ref64, got64, kind))[0] if d.size else 1.0
     elif kind == "binary":
-        top1 = float(np.mean((ref64 > 0.5) == (got64 > 0.5)))
+        top1 = agreement_of(*decisions(ref64, got64, kind))[0]
     agree = n_dec = None
     if kind in DECISION_KINDS and d.size:
-        flipped, _ = decisions(ref64, got64, kind, threshold)
-        agree, n_dec = float(1 - flipped.mean()), int(flipped.size)
+        agree, n_dec = agreement_of(*decisions(ref64, got64, kind, threshold))
     magnitude = max(float(np.abs(ref64).max()), rng) if ref64.size else 0.0
     ref_rms = float(np.sqrt(np.mean(ref64 ** 2))) if ref64.size else 0.0
     rmse = float(np.sqrt(np.mean(d ** 2))) if d.size else 0.0

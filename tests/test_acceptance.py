@@ -139,6 +139,40 @@ def test_int8_near_flat_softmax_with_top1_1_passes_where_mean_norm_err_failed_it
         assert r.passed and r.decision_agreement == 1.0 and r.decisions == 200, (name, r.detail)
 
 
+def test_constant_softmax_rounded_to_zero_in_int8_is_no_agreement():
+    """The hollow pass of issue 19: a 1000-way softmax that is constant (a random MobileNetV2's 0.001 everywhere)
+    becomes all zeros in full int8 (its step is 1/256), and argmax of both is class 0 on every sample: "top-1 1.000".
+    Keras makes no decision there (every margin is 0), so none is counted and the values are judged instead."""
+    import keras
+    import tensorflow as tf
+
+    inp = keras.Input((8,), name="x")
+    model = keras.Model(inp, keras.layers.Dense(1000, activation="softmax", kernel_initializer="zeros")(inp))
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    ref = model.predict(x, verbose=0)
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([x[i:i + 1]] for i in range(16))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    (got,) = _litert(conv.convert(), x)
+    assert np.all(got == 0) and float(np.mean(ref.argmax(1) == got.argmax(1))) == 1.0  # what argmax alone says
+    tol = resolve_profile("cpu-edge").tolerances["int8"]
+    r = _judge(ref, got, tol, "multiclass", "int8")
+    assert not r.passed and r.decisions == 0 and r.decision_agreement is None, r.detail
+    assert "Keras ties on all 40" in r.detail and "rel_rmse=1 (<= 0.05 FAILED)" in r.detail
+
+
+def test_a_tie_at_the_runtimes_top_is_a_flip_not_argmaxs_first_index():
+    tol = resolve_profile("cpu-edge").tolerances["int8"]
+    ref = np.tile(np.array([[0.1, 0.6, 0.3]]), (50, 1))
+    got = ref.copy()
+    got[:10] = [0.5, 0.5, 0.0]  # int8 rounds classes 0 and 1 to one level: argmax says 0 on a tie
+    r = _judge(ref, got, tol, "multiclass", "int8")
+    assert r.decision_agreement == pytest.approx(0.8) and not r.passed, r.detail
+    got[:10] = [0.1, 0.5, 0.5]  # a tie with Keras' class 1 ahead in argmax order: still no decision for class 1
+    assert _judge(ref, got, tol, "multiclass", "int8").decision_agreement == pytest.approx(0.8)
+
+
 def test_flips_consistent_with_min_top1_for_the_sample_count_pass_but_many_flips_fail():
     rng = np.random.default_rng(0)
     ref = rng.dirichlet(np.ones(5) * 0.3, size=136)

@@ -159,8 +159,12 @@ def test_check_judges_a_real_int8_pixel_softmax_per_cell_and_fails_swapped_class
     assert good["passed"] and report["selected"] == "pixels-int8"
     (fid,) = [f for f in good["fidelity"] if f["runtime"] == "litert"]
     n = fid["samples"]
-    assert fid["decisions"] == n * 64 and fid["passed"] and "top1/cell=" in fid["detail"], fid
-    assert fid["decision_agreement"] >= 0.99 and fid["top1_agreement"] == fid["decision_agreement"]
+    assert fid["passed"] and "top1/cell=" in fid["detail"], fid
+    ties = n * 64 - fid["decisions"]  # cells where Keras' two classes tie (margin < 1e-6) are no decision
+    assert 0 <= ties <= 8 and (ties == 0 or f"{ties} Keras tie(s)" in fid["detail"]), fid
+    # int8 rounds some near-0.5 cells to a 128/128 tie: a tie is a flip (argmax's first index is luck), so
+    # agreement sits a little under the argmax agreement above; the binomial bound passes those low-margin flips.
+    assert 0.97 <= fid["decision_agreement"] <= per_cell and fid["top1_agreement"] == fid["decision_agreement"]
     assert not bad["passed"]  # fp32 tolerance: the swapped channels are far beyond kernel drift
     (fid,) = [f for f in bad["fidelity"] if f["runtime"] == "litert"]
     assert not fid["passed"] and "FAILED" in fid["detail"]

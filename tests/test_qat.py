@@ -164,7 +164,7 @@ def test_ladder_hands_full_int8_verdict_to_qat_without_judging_again(monkeypatch
     judged, got = [], []
     monkeypatch.setattr(ladder, "judge", lambda c, art: judged.append(art) or (False, "top1=0.9"))
     monkeypatch.setattr("kdeploy.run.calibrate.calibration_builds", lambda c, r, b, verdict: got.append(verdict) or [])
-    monkeypatch.setattr("kdeploy.run.selective.selective_builds", lambda c, r, b, verdict: got.append(verdict) or [])
+    monkeypatch.setattr("kdeploy.run.selective.selective_builds", lambda c, r, b, verdict, **kw: got.append(verdict) or [])
     monkeypatch.setattr("kdeploy.run.qat.qat_builds", lambda c, r, why: got.append(why) or [])
 
     assert ladder.repair_ladder(ctx, None, []) == [] and ctx.repair is None  # no int8 .tflite: nothing to repair

@@ -49,7 +49,7 @@ def build_candidates(ctx: Context) -> Built:
         inspection = _inspection(ctx, conversion, kept)  # reads the fp32 .tflite
         finished: list[bool] = []
 
-        def finish_lane() -> None:  # once, before the ladder's first step (none runs beside the lane) or after it
+        def finish_lane() -> None:  # once: before the ladder's first heavy work (`repair_ladder`), or after it
             if lane is not None and not finished:
                 finished.append(True)
                 probe_inputs(ctx)  # Keras outputs on the robustness probes, which the evaluation needs

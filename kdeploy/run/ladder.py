@@ -46,10 +46,12 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
 
     Args:
         builds: the post-training builds (full int8's `.tflite` among them).
-        before_steps: called once before the first step runs (build.py finishes its conversion
-            lane there, so no step's conversions or training child run beside the lane's: on the
-            MobileNetV2-224 of issue 19 the selective search beside the lane's last ONNX
-            conversion set the run's peak memory).
+        before_steps: called once before the first heavy work of a step (build.py finishes its
+            conversion lane there): calibration's conversions, QAT's training child, the selective
+            candidate's ONNX twin. The selective search itself (quantizer calls on int8's calibrated
+            flatbuffer, LiteRT children) runs beside the lane: on the MobileNetV2-224 of issue 19 it
+            then costs no wall time; when each try converted from the SavedModel, the search beside
+            the lane's last ONNX conversion set the run's peak memory.
     """
     prof = ctx.profile
     int8 = next((a for b in builds if b.name == "int8" for a in b.artifacts if a.format == "tflite"), None)
@@ -74,12 +76,12 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
         if record["repaired_by"] is not None:
             row["detail"] = f"not needed: {record['repaired_by']} passed"
             continue
-        if before_steps is not None:  # once: no step's conversions or training child beside the lane's
-            before_steps()
-            before_steps = None
         if step.step == "selective" and prof.full_integer:
             _name_breaking_layers(ctx, ref, builds, (passed, detail), row)
             continue
+        if skip is None and step.step != "selective" and before_steps is not None:
+            before_steps()  # no conversions or training child beside the lane's
+            before_steps = None
         if skip is not None:
             row["detail"] = f"not tried: {skip}"
             if step.step == "qat" and unresolved is not None:
@@ -87,7 +89,7 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
 
                 offer(ctx, f"not tried ({skip})")
             continue
-        made = _run(ctx, ref, builds, step, (passed, detail), row)
+        made = _run(ctx, ref, builds, step, (passed, detail), row, before_steps)  # selective: before its twin
         out += made
         if row["passed"]:
             record["repaired_by"] = step.recipe
@@ -115,7 +117,7 @@ def below_int8_resolution(ctx: Context) -> str | None:
 
 
 def _run(ctx: Context, ref: ReferenceModel, builds: list[Build], step: RepairStep, verdict: tuple[bool, str],
-         row: dict[str, Any]) -> list[Build]:
+         row: dict[str, Any], before_twin: Callable[[], None] | None = None) -> list[Build]:
     """Runs one step with full int8's verdict and fills its row; returns the candidates it made."""
     t0, seen = time.perf_counter(), len(ctx.findings)
     extra: dict[str, Any] = {}
@@ -126,7 +128,7 @@ def _run(ctx: Context, ref: ReferenceModel, builds: list[Build], step: RepairSte
     elif step.step == "selective":
         from kdeploy.run.selective import selective_builds
 
-        made = selective_builds(ctx, ref, builds, verdict, log=extra)
+        made = selective_builds(ctx, ref, builds, verdict, log=extra, before_twin=before_twin)
     else:
         from kdeploy.run.qat import qat_builds, skip_reason
 
