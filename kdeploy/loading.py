@@ -444,6 +444,26 @@ def _keras_output_kind(m: Any, tensor: Any) -> str:
     return "regression"
 
 
+def resolve_kinds(model: LoadedModel, producers: dict[str, list[str]]) -> list[str]:
+    """Kinds of a SavedModel's outputs ("unknown" when loaded) from the ops that write them in its converted
+    `.tflite` (`flatbuffer.output_producers`): a SOFTMAX writing the output itself is multiclass; a
+    LOGISTIC, also behind reshapes (element-wise), binary or multilabel; any other output stays
+    "unknown" (its values decide, `compare.output_kind`). A sigmoid output guessed from its values
+    alone is a regression: basic-pitch's three sigmoid maps were judged by relative error instead of
+    their 0.5 decisions."""
+    kinds = list(model.output_kinds)
+    for i, t in enumerate(model.outputs):
+        ops = [op for op in producers.get(t.name, []) if op not in ("QUANTIZE", "DEQUANTIZE")]
+        if kinds[i] != "unknown" or not ops:
+            continue
+        width = t.shape[-1] if len(t.shape) >= 2 and t.shape[-1] else 1
+        if ops == ["SOFTMAX"] and width > 1:
+            kinds[i] = "multiclass"
+        elif ops[-1] == "LOGISTIC":
+            kinds[i] = "binary" if width == 1 else "multilabel"
+    return kinds
+
+
 def _load_savedmodel(path: Path, sha: str) -> LoadedModel:
     import tensorflow as tf
 

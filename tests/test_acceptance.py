@@ -249,3 +249,30 @@ def test_check_fails_an_int8_tflite_calibrated_on_all_zero_inputs(tmp_path, digi
     assert "task accuracy drop [digit]" in failed
     md = (tmp_path / "gate" / "report.md").read_text()
     assert "**Why candidates fail**" in md and "change class on litert" in md
+
+
+def test_savedmodel_sigmoid_and_softmax_outputs_are_judged_on_decisions(tmp_path):
+    """A SavedModel's outputs load as "unknown": the ops writing them in the converted .tflite decide their kind
+    (basic-pitch's sigmoid maps were judged by relative error); an output of another op stays value-judged."""
+    import keras
+
+    from kdeploy.run import optimize
+    from conftest import make_profile
+
+    rng = np.random.default_rng(0)
+    inp = keras.Input((6, 4), name="x")
+    h = keras.layers.Dense(8, activation="relu")(inp)
+    maps = keras.layers.Dense(3, activation="sigmoid", name="maps")(h)  # (N, 6, 3) sigmoid map
+    flat = keras.layers.Flatten()(h)
+    cls = keras.layers.Dense(5, activation="softmax", name="cls")(flat)
+    reg = keras.layers.Dense(2, name="reg")(flat)
+    keras.Model(inp, [maps, cls, reg]).export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(96, 6, 4)).astype(np.float32))
+    prof = make_profile(tmp_path, "cpu-edge", precisions=["fp32", "int8"], crosscheck_runtimes=[])
+    report = optimize(tmp_path / "sm", profile=prof, data=tmp_path / "d.npz", out=tmp_path / "out")
+    kinds = dict(zip([t.name for t in report.model.outputs], report.model.output_kinds))
+    assert kinds == {"output_0": "multilabel", "output_1": "multiclass", "output_2": "unknown"}, kinds
+    fid = {f.output: f for f in report.candidate("int8").fidelity if f.runtime == "litert"}
+    n = fid["output_0"].samples
+    assert "decisions@0.5=" in fid["output_0"].detail and fid["output_0"].decisions == n * 6 * 3
+    assert "top1=" in fid["output_1"].detail and "rel_rmse=" in fid["output_2"].detail

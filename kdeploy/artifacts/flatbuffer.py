@@ -167,6 +167,27 @@ def read_tflite_file(path: str | Path) -> TfliteGraph:
     return read_tflite(Path(path).read_bytes())
 
 
+def output_producers(graph: TfliteGraph) -> dict[str, list[str]]:
+    """Signature output name -> the types of the ops that write it, from the output back to the first op that
+    computes values (e.g. ["RESHAPE", "LOGISTIC"]): QUANTIZE/DEQUANTIZE at a quantized graph's edge and
+    shape-only ops are followed to their input; {} without a signature."""
+    writer = {t: op for op in graph.ops for t in op.outputs}
+
+    def chain(t: int) -> list[str]:
+        out, op = [], writer.get(t)
+        while op is not None:
+            out.append(op.name)
+            if op.name not in _VALUE_PRESERVING or not op.inputs:
+                break
+            op = writer.get(op.inputs[0])
+        return out
+
+    return {name: chain(graph.outputs[pos]) for name, pos in graph.signature.get("outputs", {}).items()}
+
+
+_VALUE_PRESERVING = ("QUANTIZE", "DEQUANTIZE", "RESHAPE", "SQUEEZE", "EXPAND_DIMS")
+
+
 def tflite_precision(graph: TfliteGraph) -> str:
     """Precision of a `.tflite` from its tensor types.
 

@@ -45,6 +45,7 @@ def build_candidates(ctx: Context) -> Built:
         if lane is not None:
             lane.reference(ref)
         builds, kept, seen = _ptq_builds(ctx, ref, recipes, lane)
+        _resolve_kinds(ctx, kept)
         # What needs only this process' candidates (fp32, the calibrated ones) runs while the lane finishes.
         inspection = _inspection(ctx, conversion, kept)  # reads the fp32 .tflite
         finished: list[bool] = []
@@ -229,6 +230,18 @@ def _reference(ctx: Context) -> tuple[ReferenceModel, list[dict], tuple | None]:
     art = {**_dir_artifact("savedmodel", sm_dir, ctx.staging), "byte_reproducible": False,
            "note": SAVEDMODEL_NOT_REPRODUCIBLE}
     return ReferenceModel(sm_dir, keys), [art], (keras_model, found)
+
+
+def _resolve_kinds(ctx: Context, kept: list[tuple[Build, Artifact]]) -> None:
+    """A SavedModel's output kinds from the ops writing them in a converted `.tflite` (`loading.resolve_kinds`)."""
+    from kdeploy.artifacts.flatbuffer import output_producers
+    from kdeploy.loading import resolve_kinds
+
+    m = ctx.model
+    tfl = next((t for _, t in kept if t.path.is_file()), None)
+    if tfl is None or "unknown" not in m.output_kinds:
+        return
+    m.output_kinds = resolve_kinds(m, output_producers(read_tflite_file(tfl.path)))
 
 
 def _inspection(ctx: Context, conversion: tuple | None, kept: list[tuple[Build, Artifact]]) -> Inspection | None:
