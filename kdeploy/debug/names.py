@@ -108,11 +108,17 @@ class LayerNamer:
     Args:
         model_name: the Keras model's name (its scope leads every tensor name).
         paths: Keras layer paths (`layer_paths`), with nested models as `outer/inner`; or a dict of
-            them to their scope paths (`layer_scopes`: a subclassed model's attribute paths).
+            them to their scope paths (`layer_scopes`: a subclassed model's attribute paths). A
+            subclassed model's scopes are names Keras generated when this process built its layers
+            (`conv2d_1`): an artifact exported in another process may carry others (`conv2d_4_1`).
+            They are matched only at the suffix depth the model's own scope shows (tracing adds one
+            `_1` to each), never by stripping more: `conv2d_4_1` is then no layer (unmapped) rather
+            than the stem `conv2d` (which named the wrong layer as a first divergence).
     """
 
     def __init__(self, model_name: str, paths: list[str] | dict[str, str]):
         self.model_name = model_name
+        self.exact = isinstance(paths, dict)  # a subclassed model's generated scopes (see Args)
         scopes = paths if isinstance(paths, dict) else {p: p for p in paths}
         self.path_of = {scope: path for path, scope in scopes.items()}
         paths = list(self.path_of)
@@ -139,7 +145,7 @@ class LayerNamer:
         for seg in segments[:-1]:  # the last segment is the op (MatMul, BiasAdd, ...)
             names = _strips(seg)
             exact = [n for k, n in names if k == depth]
-            choices = exact + [n for _, n in names if n not in exact]
+            choices = exact if self.exact and depth is not None else exact + [n for _, n in names if n not in exact]
             hit = next((n for n in choices if f"{path}{n}" in self.paths | self.groups), None)
             if hit is None:
                 return None
