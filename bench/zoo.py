@@ -257,6 +257,9 @@ def sweep_one(name: str, work: Path, profile: Path, timeout: float) -> dict:
     row["failed"] = ", ".join(failed) or "-"
     row["findings"] = sorted({f["code"] for f in rep["findings"] if f["severity"] != "info"})
     row.update(ladder(rep.get("repair")))
+    from real import verify  # the independent check: LiteRT and keras/tf in a child, no kdeploy code
+
+    row["verify"] = verify(folder / "out", str(folder / "model.keras"), str(folder / "data.npz"), [])
     return row
 
 
@@ -289,11 +292,12 @@ def table(rows: list[dict]) -> str:
                    f"{r.get('fp32_onnxruntime', '-')} | {r.get('failed', r.get('why', '-'))} | "
                    f"{', '.join(r.get('findings', [])) or '-'} | {r.get('wall_s', '-')} | {r.get('peak_mb', '-')} |")
     out += ["", "| model | full int8 (new policy) | repair ladder: each step tried, its result | ladder s | selected | "
-            "wall s | peak MB |", "|" + "---|" * 7]
+            "independent check: LiteRT vs Keras, all samples [kdeploy's figure] | wall s | peak MB |", "|" + "---|" * 8]
     for r in rows:
         lad = "-" if r.get("ladder_s") is None else f"{r['ladder_s']:.0f}"
+        ver = "<br>".join(r.get("verify") or []) or "-"
         out.append(f"| {r['model']} | {r.get('int8', '-')} | {r.get('steps', '-')} | {lad} | {r.get('selected') or '-'} | "
-                   f"{r.get('wall_s', '-')} | {r.get('peak_mb', '-')} |")
+                   f"{ver} | {r.get('wall_s', '-')} | {r.get('peak_mb', '-')} |")
     return "\n".join(out) + "\n"
 
 
