@@ -179,7 +179,8 @@ class Qat(_Strict):
 
     enabled: bool = Field(True, description="Try quantization-aware training when full int8 fails (int8 allowed, a "
                                             ".keras/.h5 functional or Sequential model).")
-    epochs: int = Field(8, ge=1, le=1000, description="Fine-tuning epochs over the calibration samples.")
+    epochs: int = Field(8, ge=1, le=1000, description="Fine-tuning epochs over the calibration samples and the "
+                                                      "samples [calibration] holds back from validation (if any).")
     max_seconds: float = Field(
         300, gt=0, le=86400, description="Training stops after this many seconds even before `epochs` (checked "
                                          "after every batch); the model as trained so far is converted.")

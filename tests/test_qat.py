@@ -75,6 +75,13 @@ def test_qat_tflite_is_full_int8_and_agrees_with_keras_checked_by_hand(mcu_qat):
                                                                  "MAX_POOL_2D", "RESHAPE", "SOFTMAX", "ADD", "MUL"}
     weights = [t for t in interp.get_tensor_details() if t["name"].endswith("Conv2D") or "MatMul" in t["name"]]
     assert weights and all(t["dtype"] == np.int8 for t in weights)
+    # Weights carry one scale per output channel (Dense too: TFMOT's default gives it one per tensor).
+    from kdeploy.artifacts.flatbuffer import read_tflite_file
+
+    g = read_tflite_file(out / art.path)
+    for op in (o for o in g.ops if o.name in ("CONV_2D", "FULLY_CONNECTED")):
+        w = g.tensors[op.inputs[1]]
+        assert len(w.scales) == w.shape[0] > 1 and w.quantized_dimension == 0 and len(set(w.scales)) > 1, op.name
     x = np.load(data)["x"]
     keep = np.abs(x).max(axis=(1, 2, 3)) <= 1.0  # the clean samples
     model = keras.saving.load_model(FIXTURES / "digits_cnn.keras")
@@ -84,6 +91,79 @@ def test_qat_tflite_is_full_int8_and_agrees_with_keras_checked_by_hand(mcu_qat):
     assert np.mean(got.argmax(1) == model.predict(x[keep][:120], verbose=0).argmax(1)) >= 0.97
     saved = json.loads((out / "report.json").read_text())
     assert next(c for c in saved["candidates"] if c["name"] == QAT_INT8)["recipe"]["optimization"] == "qat"
+
+
+_DEPTHWISE_QAT = """
+import json, sys
+import numpy as np
+import keras
+from kdeploy.compress import bridge
+from kdeploy.compress.tfmot_worker import export_savedmodel
+src, out = sys.argv[1], sys.argv[2]
+x = np.load(src + ".npy")
+copy, _ = bridge.to_tf_keras(keras.saving.load_model(src, compile=False))
+import tensorflow_model_optimization  # noqa: F401
+from kdeploy.compress import qat
+annotated, done, floats = qat.annotate(copy)
+model = qat.apply(annotated)
+qat.init_ranges(model, [x], 16)
+export_savedmodel(model, [{"name": "image", "shape": [None, 6, 6, 2], "dtype": "float32"}], ["output_0"], out)
+print(json.dumps(done))
+"""
+
+
+@pytest.mark.slow  # TFMOT in a child process and one int8 conversion (~15 s)
+def test_qat_gives_dense_and_depthwise_weights_one_scale_per_output_channel_in_the_tflite(tmp_path):
+    """The converter keeps the per-channel scales of the QAT model: DEPTHWISE_CONV_2D and FULLY_CONNECTED
+    weights have one scale per output channel, each the channel's own max|w| / 127."""
+    import subprocess
+    import sys
+
+    from kdeploy.artifacts import tflite
+    from kdeploy.artifacts.flatbuffer import read_tflite_file
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 2), name="image")
+    h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(inp)
+    h = keras.layers.Flatten()(h)
+    out = keras.layers.Dense(3, activation="softmax", name="fc")(h)
+    model = keras.Model(inp, out)
+    (k, b) = model.get_layer("dw").get_weights()
+    k *= np.array([1.0, 30.0, 0.1, 3.0])[None, None, :].reshape(1, 1, 2, 2)  # channel magnitudes 300x apart
+    model.get_layer("dw").set_weights([k, b])
+    w, c = model.get_layer("fc").get_weights()
+    model.get_layer("fc").set_weights([w * np.array([1.0, 50.0, 0.2]), c])
+    path = tmp_path / "dw.keras"
+    model.save(path)
+    x = np.random.default_rng(0).uniform(0, 1, (32, 6, 6, 2)).astype(np.float32)
+    np.save(str(path) + ".npy", x)
+    run = subprocess.run([sys.executable, "-c", _DEPTHWISE_QAT, str(path), str(tmp_path / "sm")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert {"dw", "fc"} <= set(json.loads(run.stdout.strip().splitlines()[-1]))
+
+    art = tflite.convert(tmp_path / "sm", "int8", tmp_path / "q.tflite", {"image": x}, ["image"], ["output_0"])
+    g = read_tflite_file(art.path)
+    got = {o.name: g.tensors[o.inputs[1]] for o in g.ops if o.name in ("DEPTHWISE_CONV_2D", "FULLY_CONNECTED")}
+    dw, fc = got["DEPTHWISE_CONV_2D"], got["FULLY_CONNECTED"]
+    assert dw.shape == (1, 3, 3, 4) and dw.quantized_dimension == 3 and fc.shape == (3, 64)
+    np.testing.assert_allclose(dw.scales, np.abs(k).reshape(9, 4).max(0) / 127, rtol=1e-5)
+    np.testing.assert_allclose(fc.scales, np.abs(w * np.array([1.0, 50.0, 0.2])).max(0) / 127, rtol=1e-5)
+
+
+def test_qat_trains_on_the_calibration_split_plus_the_held_back_samples_never_validation():
+    from kdeploy.run.qat import training_set
+
+    def ds(lo, hi, labels=True):
+        x = np.arange(lo, hi, dtype=np.float32)[:, None]
+        return Dataset({"x": x}, {"y": np.arange(lo, hi)} if labels else None, False, "d.npz")
+
+    cal, spare, val = ds(0, 4), ds(4, 7), ds(7, 20)
+    merged = training_set(SimpleNamespace(calibration=cal, spare=spare, validation=val))
+    assert merged.inputs["x"].ravel().tolist() == list(range(7)) and merged.labels["y"].tolist() == list(range(7))
+    assert training_set(SimpleNamespace(calibration=cal, spare=None, validation=val)) is cal
+    unlabelled = training_set(SimpleNamespace(calibration=ds(0, 4, False), spare=ds(4, 7, False), validation=val))
+    assert len(unlabelled) == 7 and unlabelled.labels is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -128,11 +128,31 @@ def per_channel_configs() -> dict[str, type]:
         def get_config(self):
             return {}
 
+    class KdeployDenseWeightsQuantizer(quantizers.Quantizer):
+        """Per-output-unit symmetric int8 weights of a Dense kernel, without a FakeQuant op.
+
+        `LastValueQuantizer(per_axis=True)` puts a FakeQuantWithMinMaxVarsPerChannel on the (in, units)
+        kernel, which the converter refuses (its MatMul -> FULLY_CONNECTED transpose: "mismatched quantized
+        axes"). Here the kernel is rounded to scale max|w|/127 per unit with a straight-through gradient;
+        the exported kernel is a constant already on that grid, which the converter quantizes per unit
+        with the same scale (max|w|/127), so the int8 weights are the trained ones.
+        """
+
+        def build(self, tensor_shape, name, layer):
+            return {}
+
+        def __call__(self, inputs, training, weights, **kwargs):
+            scale = tf.maximum(tf.reduce_max(tf.abs(inputs), axis=0), 1e-30) / 127.0
+            q = tf.clip_by_value(tf.round(inputs / scale), -127.0, 127.0) * scale
+            return inputs + tf.stop_gradient(q - inputs)
+
+        def get_config(self):
+            return {}
+
     class KdeployPerChannelDenseConfig(Default8BitQuantizeConfig):
         def __init__(self, weight_attrs, activation_attrs, quantize_output):
             super().__init__(weight_attrs, activation_attrs, quantize_output)
-            self.weight_quantizer = quantizers.LastValueQuantizer(num_bits=8, per_axis=True, symmetric=True,
-                                                                  narrow_range=True)
+            self.weight_quantizer = KdeployDenseWeightsQuantizer()
 
     class KdeployPerChannelDepthwiseConfig(Default8BitQuantizeConfig):
         def __init__(self, weight_attrs, activation_attrs, quantize_output):

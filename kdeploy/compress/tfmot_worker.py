@@ -201,7 +201,8 @@ def _run_qat(recipe: dict, job: dict, original: Any, train: list, teacher: list,
     """Quantization-aware training (`kdeploy.compress.qat`): annotate, apply, set ranges, fine-tune, export.
 
     Trained on the labels when every output has usable ones, else distilled from the original
-    model's outputs on the same (calibration) inputs; the SavedModel keeps the FakeQuant ops.
+    model's outputs on the same inputs (the parent's training set: the calibration split plus any samples held
+    back from validation); the SavedModel keeps the FakeQuant ops.
     """
     import tf_keras
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from kdeploy.artifacts.flatbuffer import weight_stats
 from kdeploy.child import ChildFailure, run_child
+from kdeploy.data import Dataset
 from kdeploy.errors import ConversionError
 from kdeploy.recipes import SPARSE_RUNNABLE, Recipe, tfmot_plans, tfmot_precisions, tfmot_recipes
 from kdeploy.run.context import Build, Context
@@ -60,20 +61,23 @@ def compressed_builds(ctx: Context, ref: ReferenceModel) -> list[Build]:
     return builds
 
 
-def train_plans(ctx: Context, ref: ReferenceModel, plans: list, what: str, baseline: bool = True) -> dict | None:
+def train_plans(ctx: Context, ref: ReferenceModel, plans: list, what: str, baseline: bool = True,
+                train: Dataset | None = None) -> dict | None:
     """Runs the TFMOT child on `plans`; None (with a finding) when its models cannot be used.
 
     Args:
         what: how findings name the recipes (e.g. "pruning/clustering recipes (prune50, cluster16)").
         baseline: also export the bridged model untouched (pruning/clustering size baseline).
+        train: the samples to fine-tune on (never validation samples); default the calibration split.
     """
     prof, m = ctx.profile, ctx.model
+    train = train if train is not None else ctx.calibration
     job_dir = ctx.work / "tfmot"
     job_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {f"train__{k}": v for k, v in ctx.calibration.inputs.items()}
+    arrays = {f"train__{k}": v for k, v in train.inputs.items()}
     arrays.update({f"val__{k}": v for k, v in ctx.validation.inputs.items()})
-    if ctx.calibration.labels and not ctx.data.synthetic:
-        arrays.update({f"label__{k}": v for k, v in ctx.calibration.labels.items()})
+    if train.labels and not ctx.data.synthetic:
+        arrays.update({f"label__{k}": v for k, v in train.labels.items()})
     np.savez(job_dir / "data.npz", **arrays)
     ft = prof.finetune
     job = {

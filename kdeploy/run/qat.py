@@ -2,12 +2,14 @@
 
 The TFMOT child (`kdeploy.compress.tfmot_worker`, through `run.compress.train_plans`) bridges
 the Keras 3 model to tf_keras, annotates the layers TFMOT supports, sets the activation ranges
-on the calibration inputs, fine-tunes (labels in `--data`, else distillation from the float
+on the training inputs, fine-tunes (labels in `--data`, else distillation from the float
 model) within `[qat]` epochs and seconds, and writes a SavedModel with its FakeQuant ops. Here it
 is converted with the int8 recipe's converter settings (`convert_tflite`, calibrated like
 post-training int8), given its ONNX twin, judged by `run.judge` (evaluation's gates on the
 target's runtimes), and described; evaluation and selection then treat it like every other
-candidate.
+candidate. It trains on the calibration split plus the samples held back from validation for the
+calibration repair (`ctx.spare`, where validation keeps `[calibration] min_validation_samples`),
+never on a validation sample.
 
 It is the last step of the int8 repair ladder (`run.ladder`), which calls `qat_builds` with full
 int8's verdict when the earlier steps did not pass (on `full_integer` targets it is the only
@@ -19,6 +21,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
+from kdeploy.data import Dataset
 from kdeploy.recipes import qat_plan, qat_recipe
 from kdeploy.run.compress import train_plans
 from kdeploy.run.context import Build, Context
@@ -61,7 +66,9 @@ def qat_builds(ctx: Context, ref: ReferenceModel, why: str = "") -> list[Build]:
         offer(ctx, f"not tried ({reason})")
         return []
     started = time.perf_counter()
-    result = train_plans(ctx, ref, [plan], f"quantization-aware training ({plan.name})", baseline=False)
+    train = training_set(ctx)
+    result = train_plans(ctx, ref, [plan], f"quantization-aware training ({plan.name})", baseline=False,
+                         train=train)
     if result is None:
         offer(ctx, "not available (see the qat/tfmot findings)")
         return []
@@ -76,7 +83,8 @@ def qat_builds(ctx: Context, ref: ReferenceModel, why: str = "") -> list[Build]:
     ft = row["finetune"]
     b.recipe["qat"] = {
         "mode": ft["targets"], "losses": ft["losses"], "epochs": ft["epochs_run"], "epochs_planned": ft["epochs"],
-        "samples": ft["samples"], "batch_size": ft["batch_size"], "learning_rate": ft["learning_rate"],
+        "samples": ft["samples"], "calibration_samples": len(ctx.calibration),
+        "held_back_samples": len(train) - len(ctx.calibration), "batch_size": ft["batch_size"], "learning_rate": ft["learning_rate"],
         "train_seconds": ft["train_seconds"], "stopped_at_max_seconds": ft["stopped_at_max_seconds"],
         "quantized_layers": len(row["layers"]), "float_layers": [s["layer"] for s in row["skipped_layers"]],
         "seconds": round(time.perf_counter() - started, 3), "repairs": _lead(why),
@@ -95,6 +103,21 @@ def qat_builds(ctx: Context, ref: ReferenceModel, why: str = "") -> list[Build]:
     add_onnx_twin(ctx, b, recipe, tfl, ref)
     release_tflite(ctx, b, tfl)
     return [b]
+
+
+def training_set(ctx: Context) -> Dataset:
+    """The samples QAT trains on: the calibration split plus the spare samples held back from validation
+    (`ctx.spare`, `data.hold_back`: only where validation keeps `[calibration] min_validation_samples`).
+    Validation samples never train; without spare samples, the calibration split alone.
+    """
+    cal, spare = ctx.calibration, ctx.spare
+    if spare is None or len(spare) == 0:
+        return cal
+    inputs = {k: np.concatenate([v, spare.inputs[k]]) for k, v in cal.inputs.items()}
+    labels = None
+    if cal.labels and spare.labels and set(cal.labels) == set(spare.labels):
+        labels = {k: np.concatenate([v, spare.labels[k]]) for k, v in cal.labels.items()}
+    return Dataset(inputs, labels, cal.synthetic, cal.source)
 
 
 def _lead(text: str) -> str:
