@@ -27,7 +27,9 @@ def labels_for(labels: dict[str, np.ndarray] | None, names: list[str]) -> list[n
 def metric_values(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Task metrics of `pred` against labels `y` for an output of `kind`.
 
-    Binary: accuracy at 0.5; multiclass: accuracy of the argmax (labels as class ids or one-hot);
+    Binary: accuracy at 0.5; multiclass: accuracy of the top class (labels as class ids or one-hot;
+    a tie at the top is no prediction, hence wrong: argmax's first index would be luck, as in
+    `acceptance.decisions`);
     regression: MAE and RMSE. Other kinds (multilabel): no metric. A map (rank > 2) is scored cell
     by cell, as `acceptance.decisions` judges it: the argmax along the last axis against a label
     map of class ids (N, ...) or one-hot (N, ..., C), or every element at 0.5; the fraction of
@@ -39,19 +41,26 @@ def metric_values(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float
         if kind == "binary" and y.size == pred.size:
             return {"accuracy": float(np.mean((pred > 0.5) == (y.reshape(pred.shape) > 0.5)))}
         if kind == "multiclass" and y.shape == pred.shape:
-            return {"accuracy": float(np.mean(pred.argmax(-1) == y.argmax(-1)))}
+            return {"accuracy": float(np.mean(_top(pred) == y.argmax(-1)))}
         if kind == "multiclass" and y.size * pred.shape[-1] == pred.size:
-            return {"accuracy": float(np.mean(pred.argmax(-1) == y.reshape(pred.shape[:-1]).astype(int)))}
+            return {"accuracy": float(np.mean(_top(pred) == y.reshape(pred.shape[:-1]).astype(int)))}
         return {}  # labels that are not a map of this output's cells: no metric
     if kind == "binary":
         return {"accuracy": float(np.mean((pred.reshape(len(pred), -1)[:, 0] > 0.5) == (y.reshape(len(y), -1)[:, 0] > 0.5)))}
     if kind == "multiclass":
         ids = y.reshape(len(y), -1).argmax(1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(-1).astype(int)
-        return {"accuracy": float(np.mean(pred.reshape(len(pred), -1).argmax(1) == ids))}
+        return {"accuracy": float(np.mean(_top(pred.reshape(len(pred), -1)) == ids))}
     if kind == "regression":
         d = pred.reshape(len(pred), -1) - y.reshape(len(y), -1).astype(np.float64)
         return {"mae": float(np.mean(np.abs(d))), "rmse": float(np.sqrt(np.mean(d ** 2)))}
     return {}
+
+
+def _top(pred: np.ndarray) -> np.ndarray:
+    """The top class along the last axis, -1 where two or more classes tie at the top."""
+    best = pred.argmax(-1)
+    ties = (pred >= pred.max(-1, keepdims=True)).sum(-1) > 1
+    return np.where(ties, -1, best)
 
 
 def task_rows(names: list[str], kinds: list[str], labels: list[np.ndarray | None], keras: list[np.ndarray],

@@ -171,6 +171,10 @@ def test_a_tie_at_the_runtimes_top_is_a_flip_not_argmaxs_first_index():
     assert r.decision_agreement == pytest.approx(0.8) and not r.passed, r.detail
     got[:10] = [0.1, 0.5, 0.5]  # a tie with Keras' class 1 ahead in argmax order: still no decision for class 1
     assert _judge(ref, got, tol, "multiclass", "int8").decision_agreement == pytest.approx(0.8)
+    from kdeploy.taskmetrics import metric_values
+
+    # accuracy alike: the tied samples are no prediction (argmax alone would call all 50 right)
+    assert metric_values("multiclass", np.ones(50, int), got)["accuracy"] == pytest.approx(0.8)
 
 
 def test_flips_consistent_with_min_top1_for_the_sample_count_pass_but_many_flips_fail():

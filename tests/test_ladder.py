@@ -221,8 +221,9 @@ def test_ladder_stops_at_calibration_when_recalibrating_repairs_int8(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Steps that cannot help are not tried
 # ------------------------------------------------------------------------------------------------
-def _flat_ctx(profile: str, margin: float, n: int = 64, classes: int = 1000):
-    """A ladder context whose one softmax output has top-1 margin `margin` on every sample (findings recorded)."""
+def _flat_ctx(profile: str, margin: float, n: int = 64, classes: int = 1000, labels: bool = False):
+    """A ladder context whose one softmax output has top-1 margin `margin` on every sample (findings recorded);
+    with `labels`, its validation data has them."""
     import numpy as np
 
     ref = np.full((n, classes), (1.0 - margin) / classes, np.float32)
@@ -232,7 +233,8 @@ def _flat_ctx(profile: str, margin: float, n: int = 64, classes: int = 1000):
         profile=resolve_profile(profile), findings=findings, repair=None, progress=lambda *a: None,
         finding=lambda sev, code, msg: findings.append(SimpleNamespace(severity=sev, code=code, message=msg)),
         model=SimpleNamespace(outputs=[SimpleNamespace(name="predictions")], output_kinds=["multiclass"]),
-        reference=[ref])
+        reference=[ref], data=SimpleNamespace(synthetic=False),
+        validation=SimpleNamespace(labels={"y": np.full(n, 3)} if labels else None))
 
 
 def test_integer_steps_are_not_tried_where_decisions_are_below_int8_softmax_resolution(monkeypatch):
@@ -256,6 +258,13 @@ def test_integer_steps_are_not_tried_where_decisions_are_below_int8_softmax_reso
     for name in ("calibration", "qat"):
         assert not steps[name]["tried"] and steps[name]["detail"].startswith("not tried: cannot help: 64 of 64")
     assert "calibration not tried; selective fails (1.0 s); qat not tried" in ladder.summary(flat.repair)
+
+    labelled = _flat_ctx("cpu-edge", 1e-4, labels=True)  # labels judge the task: QAT may make its own margins
+    ran.clear()
+    ladder.repair_ladder(labelled, None, [int8], before_steps=lambda: ran.append("lane finished"))
+    assert ran == ["selective", "lane finished", "qat"]
+    assert {s["step"]: s["tried"] for s in labelled.repair["steps"]} == {"calibration": False, "selective": True,
+                                                                        "qat": True}
 
     confident = _flat_ctx("cpu-edge", 0.02)  # margins 5x the step: every step may help
     assert ladder.below_int8_resolution(confident) is None

@@ -46,6 +46,35 @@ def mcu_qat(tmp_path_factory):
     return optimize(FIXTURES / "digits_cnn.keras", profile=profile, data=data, out=out), out, data
 
 
+@pytest.mark.slow  # one full mcu run with the TFMOT child (~30 s on an idle 2-core host)
+def test_qat_passes_where_no_post_training_int8_can_on_mcu(tmp_path):
+    """The flat-softmax digits CNN (fixtures/make_qat_demo.py): full int8 loses accuracy at the softmax output's
+    1/256 step, every recalibration fails as well, `mcu` keeps nothing in float; QAT on the labels repairs it."""
+    import importlib.util
+
+    from kdeploy.run import optimize
+
+    spec = importlib.util.spec_from_file_location("make_qat_demo", FIXTURES / "make_qat_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    model = demo.temperature_model(tmp_path / "flat.keras", 300.0)
+    profile = make_profile(tmp_path, "mcu")  # the built-in ladder: calibration enabled at its defaults
+    report = optimize(model, profile=profile, data=FIXTURES / "digits.npz", out=tmp_path / "out")
+
+    steps = {s["step"]: s for s in report.repair["steps"]}
+    assert not report.repair["int8"]["passed"]
+    assert steps["calibration"]["tried"] and not steps["calibration"]["passed"], steps["calibration"]
+    for method in ("more-samples", "moving-average", "mean-min-max", "octav"):
+        assert f"{method} fails" in steps["calibration"]["detail"] or f"{method} skipped" in steps["calibration"]["detail"]
+    assert steps["qat"]["tried"] and steps["qat"]["passed"] and report.repair["repaired_by"] == QAT_INT8
+    assert report.selected == QAT_INT8
+    ptq, qat = report.candidate("int8"), report.candidate(QAT_INT8)
+    acc = {c.name: next(t for t in c.task_metrics if t["output"] == "digit") for c in (ptq, qat)}
+    assert acc["int8"]["value"] < acc["int8"]["keras"] - 0.02 and acc[QAT_INT8]["value"] >= 0.99 * acc[QAT_INT8]["keras"]
+    breaking = next(f for f in report.findings if f.code == "int8-breaking-layers")
+    assert f"candidate {QAT_INT8}" in breaking.message and "passes the int8 checks on tflm" in breaking.message
+
+
 @pytest.mark.slow  # one full mcu run with the TFMOT child (~50 s on an idle 2-core host)
 def test_qat_passes_where_post_training_int8_fails_on_mcu(mcu_qat):
     report, out, _ = mcu_qat

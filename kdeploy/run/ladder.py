@@ -10,7 +10,8 @@ each given that verdict (no step judges full int8 again, none reads another's fi
 
 A step passes when it makes a candidate its judge passed; later steps are then not needed.
 The all-integer steps (calibration, QAT) are not tried where the model's decisions lie below the
-resolution of an int8 softmax output (`below_int8_resolution`): TFLite quantizes every int8 softmax
+resolution of an int8 softmax output (`below_int8_resolution`; QAT still is where labels judge the
+task, `_labelled`): TFLite quantizes every int8 softmax
 to steps of 1/256, so where most samples' top-two classes differ by less, no full int8 graph can
 keep them apart, however calibrated or trained (a MobileNetV2-224 with a flat 1000-way softmax:
 calibration 19 s and QAT 319 s of a 535 s run, both failing); only float layers can.
@@ -68,8 +69,9 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
         return []
     out: list[Build] = []
     unresolved = below_int8_resolution(ctx)
+    labelled = _labelled(ctx)
     for step, skip in repair_steps(prof):
-        if skip is None and step.integer and unresolved is not None:
+        if skip is None and step.integer and unresolved is not None and not (step.step == "qat" and labelled):
             skip = f"cannot help: {unresolved}"
         row: dict[str, Any] = {"step": step.step, "recipe": step.recipe, "tried": False, "passed": False}
         record["steps"].append(row)
@@ -96,6 +98,16 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
     record["seconds"] = round(time.perf_counter() - started, 3)
     ctx.finding("info", "repair-ladder", summary(record))
     return out
+
+
+def _labelled(ctx: Context) -> bool:
+    """Whether labels judge the task (`--data` has them for an output): then QAT, which trains on them, may make
+    a full int8 whose decisions are its own (confident where Keras' were below int8's step) and keep the accuracy
+    budget, so it is tried even below int8's softmax resolution; recalibration changes no decision margin."""
+    from kdeploy.taskmetrics import labels_for
+
+    labels = None if ctx.data.synthetic else ctx.validation.labels
+    return any(y is not None for y in labels_for(labels, [t.name for t in ctx.model.outputs]))
 
 
 def below_int8_resolution(ctx: Context) -> str | None:
