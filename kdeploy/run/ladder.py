@@ -69,7 +69,7 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
         return []
     out: list[Build] = []
     unresolved = below_int8_resolution(ctx)
-    labelled = _labelled(ctx)
+    labelled = unresolved is not None and _labelled(ctx)
     for step, skip in repair_steps(prof):
         if skip is None and step.integer and unresolved is not None and not (step.step == "qat" and labelled):
             skip = f"cannot help: {unresolved}"
