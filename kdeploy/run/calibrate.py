@@ -100,7 +100,7 @@ def _attempt(ctx: Context, ref: ReferenceModel, method: str, samples: dict[str, 
     except ConversionError as e:
         row.update(passed=False, detail=str(e), seconds=round(time.perf_counter() - started, 3))
         return row, None
-    passed, detail = judge(ctx, art)
+    passed, detail = judge(ctx, art, skip_probes_on_failure=True)
     row.update(passed=passed, detail=detail, seconds=round(time.perf_counter() - started, 3),
                size_bytes=art.size_bytes)
     if not passed:

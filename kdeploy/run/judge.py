@@ -9,7 +9,8 @@ uses (`compare.compare`, `run.checks.add_fidelity` / `add_consistency` / `budget
 - fidelity against Keras on each deployed runtime of the profile (LiteRT, TFLite Micro, or ONNX
   Runtime on the ONNX twin of the `.tflite`, converted here as the build would);
 - the robustness probes on the first deployed runtime (a crash on them fails like one on the
-  validation inputs; their agreement is gated where the profile sets minimums);
+  validation inputs; their agreement is gated where the profile sets minimums), in a run of their
+  own after fidelity and the task budgets (a failing try of the selective search skips them);
 - consistency with the cross-check runtimes only where it gates (`acceptance.gates_consistency`:
   a quantized graph with `[consistency] gate_quantized`);
 - the task budgets with labels, and the size, gzip, memory and arena budgets.
@@ -41,9 +42,14 @@ def failed_text(runtime: str) -> str:
     return f"{runtime} failed:"
 
 
-def judge(ctx: Context, art: Artifact) -> tuple[bool, str]:
+def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> tuple[bool, str]:
     """Runs the quantized `.tflite` `art` on the profile's deployed runtimes (and the gating cross-checks) and
     applies evaluation's checks but latency.
+
+    Args:
+        skip_probes_on_failure: where fidelity or a task budget already fails, return without running the
+            robustness probes (the selective search's tries: a failing try then costs a third as much). Full
+            int8's own judge runs them always: a crash on a probe is what the crash repair starts from.
 
     Returns:
         (passed, detail): the failing checks' details, or on a pass the fidelity and task figures.
@@ -78,8 +84,7 @@ def judge(ctx: Context, art: Artifact) -> tuple[bool, str]:
         if a is None:
             continue  # no artifact for a deployed runtime: `budget_checks` fails it ("artifact for RT")
         job = RunJob(runtime=rt, artifact_path=str(a.path), io=a.io, feeds_path=str(feeds),
-                     fidelity_batch=m.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
-                     probes_path=str(probes_path) if rt == prof.runtimes[0] and probes_path else None)
+                     fidelity_batch=m.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH))
         try:
             outs, result = run_isolated(job, ctx.work / f"judge-{art.path.stem}-{rt}", timeout_s=prof.timing.timeout_s)
         except RuntimeFailure as e:
@@ -92,16 +97,30 @@ def judge(ctx: Context, art: Artifact) -> tuple[bool, str]:
             for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=rt,
                              reference="keras", precision=precision):
                 add_fidelity(c, f, tol)
+    task_checks(ctx, c, b, outputs)
+    off = [k for k in c.checks if not k.passed and k.name.startswith(("fidelity ", "task "))]
+    if off and skip_probes_on_failure:  # fails whatever the probes say
+        return False, "; ".join(k.detail or k.name for k in off)
+    first = prof.runtimes[0]
+    if probes_path and by_format.get(RUNTIME_FORMATS[first]) is not None:
+        a = by_format[RUNTIME_FORMATS[first]]
+        job = RunJob(runtime=first, artifact_path=str(a.path), io=a.io, feeds_path=str(feeds), fidelity=False,
+                     fidelity_batch=m.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
+                     probes_path=str(probes_path))
+        try:
+            _, result = run_isolated(job, ctx.work / f"judge-{art.path.stem}-{first}-probes",
+                                     timeout_s=prof.timing.timeout_s)
+        except RuntimeFailure as e:  # a crash on a probe fails like one on the validation inputs
+            return False, f"{failed_text(first)} {e}"
         for probe, got in result.get("probes", {}).items():
             desc, _, ref = probes[probe]
             c.robustness += [RobustnessOut(**row) for row in
-                             agreement(probe, desc, rt, ref, got, names, m.output_kinds, prof.robustness)]
+                             agreement(probe, desc, first, ref, got, names, m.output_kinds, prof.robustness)]
     order = [rt for rt in ctx.wanted_runtimes if rt in outputs]
     for rt in order[1:] if gate else []:
         for f in compare(outputs[order[0]], outputs[rt], names=names, kinds=m.output_kinds, tol=tol, runtime=rt,
                          reference=order[0], precision=precision):
             add_consistency(c, f, tol, True)
-    task_checks(ctx, c, b, outputs)
     c.artifacts = [ArtifactOut(format=a.format, path=str(a.path), precision=a.precision, source=a.source,
                                size_bytes=a.size_bytes, gzip_bytes=a.gzip_bytes, sha256=a.sha256)
                    for a in by_format.values() if a is not None]

@@ -269,7 +269,7 @@ def _try(ctx: Context, ref: ReferenceModel, float_t, layers: list[str], n: int,
     except ConversionError as e:
         tries.append({**row, "passed": False, "detail": str(e), "seconds": round(time.perf_counter() - t0, 3)})
         return None, False, str(e)
-    ok, detail = judge(ctx, art)
+    ok, detail = judge(ctx, art, skip_probes_on_failure=phase != "crash")  # a crash repair must see probe crashes
     tries.append({**row, "passed": ok, "size_bytes": art.size_bytes, "detail": detail,
                   "seconds": round(time.perf_counter() - t0, 3)})
     return art, ok, detail
