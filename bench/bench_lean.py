@@ -13,7 +13,8 @@ The two cases of issue 19 are one command each:
 with weights=None on 128 uniform [-1, 1] inputs, its BatchNorm statistics randomised as
 bench/fp32_drift.py does (`--model mobilenetv2-bnrandom`): a 1000-way softmax whose top classes
 differ by less than int8's output step, so full int8 flips most decisions. (The issue's plain random
-MobileNetV2-224 outputs one constant: its int8 now passes at once.) `repairs` is `passes`' model with
+MobileNetV2-224 outputs one constant 0.001 softmax: Keras makes no decision there, its int8 rounds
+every value to 0, and it fails on relative error; before ties counted, it "passed" at once.) `repairs` is `passes`' model with
 two of the 64 calibration samples scaled by 100 (a glitching sensor; `--model mobilenetv2-outliers`):
 the converter's min-max int8 fails, the ladder's first step (recalibration) repairs it.
 
