@@ -111,11 +111,21 @@ def test_fp32_swapped_outputs_fail(tmp_path):
     assert all(r.peak_err > 0.05 for r in swapped)
 
 
+def _full_int8_outputs(model, x: np.ndarray, calibration: int) -> list[np.ndarray]:
+    """LiteRT outputs on `x` of the Keras model converted to full int8, calibrated on the first samples of `x`."""
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([x[i:i + 1]] for i in range(calibration))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return _litert(conv.convert(), x)
+
+
 def test_int8_near_flat_softmax_with_top1_1_passes_where_mean_norm_err_failed_it():
     """A real full-int8 LiteRT model whose 64-class softmax is nearly flat (top-1 0.034 vs 0.016): the output's int8
     steps (1/256) are large against its range, so mean_norm_err blows up while every class decision holds."""
     import keras
-    import tensorflow as tf
 
     rng = np.random.default_rng(0)
     inp = keras.Input((8,), name="x")
@@ -126,11 +136,7 @@ def test_int8_near_flat_softmax_with_top1_1_passes_where_mean_norm_err_failed_it
     dense.set_weights([w, np.zeros(64, np.float32)])
     x = (np.eye(8)[rng.integers(0, 8, 200)] + rng.normal(0, 0.05, (200, 8))).astype(np.float32)
     ref = model.predict(x, verbose=0)
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: ([x[i:i + 1]] for i in range(64))
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    (got,) = _litert(conv.convert(), x)
+    (got,) = _full_int8_outputs(model, x, 64)
     old = _judge(ref, got, OLD_INT8, "multiclass", "int8")
     assert not old.passed and "mean_norm_err" in old.detail and "FAILED" in old.detail
     assert old.top1_agreement == 1.0 and old.mean_norm_err > 0.01
@@ -144,17 +150,12 @@ def test_constant_softmax_rounded_to_zero_in_int8_is_no_agreement():
     becomes all zeros in full int8 (its step is 1/256), and argmax of both is class 0 on every sample: "top-1 1.000".
     Keras makes no decision there (every margin is 0), so none is counted and the values are judged instead."""
     import keras
-    import tensorflow as tf
 
     inp = keras.Input((8,), name="x")
     model = keras.Model(inp, keras.layers.Dense(1000, activation="softmax", kernel_initializer="zeros")(inp))
     x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
     ref = model.predict(x, verbose=0)
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: ([x[i:i + 1]] for i in range(16))
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    (got,) = _litert(conv.convert(), x)
+    (got,) = _full_int8_outputs(model, x, 16)
     assert np.all(got == 0) and float(np.mean(ref.argmax(1) == got.argmax(1))) == 1.0  # what argmax alone says
     tol = resolve_profile("cpu-edge").tolerances["int8"]
     r = _judge(ref, got, tol, "multiclass", "int8")
