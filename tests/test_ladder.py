@@ -259,6 +259,11 @@ def test_integer_steps_are_not_tried_where_decisions_are_below_int8_softmax_reso
         assert not steps[name]["tried"] and steps[name]["detail"].startswith("not tried: cannot help: 64 of 64")
     assert "calibration not tried; selective fails (1.0 s); qat not tried" in ladder.summary(flat.repair)
 
+    onnx_judged = _flat_ctx("cpu-server", 1e-4)  # ONNX Runtime deployed: each try converts to ONNX, after the lane
+    ran.clear()
+    ladder.repair_ladder(onnx_judged, None, [int8], before_steps=lambda: ran.append("lane finished"))
+    assert ran == ["lane finished", "selective"]
+
     labelled = _flat_ctx("cpu-edge", 1e-4, labels=True)  # labels judge the task: QAT may make its own margins
     ran.clear()
     ladder.repair_ladder(labelled, None, [int8], before_steps=lambda: ran.append("lane finished"))

@@ -81,7 +81,7 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
         if step.step == "selective" and prof.full_integer:
             _name_breaking_layers(ctx, ref, builds, (passed, detail), row)
             continue
-        if skip is None and step.step != "selective" and before_steps is not None:
+        if skip is None and (step.step != "selective" or not _light_search(ctx)) and before_steps is not None:
             before_steps()  # no conversions or training child beside the lane's
             before_steps = None
         if skip is not None:
@@ -98,6 +98,17 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
     record["seconds"] = round(time.perf_counter() - started, 3)
     ctx.finding("info", "repair-ladder", summary(record))
     return out
+
+
+def _light_search(ctx: Context) -> bool:
+    """Whether the selective search may run beside the conversion lane: every runtime its judge runs takes the
+    `.tflite` itself (an ONNX Runtime judge converts each try with tf2onnx, as heavy as the lane's own work)."""
+    from kdeploy.acceptance import gates_consistency
+
+    prof = ctx.profile
+    judged = list(prof.runtimes) + (list(ctx.wanted_runtimes) if gates_consistency(
+        "int8", prof.consistency.gate_quantized) else [])
+    return all(RUNTIME_FORMATS[rt] == "tflite" for rt in judged)
 
 
 def _labelled(ctx: Context) -> bool:
