@@ -9,8 +9,9 @@ uses (`compare.compare`, `run.checks.add_fidelity` / `add_consistency` / `budget
 - fidelity against Keras on each deployed runtime of the profile (LiteRT, TFLite Micro, or ONNX
   Runtime on the ONNX twin of the `.tflite`, converted here as the build would);
 - the robustness probes on the first deployed runtime (a crash on them fails like one on the
-  validation inputs; their agreement is gated where the profile sets minimums), in a run of their
-  own after fidelity and the task budgets (a failing try of the selective search skips them);
+  validation inputs; their agreement is gated where the profile sets minimums); for the selective
+  search's tries and recalibration attempts in a run of their own after fidelity and the task
+  budgets, skipped where those already fail;
 - consistency with the cross-check runtimes only where it gates (`acceptance.gates_consistency`:
   a quantized graph with `[consistency] gate_quantized`);
 - the task budgets with labels, and the size, gzip, memory and arena budgets.
@@ -62,6 +63,7 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
     from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
 
     prof, m = ctx.profile, ctx.model
+    first = prof.runtimes[0]
     feeds = ctx.work / "judge-feeds.npz"
     if not feeds.is_file():
         np.savez(feeds, **ctx.validation.inputs)
@@ -83,8 +85,10 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
         a = by_format[fmt]
         if a is None:
             continue  # no artifact for a deployed runtime: `budget_checks` fails it ("artifact for RT")
+        with_probes = not skip_probes_on_failure and rt == first and probes_path  # one child, as evaluation runs
         job = RunJob(runtime=rt, artifact_path=str(a.path), io=a.io, feeds_path=str(feeds),
-                     fidelity_batch=m.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH))
+                     fidelity_batch=m.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
+                     probes_path=str(probes_path) if with_probes else None)
         try:
             outs, result = run_isolated(job, ctx.work / f"judge-{art.path.stem}-{rt}", timeout_s=prof.timing.timeout_s)
         except RuntimeFailure as e:
@@ -97,12 +101,12 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
             for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=rt,
                              reference="keras", precision=precision):
                 add_fidelity(c, f, tol)
+        _robustness(ctx, c, probes, first if rt == first else None, result)
     task_checks(ctx, c, b, outputs)
     off = [k for k in c.checks if not k.passed and k.name.startswith(("fidelity ", "task "))]
     if off and skip_probes_on_failure:  # fails whatever the probes say
         return False, "; ".join(k.detail or k.name for k in off)
-    first = prof.runtimes[0]
-    if probes_path and by_format.get(RUNTIME_FORMATS[first]) is not None:
+    if skip_probes_on_failure and probes_path and by_format.get(RUNTIME_FORMATS[first]) is not None:
         a = by_format[RUNTIME_FORMATS[first]]
         job = RunJob(runtime=first, artifact_path=str(a.path), io=a.io, feeds_path=str(feeds), fidelity=False,
                      fidelity_batch=m.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
@@ -112,10 +116,7 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
                                      timeout_s=prof.timing.timeout_s)
         except RuntimeFailure as e:  # a crash on a probe fails like one on the validation inputs
             return False, f"{failed_text(first)} {e}"
-        for probe, got in result.get("probes", {}).items():
-            desc, _, ref = probes[probe]
-            c.robustness += [RobustnessOut(**row) for row in
-                             agreement(probe, desc, first, ref, got, names, m.output_kinds, prof.robustness)]
+        _robustness(ctx, c, probes, first, result)
     order = [rt for rt in ctx.wanted_runtimes if rt in outputs]
     for rt in order[1:] if gate else []:
         for f in compare(outputs[order[0]], outputs[rt], names=names, kinds=m.output_kinds, tol=tol, runtime=rt,
@@ -131,6 +132,17 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
         return False, "; ".join(k.detail or k.name for k in failed)
     shown = [k for k in checks if k.name.startswith(("fidelity ", "task ", "consistency "))] or checks
     return True, "; ".join(k.detail or k.name for k in shown)
+
+
+def _robustness(ctx: Context, c: Candidate, probes: dict, runtime: str | None, result: dict) -> None:
+    """The robustness rows of a run's probe outputs on `runtime` (None: not the probed runtime)."""
+    if runtime is None:
+        return
+    names = [t.name for t in ctx.model.outputs]
+    for probe, got in result.get("probes", {}).items():
+        desc, _, ref = probes[probe]
+        c.robustness += [RobustnessOut(**row) for row in
+                         agreement(probe, desc, runtime, ref, got, names, ctx.model.output_kinds, ctx.profile.robustness)]
 
 
 def _twin(ctx: Context, art: Artifact, fmt: str) -> Artifact | None:
