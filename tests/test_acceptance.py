@@ -265,6 +265,7 @@ def test_savedmodel_sigmoid_and_softmax_outputs_are_judged_on_decisions(tmp_path
     from conftest import make_profile
 
     rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
     inp = keras.Input((6, 4), name="x")
     h = keras.layers.Dense(8, activation="relu")(inp)
     maps = keras.layers.Dense(3, activation="sigmoid", name="maps")(h)  # (N, 6, 3) sigmoid map
@@ -279,5 +280,7 @@ def test_savedmodel_sigmoid_and_softmax_outputs_are_judged_on_decisions(tmp_path
     assert kinds == {"output_0": "multilabel", "output_1": "multiclass", "output_2": "unknown"}, kinds
     fid = {f.output: f for f in report.candidate("int8").fidelity if f.runtime == "litert"}
     n = fid["output_0"].samples
-    assert "decisions@0.5=" in fid["output_0"].detail and fid["output_0"].decisions == n * 6 * 3
+    ties = n * 6 * 3 - fid["output_0"].decisions  # cells whose ReLUs are all off sit at exactly 0.5: no decision
+    assert "decisions@0.5=" in fid["output_0"].detail and 0 <= ties <= n * 3, fid["output_0"].detail
+    assert ties == 0 or f"{ties} Keras tie(s)" in fid["output_0"].detail
     assert "top1=" in fid["output_1"].detail and "rel_rmse=" in fid["output_2"].detail
