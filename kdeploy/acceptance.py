@@ -141,14 +141,16 @@ def _bound_counts(flipped: np.ndarray, is_map: bool, mask: np.ndarray | None = N
 
 def decision_verdict(ref: np.ndarray, got: np.ndarray, kind: str, limit: float, threshold: float,
                      near_tie: float | None) -> dict[str, Any]:
-    """The decision-agreement verdict of one output: {agreement, decisions, flips, passed, p, note}."""
+    """The decision-agreement verdict of one output: {agreement, decisions, ties, flips, passed, p, note}
+    (`agreement` None when Keras makes no decision: `ties` are all there are)."""
     flipped, margins = decisions(ref, got, kind, threshold)
     mask = decided(margins)
     n, flips = int(mask.sum()), int((flipped & mask).sum())
     ties = int(flipped.size - n)
     tie_note = f" ({ties} Keras tie(s) below margin {TIE_MARGIN:g} not counted)" if ties else ""
     agreement = 1.0 - flips / n if n else None
-    out = {"agreement": agreement, "decisions": n, "flips": flips, "passed": True, "p": 1.0, "note": tie_note}
+    out = {"agreement": agreement, "decisions": n, "ties": ties, "flips": flips, "passed": True, "p": 1.0,
+           "note": tie_note}
     if flips == 0:
         return out
     flip_margins = np.sort(margins[flipped & mask])
@@ -215,8 +217,8 @@ def judge(m: Any, ref: np.ndarray, got: np.ndarray, tol: Any, kind: str, runtime
             v = decision_verdict(ref, got, kind, limit, threshold, tol.near_tie_margin)
             if v["agreement"] is None:
                 no_decisions = True
-                parts.append(f"decisions: none (Keras ties on all {np.size(decisions(ref, got, kind, threshold)[0])} "
-                             f"within {TIE_MARGIN:g}; judged by rel_rmse)")
+                parts.append(f"decisions: none (Keras ties on all {v['ties']} within {TIE_MARGIN:g}; judged by "
+                             "rel_rmse)")
                 continue
             is_map = ref.ndim > 2  # per-location decisions (`decisions`)
             label = ("top1/cell" if is_map else "top1") if kind == "multiclass" else f"decisions@{threshold:g}"
