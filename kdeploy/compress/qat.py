@@ -93,8 +93,10 @@ _CONFIGS: dict[str, type] = {}
 def per_channel_configs() -> dict[str, type]:
     """Layer class name -> a TFMOT QuantizeConfig with one symmetric weight scale per output channel.
 
-    Dense: `LastValueQuantizer(per_axis=True)` over the kernel's last axis (units), TFLite's
-    FULLY_CONNECTED output dimension. DepthwiseConv2D: the kernel (kh, kw, channels, multiplier) is
+    Dense: the kernel rounded to max|w|/127 per unit (its last axis, TFLite's FULLY_CONNECTED output
+    dimension) with a straight-through gradient and no FakeQuant op (`KdeployDenseWeightsQuantizer`:
+    the converter refuses a per-channel FakeQuant there and re-quantizes the rounded constant per unit
+    with the same scale). DepthwiseConv2D: the kernel (kh, kw, channels, multiplier) is
     fake-quantized as (kh, kw, 1, channels * multiplier), the DEPTHWISE_CONV_2D filter's layout, one
     scale per output channel. Activations as TFMOT's default (MovingAverageQuantizer, per tensor).
     """
