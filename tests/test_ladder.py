@@ -16,13 +16,25 @@ from kdeploy.recipes import CALIBRATED_INT8, QAT_INT8, SELECTIVE_INT8, repair_st
 # The group search's conversions, against one-layer-per-try greedy
 # ------------------------------------------------------------------------------------------------
 def _search(monkeypatch, needed: set[str], n_layers: int = 40, max_tries: int = 12, seconds_per_try: float = 0.0,
-            max_seconds: float = 120.0):
+            max_seconds: float = 120.0, width: int = 1, rounds: list | None = None):
     """Runs `_group_search` over a ranking of `n_layers` where a set passes iff it holds every layer of `needed`.
 
     The conversion is replaced by that oracle (each call is one conversion): what is counted is the search's
-    strategy, the number of conversions it spends.
+    strategy, the number of conversions it spends. `width` tries run side by side (threads, as on a host with a
+    free core); `rounds` collects the sizes of each side-by-side round (its wall time is one try's).
     """
     from kdeploy.run import selective
+
+    monkeypatch.setattr(selective, "_width", lambda ctx: width)
+    monkeypatch.setattr(selective, "_calibrated", lambda ctx, ref: None)
+    side_by_side = selective._side_by_side
+
+    def counted(ctx, ref, float_t, plan, tries, nodes):
+        if rounds is not None:
+            rounds.append([len(layers) for layers, _ in plan])
+        return side_by_side(ctx, ref, float_t, plan, tries, nodes)
+
+    monkeypatch.setattr(selective, "_side_by_side", counted)
 
     ranking = [f"l{i}" for i in range(n_layers)]
     calls: list[list[str]] = []
@@ -105,6 +117,31 @@ def test_group_search_stops_when_every_layer_but_one_in_float_fails(monkeypatch)
     assert best is None and chosen == []
     assert [len(c) for c in calls] == [1, 2, 19, 39]  # four conversions, not max_tries
     assert record["all"] == {"layers": 39, "passed": False} and "every ranked layer but one" in record["stopped"]
+
+
+@pytest.mark.parametrize("needed", [{f"l{i}" for i in range(8)}, {"l0", "l1", "l2", "l3"}, {"l1", "l2"}, {"l0", "l35"},
+                                    {"l0", "l39"}, {"l5"}, {"l0"}, {"l3", "l9", "l20"}])
+def test_group_search_two_at_a_time_finds_what_one_at_a_time_finds_in_fewer_rounds(monkeypatch, needed):
+    max_tries = 60  # room for every try: the two searches differ only in how they spend a budget
+    one_rounds: list = []
+    two_rounds: list = []
+    best1, chosen1, record1, calls1 = _search(monkeypatch, needed, max_tries=max_tries, rounds=one_rounds)
+    best2, chosen2, record2, calls2 = _search(monkeypatch, needed, max_tries=max_tries, width=2, rounds=two_rounds)
+
+    assert (best1 is None) == (best2 is None) and chosen1 == chosen2  # the same set, read as the sequential search
+    assert record1.get("stopped") == record2.get("stopped")
+    assert all(len(r) <= 2 for r in two_rounds) and any(len(r) == 2 for r in two_rounds)
+    assert len(two_rounds) < len(one_rounds)  # wall time: one try per round
+    if best2 is not None:
+        assert needed <= set(chosen2)
+
+
+def test_group_search_two_at_a_time_pairs(monkeypatch):
+    rounds: list = []
+    best, chosen, _, calls = _search(monkeypatch, {f"l{i}" for i in range(8)}, max_tries=6, width=2, rounds=rounds)
+
+    # 1 and 2 fail; half (19) and all (39) pass; doubling 4 fails, 8 passes: six conversions in three rounds
+    assert rounds == [[1, 2], [19, 39], [4, 8]] and set(chosen) == {f"l{i}" for i in range(8)}
 
 
 def test_group_search_respects_max_seconds(monkeypatch):

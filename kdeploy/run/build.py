@@ -40,6 +40,8 @@ def build_candidates(ctx: Context) -> Built:
     m, prof = ctx.model, ctx.profile
     recipes = ptq_recipes(prof)
     lane = ConversionLane(ctx, recipes) if ConversionLane.applies(ctx, recipes) else None
+    if lane is not None:
+        ctx.lane_busy = lane.busy
     try:
         ref, reference_artifacts, conversion = _reference(ctx)
         if lane is not None:
@@ -63,6 +65,7 @@ def build_candidates(ctx: Context) -> Built:
     finally:
         if lane is not None:
             lane.close()
+            ctx.lane_busy = lambda: False
     for b, tfl in kept:
         release_tflite(ctx, b, tfl)
     builds += repairs

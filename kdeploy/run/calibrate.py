@@ -30,8 +30,8 @@ from kdeploy.artifacts import Artifact
 from kdeploy.errors import ConversionError
 from kdeploy.recipes import CALIBRATED_INT8, CALIBRATION_METHODS, calibration_recipe
 from kdeploy.run.context import Build, Context
-from kdeploy.run.convert import (ReferenceModel, add_onnx_twin, keeps_tflite, new_build, release_tflite,
-                                 tflite_file)
+from kdeploy.run.convert import (ReferenceModel, add_onnx_twin, keeps_tflite, new_build, reference_float,
+                                 release_tflite)
 from kdeploy.run.judge import judge
 
 CONVERTER_METHOD = "more-samples"
@@ -94,7 +94,7 @@ def _attempt(ctx: Context, ref: ReferenceModel, method: str, samples: dict[str, 
             from kdeploy.artifacts import tflite
 
             art = tflite.convert(ref.savedmodel, "int8", out, samples, [t.name for t in ctx.model.inputs],
-                                 ref.signature_outputs)
+                                 ref.signature_outputs, float_model=reference_float(ctx, ref))
         else:
             art = _quantized(ctx, ref, method, samples, stats, out)
     except ConversionError as e:
@@ -132,9 +132,8 @@ def _quantized(ctx: Context, ref: ReferenceModel, method: str, samples: dict[str
                out: Path) -> Artifact:
     """ai-edge-quantizer's full int8 by `method`, from the fp32 `.tflite` (statistics collected once, in `stats`)."""
     from kdeploy.artifacts import aeq
-    from kdeploy.run.diagnose import FLOAT_REFERENCE, float_tflite
 
-    float_path = float_tflite(ctx) or tflite_file(ctx, ref, ref.savedmodel, "fp32", ctx.work / FLOAT_REFERENCE).path
+    float_path = reference_float(ctx, ref)
     if not stats:
         stats.append(aeq.collect(float_path.read_bytes(), _by_signature(float_path, samples)))
     return aeq.quantize(float_path, stats[0], method, out, list(samples), ref.signature_outputs)

@@ -93,6 +93,7 @@ class Context:
     parallel: bool | None = None  # RunOptions.parallel
     spare: Dataset | None = None  # held back from validation for the calibration repair (data.hold_back), or None
     repair: dict[str, Any] | None = None  # the int8 repair ladder's record (run/ladder), the report's `repair`
+    lane_busy: Callable[[], bool] = lambda: False  # whether the conversion lane's child still works (run/build)
 
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))

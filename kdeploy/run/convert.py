@@ -22,6 +22,7 @@ from kdeploy.runtimes import RUNTIME_FORMATS
 
 SAME_TFLITE = "tf2onnx from the same .tflite"  # how the report names the ONNX route of a twin (`recipe.onnx`)
 CALIBRATED_INT8 = "int8.calibrated.tflite"  # in ctx.work: post-training int8's calibrated model (selective int8's start)
+FLOAT_REFERENCE = "float-reference.tflite"  # in ctx.work: the fp32 .tflite when the target builds none
 
 
 @dataclass
@@ -41,11 +42,18 @@ def convert_tflite(ctx: Context, recipe: Recipe, ref: ReferenceModel, savedmodel
     """
     b = new_build(ctx, recipe)
     ctx.progress("convert", f"TFLite {recipe.name}")
+    post_training_int8 = recipe.name == "int8" and savedmodel is None
+    float_model = None
+    if post_training_int8:  # calibrated from the fp32 .tflite (`artifacts.tflite.calibrated`) where there is one
+        try:
+            float_model = reference_float(ctx, ref)
+        except ConversionError:
+            pass  # the converter refused fp32: int8 converts the SavedModel itself and says why it fails
     try:
         tfl = tflite_file(ctx, ref, savedmodel or ref.savedmodel, recipe.precision,
                           ctx.staging / "artifacts" / f"{recipe.name}.tflite", sparse=recipe.sparse,
-                          calibrated_out=ctx.work / CALIBRATED_INT8 if recipe.name == "int8" and savedmodel is None
-                          else None)
+                          calibrated_out=ctx.work / CALIBRATED_INT8 if post_training_int8 else None,
+                          float_model=float_model)
     except ConversionError as e:
         b.errors.append(str(e))
         return b, None
@@ -61,11 +69,13 @@ def new_build(ctx: Context, recipe: Recipe) -> Build:
 
 
 def tflite_file(ctx: Context, ref: ReferenceModel, savedmodel: Path, precision: str, out: Path,
-                sparse: bool = False, calibrated_out: Path | None = None) -> Artifact:
+                sparse: bool = False, calibrated_out: Path | None = None, float_model: Path | None = None,
+                ) -> Artifact:
     """`savedmodel` converted at `precision` (calibrated on the run's calibration split) to `out`.
 
     Args:
         calibrated_out: int8: also keep the calibrated model there (`artifacts.tflite.convert`).
+        float_model: int8: the fp32 `.tflite` of `savedmodel`, calibrated instead of converting again.
 
     Raises:
         ConversionError: the converter refused it.
@@ -73,7 +83,25 @@ def tflite_file(ctx: Context, ref: ReferenceModel, savedmodel: Path, precision: 
     from kdeploy.artifacts import tflite
 
     return tflite.convert(savedmodel, precision, out, ctx.calibration.inputs, [t.name for t in ctx.model.inputs],
-                          ref.signature_outputs, sparse=sparse, calibrated_out=calibrated_out)
+                          ref.signature_outputs, sparse=sparse, calibrated_out=calibrated_out, float_model=float_model)
+
+
+def float_tflite(ctx: Context) -> Path | None:
+    """The fp32 `.tflite` of the reference model, when converted: the fp32 candidate's, else the one in work."""
+    for p in (ctx.staging / "artifacts" / "fp32.tflite", ctx.work / FLOAT_REFERENCE):
+        if p.is_file():
+            return p
+    return None
+
+
+def reference_float(ctx: Context, ref: ReferenceModel) -> Path:
+    """The fp32 `.tflite` of the reference model (`float_tflite`), converted into work when the target builds none
+    yet (an int8-only target).
+
+    Raises:
+        ConversionError: the converter refused fp32.
+    """
+    return float_tflite(ctx) or tflite_file(ctx, ref, ref.savedmodel, "fp32", ctx.work / FLOAT_REFERENCE).path
 
 
 def keeps_tflite(ctx: Context) -> bool:
@@ -228,6 +256,10 @@ class ConversionLane:
                                     on_progress=lambda text: self.ctx.progress("convert", f"{text} (lane)"))
         except BaseException as e:  # re-raised in the calling thread by `finish` (Ctrl-C included)
             self.result = e
+
+    def busy(self) -> bool:
+        """Whether the child still converts (it has a core of its own until then)."""
+        return self.thread.is_alive()
 
     def reference(self, ref: ReferenceModel) -> None:
         """The reference SavedModel is exported: the child may start converting."""

@@ -38,6 +38,15 @@ from kdeploy.runtimes import RUNTIME_FORMATS
 LATENCY_NOTE = "latency budget: judged in evaluation"
 
 
+def runs_tflite_only(ctx: Context) -> bool:
+    """Whether every runtime the judge runs takes the `.tflite` itself: no ONNX twin is converted (tf2onnx, as heavy
+    as a conversion and not to be run in two threads at once) for each judged artifact."""
+    prof = ctx.profile
+    judged = list(prof.runtimes) + (list(ctx.wanted_runtimes) if gates_consistency(
+        "int8", prof.consistency.gate_quantized) else [])
+    return all(RUNTIME_FORMATS[rt] == "tflite" for rt in judged)
+
+
 def failed_text(runtime: str) -> str:
     """How the judge words a run that failed on `runtime` (the detail starts with it)."""
     return f"{runtime} failed:"

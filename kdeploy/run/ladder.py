@@ -32,7 +32,7 @@ from kdeploy.recipes import RepairStep, repair_steps
 from kdeploy.report.model import Candidate
 from kdeploy.run.context import Build, Context
 from kdeploy.run.convert import ReferenceModel
-from kdeploy.run.judge import judge
+from kdeploy.run.judge import judge, runs_tflite_only
 from kdeploy.runtimes import RUNTIME_FORMATS
 
 # TFLite's int8 softmax output has a fixed quantization (scale 1/256, zero point -128, TFLite's
@@ -103,12 +103,7 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
 def _light_search(ctx: Context) -> bool:
     """Whether the selective search may run beside the conversion lane: every runtime its judge runs takes the
     `.tflite` itself (an ONNX Runtime judge converts each try with tf2onnx, as heavy as the lane's own work)."""
-    from kdeploy.acceptance import gates_consistency
-
-    prof = ctx.profile
-    judged = list(prof.runtimes) + (list(ctx.wanted_runtimes) if gates_consistency(
-        "int8", prof.consistency.gate_quantized) else [])
-    return all(RUNTIME_FORMATS[rt] == "tflite" for rt in judged)
+    return runs_tflite_only(ctx)
 
 
 def _labelled(ctx: Context) -> bool:

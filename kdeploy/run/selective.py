@@ -26,6 +26,7 @@ denylisted_nodes=...)`, the float `.tflite`'s output tensor names).
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -35,9 +36,11 @@ from kdeploy.debug.locate import crash_site, describe, matching_node, parse_fail
 from kdeploy.errors import ConversionError
 from kdeploy.recipes import selective_recipe
 from kdeploy.run.context import Build, Context
-from kdeploy.run.convert import CALIBRATED_INT8, ReferenceModel, add_onnx_twin, keeps_tflite, tflite_file
-from kdeploy.run.diagnose import FLOAT_REFERENCE, float_tflite, layer_namer, layer_order, layer_tensors
-from kdeploy.run.judge import failed_text, judge  # noqa: F401 (judge: also the calibration step's import)
+from kdeploy.run.convert import CALIBRATED_INT8, ReferenceModel, add_onnx_twin, keeps_tflite, reference_float
+from kdeploy.run.diagnose import layer_namer, layer_order, layer_tensors
+from kdeploy.run.judge import failed_text, judge, runs_tflite_only  # noqa: F401 (judge: also the calibration step's import)
+
+_QUANTIZER = threading.Lock()
 
 LITERT_FAILED = failed_text("litert")  # how `judge` words a try that LiteRT did not run
 INPUT_LAYERS = ("Normalization", "Rescaling")  # in-model preprocessing a user can move before the model
@@ -73,7 +76,7 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
         ctx.finding("warning", "selective-int8-failed", f"full int8 fails ({detail}): the runtime names no node, so "
                                                         "there is no op to keep in float")
         return []
-    float_path = float_tflite(ctx) or tflite_file(ctx, ref, ref.savedmodel, "fp32", ctx.work / FLOAT_REFERENCE).path
+    float_path = reference_float(ctx, ref)
     if crashed:  # the crashing int8 has no tensors to dump
         (float_t,) = layer_tensors(ctx, [float_path], int8.io)
     else:
@@ -168,6 +171,12 @@ def _group_search(ctx: Context, ref: ReferenceModel, float_t, ranking: list[str]
     when `selective.max_tries` or `selective.max_seconds` would be exceeded; the smallest passing
     set found so far is the result.
 
+    Where a core is free (`_width`), two tries run side by side: 1 and 2, half and all, two
+    doublings, the two thirds of a bisection, and in thinning the set without the next layer beside the
+    set without the next two. Each verdict is read as the one-at-a-time search would: the smallest passing
+    size of a pair wins; the second drop counts only where the first passed (then it was tried on the set
+    the one-at-a-time search would try next), else it is tried again.
+
     Returns:
         (the passing `.tflite` or None, the layers chosen from `ranking`, the search record:
         `half` and `all` (those sizes and whether they passed), `stopped` (why, when nothing passed)).
@@ -177,29 +186,35 @@ def _group_search(ctx: Context, ref: ReferenceModel, float_t, ranking: list[str]
     if not ranking:
         return None, [], {"stopped": "no layer with ops left to keep in float"}
     verdicts: dict[int, bool] = {}
-    best: tuple[Artifact | None, list[str]] = (None, [])
+    width = _width(ctx)
 
-    def attempt(k: int, phase: str, layers: list[str] | None = None) -> bool | None:
-        if not _budget_left(ctx, tries, started):
-            return None
-        chosen = ranking[:k] if layers is None else layers
-        art, ok, _ = _try(ctx, ref, float_t, [*base, *chosen], len(tries), tries, nodes, phase)
-        if layers is None:
-            verdicts[k] = ok
-        if ok:
-            nonlocal best
-            best = (art, chosen)
-        return ok
+    def attempt(plan: list[tuple[str, list[str]]]) -> list[tuple[Artifact | None, bool | None]]:
+        """Tries each (phase, layers from `ranking`), side by side; (None, None) where the budget ran out."""
+        room = min(len(plan), ctx.profile.selective.max_tries - len(tries)) if _budget_left(ctx, tries, started) else 0
+        done = _side_by_side(ctx, ref, float_t, [([*base, *chosen], phase) for phase, chosen in plan[:room]], tries,
+                             nodes) if room else []
+        for (_, chosen), (_, ok) in zip(plan, done):
+            if chosen == ranking[:len(chosen)]:
+                verdicts[len(chosen)] = ok
+        return done + [(None, None)] * (len(plan) - room)
 
-    lo, hi = 0, None  # the largest failing and the smallest passing prefix size
-    for k in dict.fromkeys(k for k in (1, 2, half, len(ranking)) if k <= len(ranking)):
-        ok = attempt(k, "half" if k == half else "all" if k == len(ranking) else "grow")
-        if ok is None:
-            break
-        if ok:
-            hi = k
-            break
-        lo = k
+    def sizes(ks: list[int], lo: int, hi: int | None) -> tuple[int, int | None, Artifact | None, bool]:
+        """Prefix sizes `ks` (ascending), `width` at a time, up to the first that passes: (largest failing, smallest
+        passing, its artifact, whether the budget ran out)."""
+        for i in range(0, len(ks), width):
+            chunk = ks[i:i + width]
+            phases = ["half" if k == half else "all" if k == len(ranking) else "grow" if hi is None else "bisect"
+                      for k in chunk]
+            for k, (art, ok) in zip(chunk, attempt([(ph, ranking[:k]) for ph, k in zip(phases, chunk)])):
+                if ok is None:
+                    return lo, hi, None, True
+                if ok:
+                    return lo, k, art, False
+                lo = k
+        return lo, hi, None, False
+
+    lo, hi, art, out = sizes(list(dict.fromkeys(k for k in (1, 2, half, len(ranking)) if k <= len(ranking))), 0, None)
+    best: tuple[Artifact | None, list[str]] = (art, ranking[:hi]) if hi is not None else (None, [])
     for key in ("half", "all"):
         if record[key]["layers"] in verdicts:
             record[key]["passed"] = verdicts[record[key]["layers"]]
@@ -211,28 +226,69 @@ def _group_search(ctx: Context, ref: ReferenceModel, float_t, ranking: list[str]
             record["stopped"] = _budget_text(ctx, tries, started)
         return None, [], record
     k = max(lo * 2, 4)
-    while k < hi:  # doubling up to the first passing size below the cap
-        ok = attempt(k, "grow")
-        if ok is None:
-            break
-        if ok:
-            hi = k
-            break
-        lo, k = k, k * 2
-    while hi - lo > 1 and _budget_left(ctx, tries, started):  # bisect between the failing and the passing size
-        mid = (lo + hi) // 2
-        ok = attempt(mid, "bisect")
-        if ok is None:
-            break
-        lo, hi = (lo, mid) if ok else (mid, hi)
+    doublings = []
+    while k < hi:
+        doublings.append(k)
+        k *= 2
+    if doublings and not out:
+        lo, found, art, out = sizes(doublings, lo, None)
+        if found is not None and found < hi:
+            hi, best = found, (art, ranking[:found])
+    while hi - lo > 1 and not out:  # bisect (in thirds, two at a time) between the failing and the passing size
+        mids = sorted({lo + (hi - lo) * j // (width + 1) for j in range(1, width + 1)} - {lo, hi})
+        lo, found, art, out = sizes(mids, lo, hi)
+        if found is not None and found < hi:
+            hi, best = found, (art, ranking[:found])
     chosen = best[1]
-    for layer in reversed(chosen[:-1]):  # thinning: the ranking is a heuristic
-        fewer = [x for x in chosen if x != layer]
-        if attempt(len(fewer), "thin", fewer) is None:
-            break
-        if best[1] == fewer:
-            chosen = fewer
+    queue = list(reversed(chosen[:-1]))  # thinning: the ranking is a heuristic
+    while queue and not out:
+        # side by side: the set without the next layer, and without the next two (what one at a time tries second
+        # when the first drop passes); the second verdict counts only where the first drop passed
+        sets = [[x for x in chosen if x not in queue[:j]] for j in range(1, min(width, len(queue)) + 1)]
+        done = attempt([("thin", fewer) for fewer in sets])
+        out = any(ok is None for _, ok in done)
+        decided = 0
+        for fewer, (art, ok) in zip(sets, done):
+            if ok is None:
+                break
+            decided += 1
+            if not ok:
+                break
+            chosen, best = fewer, (art, fewer)
+        queue = queue[decided:]  # a failed drop keeps its layer float and ends the round's verdicts
     return best[0], best[1], record
+
+
+def _width(ctx: Context) -> int:
+    """Tries side by side: two where a core is free (a multi-core host whose conversion lane is done) and the judge
+    converts nothing (`runs_tflite_only`), else one."""
+    import os
+
+    return 2 if (os.cpu_count() or 1) >= 2 and not ctx.lane_busy() and runs_tflite_only(ctx) else 1
+
+
+def _side_by_side(ctx: Context, ref: ReferenceModel, float_t, plan: list[tuple[list[str], str]], tries: list[dict],
+                  nodes: list[str]) -> list[tuple[Artifact | None, bool]]:
+    """Runs the tries of `plan` ((layers, phase)) in threads (the quantizer one at a time, the judges' LiteRT children
+    side by side); recorded in `tries` in plan order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _calibrated(ctx, ref)  # made once, before any thread reads it
+    first = len(tries)
+    rows: list[list[dict]] = [[] for _ in plan]
+
+    def one(i: int) -> tuple[Artifact | None, bool]:
+        art, ok, _ = _try(ctx, ref, float_t, plan[i][0], first + i, rows[i], nodes, plan[i][1])
+        return art, ok
+
+    if len(plan) <= 1:
+        done = [one(i) for i in range(len(plan))]
+    else:
+        with ThreadPoolExecutor(len(plan), thread_name_prefix="kdeploy-try") as pool:
+            done = list(pool.map(one, range(len(plan))))
+    for r in rows:
+        tries.extend(r)
+    return done
 
 
 def _budget_left(ctx: Context, tries: list[dict], started: float) -> bool:
@@ -264,8 +320,9 @@ def _try(ctx: Context, ref: ReferenceModel, float_t, layers: list[str], n: int,
                               f"{_short([*layers, *extra_nodes])}")
     row: dict = {"phase": phase, "float_layers": list(layers), **_nodes_row(extra_nodes)}
     try:
-        art = quantize_calibrated(_calibrated(ctx, ref), ctx.work / f"int8-mixed-{n}.tflite",
-                                  [t.name for t in ctx.model.inputs], ref.signature_outputs, nodes)
+        with _QUANTIZER:  # TensorFlow's quantizer reports errors through process-wide state: one call at a time
+            art = quantize_calibrated(_calibrated(ctx, ref), ctx.work / f"int8-mixed-{n}.tflite",
+                                      [t.name for t in ctx.model.inputs], ref.signature_outputs, nodes)
     except ConversionError as e:
         tries.append({**row, "passed": False, "detail": str(e), "seconds": round(time.perf_counter() - t0, 3)})
         return None, False, str(e)
@@ -366,12 +423,12 @@ def _crash_text(ctx: Context, site: dict | None, detail: str) -> str:
 def _calibrated(ctx: Context, ref: ReferenceModel) -> Path:
     """Post-training int8's calibrated model (kept by its conversion; calibrated here once when it was reused
     from the cache): every try quantizes it again with other ops in float, without calibrating again."""
-    from kdeploy.artifacts.tflite import calibrate
+    from kdeploy.artifacts.tflite import calibrated
 
     path = ctx.work / CALIBRATED_INT8
     if not path.is_file():
         ctx.progress("selective", "calibrating int8 once for the search")
-        calibrate(ref.savedmodel, path, ctx.calibration.inputs)
+        path.write_bytes(calibrated(reference_float(ctx, ref), ctx.calibration.inputs))
     return path
 
 
