@@ -176,3 +176,31 @@ def test_select_picks_the_faster_when_spreads_do_not_overlap_and_reports_no_tie(
     fp32 = _timed("fp32", "fp32", p25=11.5, p50=12.0, p75=12.5)
     selection = select([int8, fp32], prof)
     assert selection["selected"] == "int8" and selection["tie"] is None
+
+
+def test_a_failed_candidate_is_timed_in_the_first_round_only(tmp_path):
+    """`first_round_only` (evaluate marks candidates that already failed, without labels): a quarter of the
+    iterations, the same artifact beside it timed in full."""
+    import keras
+    import numpy as np
+
+    from kdeploy.artifacts import tflite
+    from kdeploy.profiles import resolve_profile
+    from kdeploy.run.timing import timing_kwargs
+    from kdeploy.runtimes.jobs import InterleaveJob, TimingEntry
+    from kdeploy.runtimes.worker import run_isolated
+
+    model = keras.saving.load_model(FIXTURES / "cancer_mlp.keras")
+    sm = tmp_path / "sm"
+    model.export(str(sm), format="tf_saved_model", verbose=False)
+    name = model.inputs[0].name
+    art = tflite.convert(sm, "fp32", tmp_path / "m.tflite", None, [name], ["output_0"])
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, **{name: np.random.default_rng(0).normal(size=(4, *model.inputs[0].shape[1:])).astype("float32")})
+    timing = {**timing_kwargs(resolve_profile("cpu-edge")), "min_iters": 400, "min_seconds": 0.0}
+    entries = [TimingEntry(key=f"{n}@1@1", name=n, artifact_path=str(art.path), io=art.io, threads=1, batch=1,
+                           first_round_only=n == "failed") for n in ("failed", "contender")]
+    _, result = run_isolated(InterleaveJob(runtime="litert", feeds_path=str(feeds), entries=entries, rounds=4,
+                                           timing=timing), tmp_path / "job")
+    samples = {r["key"].split("@")[0]: r["samples"] for r in result["latency"]}
+    assert samples == {"failed": 100, "contender": 400}

@@ -112,9 +112,12 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
             c.robustness += [RobustnessOut(**row) for row in
                              agreement(probe, desc, runtime, ref, got, names, m.output_kinds, prof.robustness)]
     release_memory()  # the fidelity runs' outputs and the parent's freed heap, before the timing child loads every artifact
+    # Without labels no task budget can accept a failed fidelity check afterwards (`task_checks`): such a
+    # candidate is out of the selection, and its latency is timed for the report only.
+    failed = set() if ctx.validation.labels else {c.name for c in candidates if any(not k.passed for k in c.checks)}
     with timing_lock() as waited:  # batch jobs on one host time (and re-measure) one at a time
         for runtime, entries in ran.items():
-            time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on)
+            time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on, failed)
         for c, b in zip(candidates, builds):
             _cross_compare(ctx, c, b, outputs[c.name], names)
             c.compute = counted.get(b.name, {})

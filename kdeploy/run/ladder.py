@@ -47,12 +47,13 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
 
     Args:
         builds: the post-training builds (full int8's `.tflite` among them).
-        before_steps: called once before the first heavy work of a step (build.py finishes its
-            conversion lane there): calibration's conversions, QAT's training child, the selective
-            candidate's ONNX twin. The selective search itself (quantizer calls on int8's calibrated
-            flatbuffer, LiteRT children) runs beside the lane: on the MobileNetV2-224 of issue 19 it
-            then costs no wall time; when each try converted from the SavedModel, the search beside
-            the lane's last ONNX conversion set the run's peak memory.
+        before_steps: called before the first heavy work of a step (build.py finishes its conversion
+            lane there; later calls return at once): calibration's conversions, QAT's training child,
+            the selective search's per-layer tensors and its candidate's ONNX twin. Full int8's judge
+            runs beside the lane, and so would the selective tries (quantizer calls on int8's
+            calibrated flatbuffer, LiteRT children); the per-layer tensors of its ranking beside the
+            lane's last tf2onnx conversions set the run's peak (MobileNetV2-224: 1.31x the bare
+            script's PSS), so they wait.
     """
     prof = ctx.profile
     int8 = next((a for b in builds if b.name == "int8" for a in b.artifacts if a.format == "tflite"), None)
@@ -91,7 +92,7 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
 
                 offer(ctx, f"not tried ({skip})")
             continue
-        made = _run(ctx, ref, builds, step, (passed, detail), row, before_steps)  # selective: before its twin
+        made = _run(ctx, ref, builds, step, (passed, detail), row, before_steps)  # selective: before its dumps
         out += made
         if row["passed"]:
             record["repaired_by"] = step.recipe
@@ -135,7 +136,7 @@ def below_int8_resolution(ctx: Context) -> str | None:
 
 
 def _run(ctx: Context, ref: ReferenceModel, builds: list[Build], step: RepairStep, verdict: tuple[bool, str],
-         row: dict[str, Any], before_twin: Callable[[], None] | None = None) -> list[Build]:
+         row: dict[str, Any], before_heavy: Callable[[], None] | None = None) -> list[Build]:
     """Runs one step with full int8's verdict and fills its row; returns the candidates it made."""
     t0, seen = time.perf_counter(), len(ctx.findings)
     extra: dict[str, Any] = {}
@@ -146,7 +147,7 @@ def _run(ctx: Context, ref: ReferenceModel, builds: list[Build], step: RepairSte
     elif step.step == "selective":
         from kdeploy.run.selective import selective_builds
 
-        made = selective_builds(ctx, ref, builds, verdict, log=extra, before_twin=before_twin)
+        made = selective_builds(ctx, ref, builds, verdict, log=extra, before_heavy=before_heavy)
     else:
         from kdeploy.run.qat import qat_builds, skip_reason
 

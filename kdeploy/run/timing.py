@@ -22,11 +22,15 @@ INTERLEAVE_ROUNDS = 4
 
 
 def time_candidates(ctx: Context, runtime: str, entries: list[tuple[Candidate, Artifact]], batches: list[int],
-                     feeds_path: Path, measured_on: str) -> None:
+                     feeds_path: Path, measured_on: str, failed: set[str] = frozenset()) -> None:
     """Times every artifact that ran on `runtime`, round-robin in one child process; records cold and warm figures.
 
     Falls back to one timing process per artifact when the shared one fails (a runtime that
     crashes on one artifact must not cost the others their figures).
+
+    Args:
+        failed: candidates that already failed a check no later one can turn: no selection reads their
+            latency, so they are timed in the first round only (a quarter of the iterations), for the report.
     """
     if not entries:
         return
@@ -35,7 +39,7 @@ def time_candidates(ctx: Context, runtime: str, entries: list[tuple[Candidate, A
     max_threads = runner_class(runtime).max_threads
     threads = [t for t in prof.threads if max_threads is None or t <= max_threads] or [1]
     plan = [TimingEntry(key=f"{c.name}@{t}@{bs}", name=c.name, artifact_path=str(art.path), io=art.io, threads=t,
-                        batch=bs)
+                        batch=bs, first_round_only=c.name in failed)
             for c, art in entries for t in threads for bs in batches if bs <= n]
     by_name = {c.name: c for c, _ in entries}
     ctx.progress("latency", f"timing {len(entries)} candidate(s) on {runtime}, round-robin in one process")

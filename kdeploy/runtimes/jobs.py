@@ -39,6 +39,7 @@ class TimingEntry:
     io: dict
     threads: int
     batch: int
+    first_round_only: bool = False  # a candidate already failed: timed for the report, not for a selection
 
 
 @dataclass

@@ -127,7 +127,8 @@ def run_interleaved(job: InterleaveJob) -> dict:
     `measure`, for each entry's total). Each artifact's first load
     and first batch-1 inference are its cold figures (`cold`: name -> load_ms, first_inference_ms).
     An entry more than OUTLIER_FACTOR times slower than the fastest after the first round is timed
-    no further (its `samples` show it); a budget verdict near its limit is re-measured anyway.
+    no further (its `samples` show it), nor is one marked `first_round_only` (a candidate that already
+    failed: its figures are for the report); a budget verdict near its limit is re-measured anyway.
     """
     import contextlib
     import math
@@ -164,7 +165,7 @@ def run_interleaved(job: InterleaveJob) -> dict:
                 got, _ = measure(runner, fb, warmup=t["warmup"] if r == 0 else 1, min_samples=2, **per_round)
                 times[e.key] += got
             if r == 0:
-                dropped = _outliers(loaded, times)
+                dropped = _outliers(loaded, times) | {e.key for e, _, _ in loaded if e.first_round_only}
     rows = []
     for e in job.entries:
         stats = summarize(times[e.key])
