@@ -22,7 +22,6 @@ from kdeploy.runtimes import RUNTIME_FORMATS
 
 SAME_TFLITE = "tf2onnx from the same .tflite"  # how the report names the ONNX route of a twin (`recipe.onnx`)
 CALIBRATED_INT8 = "int8.calibrated.tflite"  # in ctx.work: post-training int8's calibrated model (selective int8's start)
-FLOAT_REFERENCE = "float-reference.tflite"  # in ctx.work: the fp32 .tflite when the target builds none
 
 
 @dataclass
@@ -86,21 +85,15 @@ def tflite_file(ctx: Context, ref: ReferenceModel, savedmodel: Path, precision: 
                           ref.signature_outputs, sparse=sparse, calibrated_out=calibrated_out, float_model=float_model)
 
 
-def float_tflite(ctx: Context) -> Path | None:
-    """The fp32 `.tflite` of the reference model, when converted: the fp32 candidate's, else the one in work."""
-    for p in (ctx.staging / "artifacts" / "fp32.tflite", ctx.work / FLOAT_REFERENCE):
-        if p.is_file():
-            return p
-    return None
-
-
 def reference_float(ctx: Context, ref: ReferenceModel) -> Path:
-    """The fp32 `.tflite` of the reference model (`float_tflite`), converted into work when the target builds none
-    yet (an int8-only target).
+    """The fp32 `.tflite` of the reference model (`diagnose.float_tflite`), converted into work when the target
+    builds none yet (an int8-only target).
 
     Raises:
         ConversionError: the converter refused fp32.
     """
+    from kdeploy.run.diagnose import FLOAT_REFERENCE, float_tflite
+
     return float_tflite(ctx) or tflite_file(ctx, ref, ref.savedmodel, "fp32", ctx.work / FLOAT_REFERENCE).path
 
 

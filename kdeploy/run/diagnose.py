@@ -36,8 +36,9 @@ from kdeploy.loading import keras_args
 from kdeploy.subclassed import layer_outputs
 from kdeploy.report.model import Candidate
 from kdeploy.run.context import Build, Context
-from kdeploy.run.convert import float_tflite
 from kdeploy.util import file_sha256
+
+FLOAT_REFERENCE = "float-reference.tflite"  # in ctx.work: the fp32 .tflite when the target builds none
 
 
 def task_checks(ctx: Context, c: Candidate, b: Build, outputs: dict[str, list[np.ndarray]]) -> None:
@@ -133,6 +134,14 @@ def layer_samples(ctx: Context, float_path: Path) -> int:
         per_sample = sum(t.elements * 4 for t in graph.tensors if not t.constant)  # kept as float32
         ctx.layer_samples = min(len(ctx.validation), layer_samples_for(per_sample, ctx.profile.selective.samples))
     return ctx.layer_samples
+
+
+def float_tflite(ctx: Context) -> Path | None:
+    """The fp32 `.tflite` of the reference model: the fp32 candidate's, else the one the build made in work."""
+    for p in (ctx.staging / "artifacts" / "fp32.tflite", ctx.work / FLOAT_REFERENCE):
+        if p.is_file():
+            return p
+    return None
 
 
 def diagnose(ctx: Context, candidates: list[Candidate], builds: list[Build]) -> None:
