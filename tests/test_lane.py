@@ -1,5 +1,5 @@
-"""The conversion lane (`run.convert.ConversionLane`): a second process converts the dynamic-range and
-float16 `.tflite` files and every ONNX twin; the run must come out as if one process had done it all."""
+"""The conversion lane (`run.convert.ConversionLane`): a second process converts the dynamic-range `.tflite`
+and every ONNX twin; the run must come out as if one process had done it all."""
 
 import os
 from types import SimpleNamespace
@@ -57,9 +57,9 @@ def test_a_crashed_lane_costs_no_candidate(tmp_path, monkeypatch):
     assert _summary(crashed) == _summary(one) and all(c.passed for c in crashed.candidates)
 
 
-def test_lane_converts_only_uncalibrated_post_training_recipes_besides_fp32():
+def test_lane_converts_only_the_dynamic_range_tflite():
     taken = [r.name for r in ptq_recipes(resolve_profile("cpu-edge")) if ConversionLane.converts(r)]
-    assert taken == ["dynamic", "fp16"]  # fp32 stays (the inspection reads it), int8 needs the calibration data
+    assert taken == ["dynamic"]  # fp32 stays (the inspection reads it, int8 calibrates from it); fp16 beside int8
 
 
 @pytest.mark.parametrize("params, fits", [(15_000, False), (3_500_000, True), (7_200_000, False), (25_600_000, False),

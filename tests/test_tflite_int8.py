@@ -1,4 +1,4 @@
-"""Full int8 calibrated from the fp32 `.tflite` is the converter's own int8, byte for byte (`artifacts.tflite.calibrated`)."""
+"""Full int8 calibrated from the fp32 `.tflite` is the converter's own int8, byte for byte (`tflite.calibrated`)."""
 
 from __future__ import annotations
 

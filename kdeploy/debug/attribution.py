@@ -71,8 +71,7 @@ def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name
     return [LayerDump(out, i, meta, nf) for i, (meta, nf) in enumerate(zip(result["artifacts"], bad))]
 
 
-def _rel_rmse(ref: np.ndarray, got: np.ndarray) -> float:
-    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+def _rel_rmse(ref64: np.ndarray, got64: np.ndarray) -> float:
     rng = float(ref64.max() - ref64.min()) or 1.0
     return float(np.sqrt(np.mean((got64 - ref64) ** 2)) / rng)
 
@@ -91,8 +90,9 @@ def sensitivity(float_t: LayerTensors, cand: LayerTensors, order: list[str]) -> 
         f, c = float_t.outputs.get(layer), cand.outputs.get(layer)
         if f is None or c is None or f.shape != c.shape or not np.all(np.isfinite(c)):
             continue
-        rel[layer] = _rel_rmse(f, c)
-        cos[layer] = float(cosines(f.astype(np.float64), c.astype(np.float64)).mean())
+        f64, c64 = f.astype(np.float64), c.astype(np.float64)  # once per layer, for both figures
+        rel[layer] = _rel_rmse(f64, c64)
+        cos[layer] = float(cosines(f64, c64).mean())
     loss = {layer: 1.0 - c for layer, c in cos.items()}
     added = {layer: max(0.0, v - max((loss.get(p, 0.0) for p in cand.meta[layer]["fed_by"]), default=0.0))
              for layer, v in loss.items()}

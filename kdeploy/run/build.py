@@ -99,16 +99,18 @@ def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: 
         The builds (in recipe order); (build, its `.tflite`) of each candidate kept so far
         (`release_tflite` is the caller's); the sha256 -> precision of those `.tflite` files.
     """
-    builds: list[Build] = []
+    made: dict[str, Build] = {}
     kept: list[tuple[Build, Artifact]] = []
     seen: dict[str, str] = {}  # sha256 -> precision, to drop recipes that changed nothing
-    for recipe in recipes:
+    # fp32 first (the calibrated recipes start from its .tflite, the inspection reads it), then the calibrated
+    # ones (the ladder's full int8, and the lane's ONNX twin of it, wait for them), then the rest
+    for recipe in sorted(recipes, key=lambda r: (r.precision != "fp32", not r.calibration)):
         if lane is not None and lane.converts(recipe):
-            builds.append(new_build(ctx, recipe))  # its .tflite comes from the lane (`finish`)
+            made[recipe.name] = new_build(ctx, recipe)  # its .tflite comes from the lane (`finish`)
             continue
         b, tfl = _convert_here(ctx, ref, recipe, seen, twin=lane is None or not lane.takes(recipe))
         if b is not None:
-            builds.append(b)
+            made[recipe.name] = b
         if tfl is None:
             if lane is not None:
                 lane.skip(recipe)
@@ -116,7 +118,7 @@ def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: 
         if lane is not None and lane.takes(recipe):
             lane.ready(recipe)
         kept.append((b, tfl))
-    return builds, kept, seen
+    return [made[r.name] for r in recipes if r.name in made], kept, seen
 
 
 def _convert_here(ctx: Context, ref: ReferenceModel, recipe: Recipe, seen: dict[str, str], twin: bool,

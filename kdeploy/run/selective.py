@@ -38,7 +38,7 @@ from kdeploy.recipes import selective_recipe
 from kdeploy.run.context import Build, Context
 from kdeploy.run.convert import CALIBRATED_INT8, ReferenceModel, add_onnx_twin, keeps_tflite, reference_float
 from kdeploy.run.diagnose import layer_namer, layer_order, layer_tensors
-from kdeploy.run.judge import failed_text, judge, runs_tflite_only  # noqa: F401 (judge: also the calibration step's import)
+from kdeploy.run.judge import failed_text, judge, runs_tflite_only  # noqa: F401 (judge: calibrate imports it here)
 
 _QUANTIZER = threading.Lock()
 
