@@ -57,7 +57,6 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     """
     m, prof = ctx.model, ctx.profile
     feeds_path = _write_feeds(ctx)
-    fixed_batch = m.inputs[0].shape[0]
     batches = _batches(ctx, finding=True)
     names = [t.name for t in m.outputs]
     measured_on = _measured_on(ctx)
@@ -73,13 +72,14 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
                                            precision=art.precision, source=art.source, size_bytes=art.size_bytes,
                                            gzip_bytes=art.gzip_bytes, sha256=art.sha256, pairing=art.pairing))
             for runtime in (rt for rt in ctx.wanted_runtimes if RUNTIME_FORMATS[rt] == art.format):
-                job = RunJob(runtime=runtime, artifact_path=str(art.path), io=art.io, feeds_path=str(feeds_path),
-                             fidelity_batch=fixed_batch or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
-                             probes_path=str(probes_path) if runtime == prof.runtimes[0] and probes_path else None)
-                runs.append((c, b, art, runtime, job, ctx.work / f"{b.name}-{runtime}"))
+                job, job_dir = _fidelity_job(ctx, b, art, runtime, feeds_path, probes_path)
+                runs.append((c, b, art, runtime, job, job_dir))
     labels = [f"{c.name} on {rt}" + (" (fidelity)" if rt in prof.runtimes else " (cross-check)")
               for c, _, _, rt, _, _ in runs]
-    results = _run_parallel(ctx, [(label, job, d) for label, (_, _, _, _, job, d) in zip(labels, runs)])
+    ahead = [ctx.prefetched.get((str(art.path), art.sha256, rt)) for _, _, art, rt, _, _ in runs]
+    todo = [i for i, got in enumerate(ahead) if got is None]
+    fresh = iter(_run_parallel(ctx, [(labels[i], runs[i][4], runs[i][5]) for i in todo]))
+    results = [next(fresh) if got is None else got for got in ahead]
     outputs: dict[str, dict[str, list[np.ndarray]]] = {c.name: {} for c in candidates}
     ran: dict[str, list[tuple[Candidate, Artifact]]] = {rt: [] for rt in prof.runtimes}
     peak_not_reset = False
@@ -180,9 +180,10 @@ def _passes(c: Candidate) -> bool:
 
 
 def _write_feeds(ctx: Context) -> Path:
-    """The validation inputs as the workers read them."""
+    """The validation inputs as the workers read them (written once)."""
     path = ctx.work / "validation.npz"
-    np.savez(path, **ctx.validation.inputs)
+    if not path.is_file():
+        np.savez(path, **ctx.validation.inputs)
     return path
 
 
@@ -202,6 +203,38 @@ def _batches(ctx: Context, finding: bool) -> list[int]:
                         f"profile were reduced to {batches or [fixed_batch]}")
         batches = batches or [fixed_batch]
     return batches
+
+
+def _fidelity_job(ctx: Context, b: Build, art: Artifact, runtime: str, feeds_path: Path,
+                  probes_path: Path | None) -> tuple[RunJob, Path]:
+    """Evaluation's run of `art` on `runtime`: fidelity on the validation inputs, memory, and the robustness probes
+    on the target's first runtime; and its job folder."""
+    prof = ctx.profile
+    job = RunJob(runtime=runtime, artifact_path=str(art.path), io=art.io, feeds_path=str(feeds_path),
+                 fidelity_batch=ctx.model.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
+                 probes_path=str(probes_path) if runtime == prof.runtimes[0] and probes_path else None)
+    return job, ctx.work / f"{b.name}-{runtime}"
+
+
+def run_ahead(ctx: Context, builds: list[Build], busy) -> None:
+    """Evaluation's runs of the artifacts built so far, one at a time while `busy()` (this process would otherwise
+    wait for the conversion lane); `evaluate` takes their results instead of running them again
+    (`Context.prefetched`, keyed by artifact path, sha256 and runtime). Deployed runtimes first."""
+    probes_path = probe_inputs(ctx)[1]
+    feeds_path = _write_feeds(ctx)
+    todo = [(b, a, rt) for rt in ctx.wanted_runtimes for b in builds for a in b.artifacts
+            if RUNTIME_FORMATS[rt] == a.format and (str(a.path), a.sha256, rt) not in ctx.prefetched]
+    for b, art, runtime in todo:
+        if not busy():
+            return
+        job, job_dir = _fidelity_job(ctx, b, art, runtime, feeds_path, probes_path)
+        ctx.progress("run", f"{b.name} on {runtime} (" + ("fidelity" if runtime in ctx.profile.runtimes
+                                                         else "cross-check") + ", while the lane converts)")
+        try:
+            got = run_isolated(job, job_dir, timeout_s=ctx.profile.timing.timeout_s)
+        except RuntimeFailure as e:
+            got = e
+        ctx.prefetched[(str(art.path), art.sha256, runtime)] = got
 
 
 def _run_parallel(ctx: Context, jobs: list[tuple[str, RunJob, Path]]) -> list:
