@@ -73,6 +73,11 @@ def test_recalibration_repairs_int8_that_min_max_breaks(repaired):
     # The ladder stops at the first step that passes: no selective search, no QAT.
     assert {c.name for c in report.candidates} == {"fp32", "int8", CALIBRATED_INT8}
     assert not any(s == "selective" for s, _ in stages)
+    # Full int8's judge ran the very job evaluation makes of its file (validation inputs and probes in one LiteRT
+    # child): evaluation reused it, with its figures and probe rows, instead of running it again.
+    assert ("run", "int8 on litert (fidelity)") not in stages and ("run", "fp32 on litert (fidelity)") in stages
+    assert {r.probe for r in full.robustness if r.runtime == "litert"} == {"noise", "shift_scale", "edge"}
+    assert next(f for f in full.fidelity if f.runtime == "litert").samples == 172
     # The ONNX twin of the quantizer's graph runs on ONNX Runtime (cross-check) at the validation batch.
     assert any(a.format == "onnx" for a in cal.artifacts)
     onnx = next(f for f in cal.fidelity if f.runtime == "onnxruntime")

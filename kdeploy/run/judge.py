@@ -17,7 +17,8 @@ uses (`compare.compare`, `run.checks.add_fidelity` / `add_consistency` / `budget
 - the task budgets with labels, and the size, gzip, memory and arena budgets.
 
 Latency is not timed here (it needs the quiet, round-robin timing evaluation does); the latency
-budget is evaluation's alone.
+budget is evaluation's alone. A run that is the one evaluation makes of the same file (full int8's:
+validation inputs and probes in one child) is kept in `Context.prefetched` for evaluation to reuse.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
             continue  # as evaluation: a cross-check that cannot run it is no verdict
         outputs[rt] = outs
         c.memory[rt] = result["memory"]
+        if with_probes or rt != first or not probes_path:  # the very run evaluation makes of this file: reused there
+            ctx.prefetched.setdefault((str(a.path), a.sha256, rt), (outs, result))
         if deployed:
             for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=rt,
                              reference="keras", precision=precision):
