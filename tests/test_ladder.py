@@ -291,7 +291,7 @@ def test_integer_steps_are_not_tried_where_decisions_are_below_int8_softmax_reso
     assert "64 of 64 decisions of output predictions" in ladder.below_int8_resolution(flat)
     ladder.repair_ladder(flat, None, [int8], before_steps=lambda: ran.append("lane finished"))
     steps = {s["step"]: s for s in flat.repair["steps"]}
-    assert ran == ["selective"]  # the search runs beside the lane (the candidate's ONNX twin waits for it)
+    assert ran == ["lane finished", "selective"]  # its per-layer tensors and ONNX twin after the lane's conversions
     for name in ("calibration", "qat"):
         assert not steps[name]["tried"] and steps[name]["detail"].startswith("not tried: cannot help: 64 of 64")
     assert "calibration not tried; selective fails (1.0 s); qat not tried" in ladder.summary(flat.repair)
@@ -304,7 +304,7 @@ def test_integer_steps_are_not_tried_where_decisions_are_below_int8_softmax_reso
     labelled = _flat_ctx("cpu-edge", 1e-4, labels=True)  # labels judge the task: QAT may make its own margins
     ran.clear()
     ladder.repair_ladder(labelled, None, [int8], before_steps=lambda: ran.append("lane finished"))
-    assert ran == ["selective", "lane finished", "qat"]
+    assert ran == ["lane finished", "selective", "qat"]
     assert {s["step"]: s["tried"] for s in labelled.repair["steps"]} == {"calibration": False, "selective": True,
                                                                         "qat": True}
 

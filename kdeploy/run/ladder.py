@@ -32,7 +32,7 @@ from kdeploy.recipes import RepairStep, repair_steps
 from kdeploy.report.model import Candidate
 from kdeploy.run.context import Build, Context
 from kdeploy.run.convert import ReferenceModel
-from kdeploy.run.judge import judge, runs_tflite_only
+from kdeploy.run.judge import judge
 from kdeploy.runtimes import RUNTIME_FORMATS
 
 # TFLite's int8 softmax output has a fixed quantization (scale 1/256, zero point -128, TFLite's
@@ -47,13 +47,11 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
 
     Args:
         builds: the post-training builds (full int8's `.tflite` among them).
-        before_steps: called before the first heavy work of a step (build.py finishes its conversion
-            lane there; later calls return at once): calibration's conversions, QAT's training child,
-            the selective search's per-layer tensors and its candidate's ONNX twin. Full int8's judge
-            runs beside the lane, and so would the selective tries (quantizer calls on int8's
-            calibrated flatbuffer, LiteRT children); the per-layer tensors of its ranking beside the
-            lane's last tf2onnx conversions set the run's peak (MobileNetV2-224: 1.31x the bare
-            script's PSS), so they wait.
+        before_steps: called once before the first step tried (build.py finishes its conversion lane
+            there): calibration's conversions, the selective search's per-layer tensors (beside the
+            lane's last tf2onnx conversions they set the run's peak: MobileNetV2-224 1.31x the bare
+            script's PSS) and its candidate's ONNX twin, QAT's training child. Full int8's judge
+            runs beside the lane.
     """
     prof = ctx.profile
     int8 = next((a for b in builds if b.name == "int8" for a in b.artifacts if a.format == "tflite"), None)
@@ -82,8 +80,8 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
         if step.step == "selective" and prof.full_integer:
             _name_breaking_layers(ctx, ref, builds, (passed, detail), row)
             continue
-        if skip is None and (step.step != "selective" or not _light_search(ctx)) and before_steps is not None:
-            before_steps()  # no conversions or training child beside the lane's
+        if skip is None and before_steps is not None:
+            before_steps()  # no conversions, per-layer tensors or training child beside the lane's
             before_steps = None
         if skip is not None:
             row["detail"] = f"not tried: {skip}"
@@ -92,19 +90,13 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
 
                 offer(ctx, f"not tried ({skip})")
             continue
-        made = _run(ctx, ref, builds, step, (passed, detail), row, before_steps)  # selective: before its dumps
+        made = _run(ctx, ref, builds, step, (passed, detail), row)
         out += made
         if row["passed"]:
             record["repaired_by"] = step.recipe
     record["seconds"] = round(time.perf_counter() - started, 3)
     ctx.finding("info", "repair-ladder", summary(record))
     return out
-
-
-def _light_search(ctx: Context) -> bool:
-    """Whether the selective search may run beside the conversion lane: every runtime its judge runs takes the
-    `.tflite` itself (an ONNX Runtime judge converts each try with tf2onnx, as heavy as the lane's own work)."""
-    return runs_tflite_only(ctx)
 
 
 def _labelled(ctx: Context) -> bool:
@@ -136,7 +128,7 @@ def below_int8_resolution(ctx: Context) -> str | None:
 
 
 def _run(ctx: Context, ref: ReferenceModel, builds: list[Build], step: RepairStep, verdict: tuple[bool, str],
-         row: dict[str, Any], before_heavy: Callable[[], None] | None = None) -> list[Build]:
+         row: dict[str, Any]) -> list[Build]:
     """Runs one step with full int8's verdict and fills its row; returns the candidates it made."""
     t0, seen = time.perf_counter(), len(ctx.findings)
     extra: dict[str, Any] = {}
@@ -147,7 +139,7 @@ def _run(ctx: Context, ref: ReferenceModel, builds: list[Build], step: RepairSte
     elif step.step == "selective":
         from kdeploy.run.selective import selective_builds
 
-        made = selective_builds(ctx, ref, builds, verdict, log=extra, before_heavy=before_heavy)
+        made = selective_builds(ctx, ref, builds, verdict, log=extra)
     else:
         from kdeploy.run.qat import qat_builds, skip_reason
 

@@ -47,21 +47,12 @@ INPUT_LAYERS = ("Normalization", "Rescaling")  # in-model preprocessing a user c
 
 
 def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
-                     verdict: tuple[bool, str] | None = None, log: dict | None = None,
-                     before_heavy=None) -> list[Build]:
+                     verdict: tuple[bool, str] | None = None, log: dict | None = None) -> list[Build]:
     """The `int8-mixed` candidate when full int8 fails and some float layers fix it; else none (with a finding).
-
-    The search's tries are light (each a quantizer call on a flatbuffer and a LiteRT child), so they
-    may run beside the build's conversion lane; the per-layer tensors of the ranking (hundreds of MB
-    in a child, then here: beside the lane's last tf2onnx conversions they set the run's peak memory)
-    and the candidate's ONNX twin (tf2onnx, as heavy as the lane's own conversions) wait for
-    `before_heavy()`.
 
     Args:
         verdict: full int8's (passed, detail) from `judge`, when the caller has it (else judged here).
         log: filled with the search's `tries` (each conversion, passing or not) for the caller's record.
-        before_heavy: called before the per-layer tensors are taken and before the ONNX twin is converted
-            (the ladder finishes the lane there; a second call returns at once).
     """
     prof = ctx.profile
     int8 = next((a for b in builds if b.name == "int8" for a in b.artifacts if a.format == "tflite"), None)
@@ -80,8 +71,6 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
                                                         "there is no op to keep in float")
         return []
     float_path = reference_float(ctx, ref)
-    if before_heavy is not None:
-        before_heavy()
     if crashed:  # the crashing int8 has no tensors to dump
         (float_t,) = layer_tensors(ctx, [float_path], int8.io)
     else:
@@ -154,8 +143,6 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
     tfl.measure()
     if keeps_tflite(ctx):
         b.artifacts.append(tfl)
-    if before_heavy is not None and "onnxruntime" in ctx.wanted_runtimes:
-        before_heavy()
     add_onnx_twin(ctx, b, recipe, tfl, ref)
     if not keeps_tflite(ctx):
         tfl.path.unlink(missing_ok=True)
