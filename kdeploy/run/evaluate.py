@@ -74,8 +74,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
             for runtime in (rt for rt in ctx.wanted_runtimes if RUNTIME_FORMATS[rt] == art.format):
                 job, job_dir = _fidelity_job(ctx, b, art, runtime, feeds_path, probes_path)
                 runs.append((c, b, art, runtime, job, job_dir))
-    labels = [f"{c.name} on {rt}" + (" (fidelity)" if rt in prof.runtimes else " (cross-check)")
-              for c, _, _, rt, _, _ in runs]
+    labels = [f"{c.name} on {rt} ({_role(ctx, rt)})" for c, _, _, rt, _, _ in runs]
     ahead = [ctx.prefetched.get((str(art.path), art.sha256, rt)) for _, _, art, rt, _, _ in runs]
     todo = [i for i, got in enumerate(ahead) if got is None]
     fresh = iter(_run_parallel(ctx, [(labels[i], runs[i][4], runs[i][5]) for i in todo]))
@@ -216,6 +215,11 @@ def _fidelity_job(ctx: Context, b: Build, art: Artifact, runtime: str, feeds_pat
     return job, ctx.work / f"{b.name}-{runtime}"
 
 
+def _role(ctx: Context, runtime: str) -> str:
+    """What a run on `runtime` is for: fidelity (a deployed runtime) or cross-check."""
+    return "fidelity" if runtime in ctx.profile.runtimes else "cross-check"
+
+
 def run_ahead(ctx: Context, builds: list[Build], busy) -> None:
     """Evaluation's runs of the artifacts built so far, one at a time while `busy()` (this process would otherwise
     wait for the conversion lane); `evaluate` takes their results instead of running them again
@@ -228,8 +232,7 @@ def run_ahead(ctx: Context, builds: list[Build], busy) -> None:
         if not busy():
             return
         job, job_dir = _fidelity_job(ctx, b, art, runtime, feeds_path, probes_path)
-        ctx.progress("run", f"{b.name} on {runtime} (" + ("fidelity" if runtime in ctx.profile.runtimes
-                                                         else "cross-check") + ", while the lane converts)")
+        ctx.progress("run", f"{b.name} on {runtime} ({_role(ctx, runtime)}, while the lane converts)")
         try:
             got = run_isolated(job, job_dir, timeout_s=ctx.profile.timing.timeout_s)
         except RuntimeFailure as e:
