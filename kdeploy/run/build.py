@@ -57,7 +57,7 @@ def build_candidates(ctx: Context) -> Built:
             if lane is not None and not finished:
                 finished.append(True)
                 probe_inputs(ctx)  # Keras outputs on the robustness probes, which the evaluation needs
-                run_ahead(ctx, builds, lane.busy)  # evaluation's runs of this process' artifacts, instead of waiting
+                run_ahead(ctx, builds)  # evaluation's runs of this process' artifacts, instead of waiting
                 _lane_builds(ctx, ref, recipes, lane, builds, kept, seen)
 
         # The int8 repair ladder, where full int8 fails (`run.ladder`): recalibration, float layers, training,

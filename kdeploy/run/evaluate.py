@@ -72,8 +72,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
                                            precision=art.precision, source=art.source, size_bytes=art.size_bytes,
                                            gzip_bytes=art.gzip_bytes, sha256=art.sha256, pairing=art.pairing))
             for runtime in (rt for rt in ctx.wanted_runtimes if RUNTIME_FORMATS[rt] == art.format):
-                job, job_dir = _fidelity_job(ctx, b, art, runtime, feeds_path, probes_path)
-                runs.append((c, b, art, runtime, job, job_dir))
+                runs.append((c, b, art, runtime, fidelity_job(ctx, art, runtime), _job_dir(ctx, b, runtime)))
     labels = [f"{c.name} on {rt} ({_role(ctx, rt)})" for c, _, _, rt, _, _ in runs]
     ahead = [ctx.prefetched.get((str(art.path), art.sha256, rt)) for _, _, art, rt, _, _ in runs]
     todo = [i for i, got in enumerate(ahead) if got is None]
@@ -204,15 +203,19 @@ def _batches(ctx: Context, finding: bool) -> list[int]:
     return batches
 
 
-def _fidelity_job(ctx: Context, b: Build, art: Artifact, runtime: str, feeds_path: Path,
-                  probes_path: Path | None) -> tuple[RunJob, Path]:
+def fidelity_job(ctx: Context, art: Artifact, runtime: str, probes: bool = True, fidelity: bool = True) -> RunJob:
     """Evaluation's run of `art` on `runtime`: fidelity on the validation inputs, memory, and the robustness probes
-    on the target's first runtime; and its job folder."""
-    prof = ctx.profile
-    job = RunJob(runtime=runtime, artifact_path=str(art.path), io=art.io, feeds_path=str(feeds_path),
-                 fidelity_batch=ctx.model.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
-                 probes_path=str(probes_path) if runtime == prof.runtimes[0] and probes_path else None)
-    return job, ctx.work / f"{b.name}-{runtime}"
+    on the target's first runtime (the ladder's judge makes the same run, or its parts: `probes`, `fidelity` off)."""
+    probes_path = probe_inputs(ctx)[1]
+    return RunJob(runtime=runtime, artifact_path=str(art.path), io=art.io, feeds_path=str(_write_feeds(ctx)),
+                  fidelity=fidelity,
+                  fidelity_batch=ctx.model.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
+                  probes_path=str(probes_path) if probes and runtime == ctx.profile.runtimes[0] and probes_path
+                  else None)
+
+
+def _job_dir(ctx: Context, b: Build, runtime: str) -> Path:
+    return ctx.work / f"{b.name}-{runtime}"
 
 
 def _role(ctx: Context, runtime: str) -> str:
@@ -220,21 +223,19 @@ def _role(ctx: Context, runtime: str) -> str:
     return "fidelity" if runtime in ctx.profile.runtimes else "cross-check"
 
 
-def run_ahead(ctx: Context, builds: list[Build], busy) -> None:
-    """Evaluation's runs of the artifacts built so far, one at a time while `busy()` (this process would otherwise
-    wait for the conversion lane); `evaluate` takes their results instead of running them again
+def run_ahead(ctx: Context, builds: list[Build]) -> None:
+    """Evaluation's runs of the artifacts built so far, one at a time while `ctx.lane_busy()` (this process would
+    otherwise wait for the conversion lane); `evaluate` takes their results instead of running them again
     (`Context.prefetched`, keyed by artifact path, sha256 and runtime). Deployed runtimes first."""
-    probes_path = probe_inputs(ctx)[1]
-    feeds_path = _write_feeds(ctx)
     todo = [(b, a, rt) for rt in ctx.wanted_runtimes for b in builds for a in b.artifacts
             if RUNTIME_FORMATS[rt] == a.format and (str(a.path), a.sha256, rt) not in ctx.prefetched]
     for b, art, runtime in todo:
-        if not busy():
+        if not ctx.lane_busy():
             return
-        job, job_dir = _fidelity_job(ctx, b, art, runtime, feeds_path, probes_path)
         ctx.progress("run", f"{b.name} on {runtime} ({_role(ctx, runtime)}, while the lane converts)")
         try:
-            got = run_isolated(job, job_dir, timeout_s=ctx.profile.timing.timeout_s)
+            got = run_isolated(fidelity_job(ctx, art, runtime), _job_dir(ctx, b, runtime),
+                               timeout_s=ctx.profile.timing.timeout_s)
         except RuntimeFailure as e:
             got = e
         ctx.prefetched[(str(art.path), art.sha256, runtime)] = got

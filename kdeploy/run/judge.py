@@ -66,17 +66,12 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
         (passed, detail): the failing checks' details, or on a pass the fidelity and task figures.
         A deployed runtime that fails to run it gives "RUNTIME failed: <its error>".
     """
-    from kdeploy.memory import batch_size_for
-    from kdeploy.run.evaluate import FIDELITY_BATCH
+    from kdeploy.run.evaluate import fidelity_job
     from kdeploy.run.probes import probe_inputs
-    from kdeploy.runtimes.jobs import RunJob
     from kdeploy.runtimes.worker import RuntimeFailure, run_isolated
 
     prof, m = ctx.profile, ctx.model
     first = prof.runtimes[0]
-    feeds = ctx.work / "judge-feeds.npz"
-    if not feeds.is_file():
-        np.savez(feeds, **ctx.validation.inputs)
     probes, probes_path = probe_inputs(ctx)
     precision = art.precision or "int8"
     gate = gates_consistency(precision, prof.consistency.gate_quantized)
@@ -95,10 +90,9 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
         a = by_format[fmt]
         if a is None:
             continue  # no artifact for a deployed runtime: `budget_checks` fails it ("artifact for RT")
-        with_probes = not skip_probes_on_failure and rt == first and probes_path  # one child, as evaluation runs
-        job = RunJob(runtime=rt, artifact_path=str(a.path), io=a.io, feeds_path=str(feeds),
-                     fidelity_batch=m.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
-                     probes_path=str(probes_path) if with_probes else None)
+        full = fidelity_job(ctx, a, rt)  # evaluation's run of this file (probes in the same child, as it runs them)
+        job = fidelity_job(ctx, a, rt, probes=False) if skip_probes_on_failure else full
+        same_as_evaluation = job == full  # then evaluation reuses it (`Context.prefetched`)
         try:
             outs, result = run_isolated(job, ctx.work / f"judge-{art.path.stem}-{rt}", timeout_s=prof.timing.timeout_s)
         except RuntimeFailure as e:
@@ -107,7 +101,7 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
             continue  # as evaluation: a cross-check that cannot run it is no verdict
         outputs[rt] = outs
         c.memory[rt] = result["memory"]
-        if with_probes or rt != first or not probes_path:  # the very run evaluation makes of this file: reused there
+        if same_as_evaluation:
             ctx.prefetched.setdefault((str(a.path), a.sha256, rt), (outs, result))
         if deployed:
             for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=rt,
@@ -120,9 +114,7 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
         return False, "; ".join(k.detail or k.name for k in off)
     if skip_probes_on_failure and probes_path and by_format.get(RUNTIME_FORMATS[first]) is not None:
         a = by_format[RUNTIME_FORMATS[first]]
-        job = RunJob(runtime=first, artifact_path=str(a.path), io=a.io, feeds_path=str(feeds), fidelity=False,
-                     fidelity_batch=m.inputs[0].shape[0] or batch_size_for(ctx.validation.inputs, FIDELITY_BATCH),
-                     probes_path=str(probes_path))
+        job = fidelity_job(ctx, a, first, fidelity=False)
         try:
             _, result = run_isolated(job, ctx.work / f"judge-{art.path.stem}-{first}-probes",
                                      timeout_s=prof.timing.timeout_s)
