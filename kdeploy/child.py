@@ -28,7 +28,8 @@ class ChildFailure(Exception):
 
 def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: str,
               on_progress: Callable[[str], None] | None = None, timeout_hint: str = "",
-              subject: str | None = None, on_start: Callable[[subprocess.Popen], None] | None = None) -> dict:
+              subject: str | None = None, on_start: Callable[[subprocess.Popen], None] | None = None,
+              nice: int = 0) -> dict:
     """Runs `python -m module job.json` in `job_dir` and returns its result dict.
 
     Args:
@@ -41,6 +42,8 @@ def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: 
         timeout_hint: appended to the timeout message (e.g. which setting to raise).
         subject: what the child worked on, named when it crashes (e.g. the artifact's file name).
         on_start: called with the child's Popen once it runs (so another thread can stop it).
+        nice: added to the child's niceness at its start (a lower CPU priority: its threads, created
+            later, inherit it), for work that should take only what the rest leaves idle.
 
     Raises:
         ChildFailure: crash, timeout, non-zero exit or a reported exception.
@@ -56,6 +59,11 @@ def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: 
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", module, str(job_file)], stdout=subprocess.PIPE, stderr=err,
                                 text=True, env=env)
+        if nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+            except OSError:  # not permitted here: the child runs at this process' priority
+                pass
         if on_start is not None:
             on_start(proc)
 

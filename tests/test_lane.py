@@ -43,6 +43,46 @@ def test_lane_gives_the_same_candidates_bytes_and_findings_as_one_process(tmp_pa
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the lane runs on a multi-core host only")
+def test_evaluation_runs_made_ahead_are_not_made_again(tmp_path):
+    """Beside the lane, evaluation's runs of the artifacts built so far are made ahead (`evaluate.RunsAhead`):
+    each artifact runs once per runtime, ahead or in evaluation, and the figures are those of one process."""
+    profile = make_profile(tmp_path, precisions=["fp32", "dynamic", "fp16", "int8"])
+    kw = dict(profile=profile, data=FIXTURES / "digits.npz", cache=False)
+    runs = {}
+    for parallel in (False, True):
+        lines: list[str] = []
+        report = optimize(FIXTURES / "digits_cnn.keras", out=tmp_path / f"out-{parallel}", parallel=parallel,
+                          progress=lambda stage, detail="": lines.append(detail) if stage == "run" else None, **kw)
+        runs[parallel] = report, lines
+    (one, _), (lane, lines) = runs[False], runs[True]
+    made = [line.replace(", ahead)", ")") for line in lines]
+    assert sorted(made) == sorted(set(made)), lines  # no run made twice
+    wanted = {f"{c.name} on {rt}" for c in lane.candidates for rt in ("litert", "onnxruntime")}
+    ran = [m.split(" (")[0] for m in made]
+    assert "int8 on litert" not in ran and set(ran) | {"int8 on litert"} == wanted, lines  # int8: the judge's run
+    assert any(line.endswith(", ahead)") for line in lines), lines
+    assert _summary(lane) == _summary(one)
+    fidelity = lambda r: {(c.name, f.runtime, f.output): (f.max_abs_err, f.top1_agreement) for c in r.candidates
+                          for f in c.fidelity}
+    assert fidelity(lane) == fidelity(one) and fidelity(one)
+
+
+def test_a_child_started_nicer_runs_at_a_lower_priority(tmp_path, monkeypatch):
+    """`run_child(nice=...)`: the runs made ahead yield the CPU to the build beside them."""
+    from kdeploy.child import run_child
+
+    (tmp_path / "nice_probe.py").write_text(
+        "import os, sys\nfrom kdeploy.child import child_main\n"
+        "child_main(sys.argv[1:], lambda job: {'nice': os.getpriority(os.PRIO_PROCESS, 0)})\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    same = run_child("nice_probe", {}, tmp_path / "same", timeout_s=60, what="probe")
+    nicer = run_child("nice_probe", {}, tmp_path / "nicer", timeout_s=60, what="probe", nice=5)
+    assert same["nice"] == base
+    assert nicer["nice"] == min(base + 5, 19)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the lane runs on a multi-core host only")
 def test_a_crashed_lane_costs_no_candidate(tmp_path, monkeypatch):
     """The lane's process dies (SIGSEGV, as the OOM killer would end it) on float16: this process converts
     the lane's share itself, with the same bytes, and a finding says so."""

@@ -17,9 +17,8 @@ from kdeploy.report.model import Inspection
 from kdeploy.run.context import Build, Built, Context
 from kdeploy.run.convert import (ConversionLane, ReferenceModel, add_onnx_twin, attach_twin, convert_tflite,
                                 keeps_tflite, new_build, release_tflite)
-from kdeploy.run.evaluate import run_ahead
+from kdeploy.run.evaluate import RunsAhead
 from kdeploy.run.ladder import repair_ladder
-from kdeploy.run.probes import probe_inputs
 from kdeploy.util import file_sha256, release_memory
 
 
@@ -56,8 +55,9 @@ def build_candidates(ctx: Context) -> Built:
         def finish_lane() -> None:  # once: before the ladder's first heavy work (`repair_ladder`), or after it
             if lane is not None and not finished:
                 finished.append(True)
-                probe_inputs(ctx)  # Keras outputs on the robustness probes, which the evaluation needs
-                run_ahead(ctx, builds)  # evaluation's runs of this process' artifacts, instead of waiting
+                # evaluation's runs of the artifacts built so far (the lane's too, as they come), from here on
+                # beside the build, at a lower priority (`evaluate.RunsAhead`); `evaluate` stops them
+                ctx.stop_ahead = RunsAhead(ctx, builds).stop
                 _lane_builds(ctx, ref, recipes, lane, builds, kept, seen)
 
         # The int8 repair ladder, where full int8 fails (`run.ladder`): recalibration, float layers, training,

@@ -94,9 +94,10 @@ class Context:
     spare: Dataset | None = None  # held back from validation for the calibration repair (data.hold_back), or None
     repair: dict[str, Any] | None = None  # the int8 repair ladder's record (run/ladder), the report's `repair`
     lane_busy: Callable[[], bool] = lambda: False  # whether the conversion lane's child still works (run/build)
-    # evaluation's runs made ahead while the lane converted: (artifact path, sha256, runtime) -> (outputs, result) or
-    # the RuntimeFailure (run/evaluate.run_ahead)
+    # evaluation's runs made ahead of it: (artifact path, sha256, runtime) -> (outputs, result) or the RuntimeFailure
+    # (run/evaluate.RunsAhead, and full int8's judge run)
     prefetched: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    stop_ahead: Callable[[], None] = lambda: None  # stops the runs made ahead (run/build starts them; evaluate stops)
 
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))

@@ -11,6 +11,7 @@ is timed afterwards, alone (`kdeploy.run.timing`); checks turn the figures into 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
        (`kdeploy.run.select.select`).
     """
     m, prof = ctx.model, ctx.profile
+    ctx.stop_ahead()  # the runs made ahead (`RunsAhead`): their results are taken below
     feeds_path = _write_feeds(ctx)
     batches = _batches(ctx, finding=True)
     names = [t.name for t in m.outputs]
@@ -223,22 +225,66 @@ def _role(ctx: Context, runtime: str) -> str:
     return "fidelity" if runtime in ctx.profile.runtimes else "cross-check"
 
 
-def run_ahead(ctx: Context, builds: list[Build]) -> None:
-    """Evaluation's runs of the artifacts built so far, one at a time while `ctx.lane_busy()` (this process would
-    otherwise wait for the conversion lane); `evaluate` takes their results instead of running them again
-    (`Context.prefetched`, keyed by artifact path, sha256 and runtime). Deployed runtimes first."""
-    todo = [(b, a, rt) for rt in ctx.wanted_runtimes for b in builds for a in b.artifacts
-            if RUNTIME_FORMATS[rt] == a.format and (str(a.path), a.sha256, rt) not in ctx.prefetched]
-    for b, art, runtime in todo:
-        if not ctx.lane_busy():
-            return
-        ctx.progress("run", f"{b.name} on {runtime} ({_role(ctx, runtime)}, while the lane converts)")
-        try:
-            got = run_isolated(fidelity_job(ctx, art, runtime), _job_dir(ctx, b, runtime),
-                               timeout_s=ctx.profile.timing.timeout_s)
-        except RuntimeFailure as e:
-            got = e
-        ctx.prefetched[(str(art.path), art.sha256, runtime)] = got
+AHEAD_NICE = 10  # the runs made ahead yield the CPU to the build they run beside (`os.setpriority`)
+AHEAD_POLL_S = 0.5  # how often the runs made ahead look for an artifact the build has just added
+
+
+class RunsAhead:
+    """Evaluation's runs of the artifacts built so far, made in a background thread while the build goes on.
+
+    Once the conversion lane has its work (`run.build`), one child at a time runs each artifact
+    already in `builds` as `evaluate` would (`fidelity_job`, deployed runtimes first), at a lower
+    CPU priority: it takes what the build leaves idle (this process waiting for the lane, the
+    selective search's single-process per-layer dump, an ONNX twin's conversion) rather than
+    competing with it. Artifacts the build adds later (the lane's ONNX twins) are picked up as
+    they come. `evaluate` stops it first (the run in progress finishes) and takes the results
+    from `Context.prefetched` (keyed by artifact path, sha256 and runtime) instead of running
+    them again. Latency is never measured here: the timing runs alone, after.
+    """
+
+    def __init__(self, ctx: Context, builds: list[Build]):
+        self.ctx, self.builds = ctx, builds
+        self._stop = threading.Event()
+        self._skip: set[tuple[str, str, str]] = set()  # runs that raised something other than a RuntimeFailure
+        _write_feeds(ctx)
+        probe_inputs(ctx)  # Keras' probe outputs and their inputs file, made here before the thread reads them
+        self._thread = threading.Thread(target=self._work, name="kdeploy-runs-ahead", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No new run; waits for the one in progress (its result is kept)."""
+        self._stop.set()
+        self._thread.join()
+
+    def _next(self) -> tuple[Build, Artifact, str] | None:
+        for runtime in self.ctx.wanted_runtimes:
+            for b in list(self.builds):
+                for a in list(b.artifacts):
+                    key = (str(a.path), a.sha256, runtime)
+                    if (RUNTIME_FORMATS[runtime] == a.format and a.sha256 and key not in self.ctx.prefetched
+                            and key not in self._skip and a.path.is_file()):
+                        return b, a, runtime
+        return None
+
+    def _work(self) -> None:
+        ctx = self.ctx
+        while not self._stop.is_set():
+            todo = self._next()
+            if todo is None:
+                self._stop.wait(AHEAD_POLL_S)
+                continue
+            b, art, runtime = todo
+            key = (str(art.path), art.sha256, runtime)
+            try:
+                ctx.progress("run", f"{b.name} on {runtime} ({_role(ctx, runtime)}, ahead)")
+                got = run_isolated(fidelity_job(ctx, art, runtime), _job_dir(ctx, b, runtime),
+                                   timeout_s=ctx.profile.timing.timeout_s, nice=AHEAD_NICE)
+            except RuntimeFailure as e:
+                got = e
+            except Exception:  # e.g. the memory guard's stop (raised by progress): evaluation runs it itself and
+                self._skip.add(key)  # meets the error where it can report it
+                return
+            ctx.prefetched[key] = got
 
 
 def _run_parallel(ctx: Context, jobs: list[tuple[str, RunJob, Path]]) -> list:
