@@ -94,3 +94,45 @@ def test_check_reports_perturbed_layer_as_first_divergence(tmp_path):
     assert not c.passed
     assert c.first_divergence["layer"] == "dense_1"
     assert c.first_divergence["max_abs_err"] > c.first_divergence["tolerance"]
+
+
+def test_layer_errors_compared_in_the_dump_equal_those_of_the_written_tensors(tmp_path):
+    """`dump_layers(compare=...)`: the child's per-layer figures (sensitivity, first failing layer, first non-finite
+    op) are those computed here from the tensors it writes."""
+    import keras
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from kdeploy.debug.attribution import (Comparison, dump_layers, first_failing_layer, first_non_finite,
+                                           sensitivity)
+    from kdeploy.debug.names import layer_paths
+    from kdeploy.profiles import resolve_profile
+
+    model = keras.saving.load_model(FIXTURES / "digits_cnn.keras")
+    x = np.load(FIXTURES / "digits.npz")["x"][:24].astype(np.float32)
+    model.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False)
+    paths = []
+    for name in ("fp32", "int8"):
+        conv = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm"))
+        if name == "int8":
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+            conv.representative_dataset = lambda: ([x[i : i + 1]] for i in range(16))
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        paths.append(tmp_path / f"{name}.tflite")
+        paths[-1].write_bytes(conv.convert())
+    sig = Interpreter(str(paths[0])).get_signature_list()["serving_default"]
+    io = {"inputs": {model.inputs[0].name: sig["inputs"][0]}, "outputs": sig["outputs"]}
+    np.savez(tmp_path / "feeds.npz", **{model.inputs[0].name: x})
+    order = [p for p, layer in layer_paths(model).items() if type(layer).__name__ != "InputLayer"]
+    tight = resolve_profile("cpu-edge").tolerances["int8"].model_copy(update={"max_rel_rmse": 1e-6})
+    dumps, (errors,) = dump_layers([(p, io) for p in paths], tmp_path / "feeds.npz", model.name, order,
+                                   tmp_path / "job", 12, 300,
+                                   compare=[Comparison(0, 1, order, tight.model_dump(), "int8")])
+    ref, cand = dumps[0].load(), dumps[1].load()
+    assert set(ref.outputs) <= set(order) and len(ref.outputs) >= 4  # fused (batch norm) and op-less (dropout) apart
+    assert all(v.shape[0] == 12 for v in ref.outputs.values())
+    assert errors.sensitivity == sensitivity(ref, cand, order) and errors.sensitivity
+    expected = first_failing_layer(ref, cand, order, tight, "fp32 .tflite", "int8")
+    assert expected is not None and errors.first_failing == expected  # a tolerance int8 cannot meet: a layer fails
+    assert errors.first_non_finite == first_non_finite(cand, ref)
+    assert errors.reference.meta == ref.meta and errors.candidate.meta == cand.meta

@@ -1,6 +1,10 @@
 """Per-layer error of a quantized `.tflite` against the float one, and the first diverging layer.
 
-The tensors come from `kdeploy.debug.tensors` (a LiteRT child with every tensor preserved);
+The tensors come from `kdeploy.debug.tensors` (a LiteRT child with every tensor preserved),
+which also makes the comparisons of `compare_layers` itself (`dump_layers(compare=...)`): the
+tensors of a MobileNetV2-224 on 9 samples are ~250 MB per artifact, and writing them, reading
+them back here and comparing them here cost more than the comparison (and held them in this
+process) where only the per-layer figures are wanted;
 layers are matched by Keras layer name, so a quantized graph's extra QUANTIZE/DEQUANTIZE ops and
 renamed output tensors do not matter. Errors accumulate along the graph: `rel_rmse` (RMSE over
 the float tensor's range) and `cosine_mean` describe a layer's output, `added_cosine_loss`
@@ -18,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kdeploy.child import run_child
-from kdeploy.compare import cosines
+from kdeploy.compare import cosines, sum_squares
 
 METRICS = ("added_cosine_loss", "rel_rmse", "cosine_mean")
 
@@ -34,46 +38,100 @@ class LayerTensors:
 
 @dataclass
 class LayerDump:
-    """Where one artifact's per-layer outputs were written; `load` reads them (they are not kept in memory).
+    """What the dump says of one artifact's layers; `load` reads their outputs where they were written (`path`).
 
     The tensors of a few artifacts reach hundreds of MB (`memory.LAYER_TENSOR_BYTES` each): held
     from the selective search to the diagnosis they stood under the latency timing's peak
     (ResNet50V2 here), so the run keeps the file and reads it again when needed.
     """
 
-    path: Path
+    path: Path | None  # None: the outputs were compared in the child and not written
     index: int
     meta: dict[str, dict[str, Any]]
     non_finite: list[dict[str, Any]] = field(default_factory=list)
 
     def load(self) -> LayerTensors:
+        if self.path is None:
+            raise ValueError("these per-layer outputs were compared in the dump and not written")
         prefix = f"{self.index}/"
         with np.load(self.path) as z:
             return LayerTensors({k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}, self.meta,
                                 self.non_finite)
 
 
-def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name: str, layers: Any,
-                job_dir: Path, samples: int, timeout_s: float) -> list[LayerDump]:
-    """Runs the LiteRT tensor dump child on `artifacts` ((path, io) pairs); one LayerDump each (in `job_dir`).
+@dataclass
+class LayerErrors:
+    """A candidate `.tflite`'s per-layer outputs against the float one's, compared in the dump (`compare_layers`)."""
 
-    `layers`: the Keras layer paths the `LayerNamer` maps to; None for a SavedModel (ops grouped
-    by name scope, `names.ScopeNamer`).
+    reference: LayerDump
+    candidate: LayerDump
+    sensitivity: list[dict[str, Any]]  # `sensitivity` rows, worst layer first
+    first_failing: dict[str, Any] | None  # `first_failing_layer`
+    first_non_finite: dict[str, Any] | None  # `first_non_finite` of the candidate (the float one's passed over)
+
+
+@dataclass
+class Comparison:
+    """A comparison the dump makes (`compare_layers`): artifact `candidate` against artifact `reference` (indices
+    into the dumped artifacts), in layer `order` (None: the reference's op order), the first failing layer judged
+    at `tolerance` (a `profiles.Tolerance`'s fields; None: not looked for)."""
+
+    reference: int
+    candidate: int
+    order: list[str] | None
+    tolerance: dict[str, Any] | None
+    precision: str
+    reference_name: str = "fp32 .tflite"
+
+
+def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name: str, layers: Any,
+                job_dir: Path, samples: int, timeout_s: float, compare: list[Comparison] = (),
+                write: bool = True, nice: int = 0) -> tuple[list[LayerDump], list[LayerErrors]]:
+    """Runs the LiteRT tensor dump child on `artifacts` ((path, io) pairs): one LayerDump each (in `job_dir`), and
+    the comparisons asked for, made in the child.
+
+    Args:
+        layers: the Keras layer paths the `LayerNamer` maps to; None for a SavedModel (ops grouped
+            by name scope, `names.ScopeNamer`).
+        compare: comparisons between the dumped artifacts, made in the child (`compare_layers`).
+        write: write the tensors (`LayerDump.load`); False where the comparisons are all that is wanted.
+        nice: the child's CPU priority below this process' (`child.run_child`).
 
     Raises:
         ChildFailure: the child crashed, hung or raised.
     """
-    out = job_dir / "layers.npz"
+    from dataclasses import asdict
+
+    out = job_dir / "layers.npz" if write else None
     job = {"artifacts": [{"path": str(p), "io": io} for p, io in artifacts], "feeds_path": str(feeds_path),
-           "model_name": model_name, "layers": layers, "samples": samples, "out_path": str(out)}
-    result = run_child("kdeploy.debug.tensors", job, job_dir, timeout_s=timeout_s, what="the LiteRT tensor dump")
+           "model_name": model_name, "layers": layers, "samples": samples, "out_path": str(out) if out else None,
+           "compare": [asdict(c) for c in compare]}
+    result = run_child("kdeploy.debug.tensors", job, job_dir, timeout_s=timeout_s, what="the LiteRT tensor dump",
+                       nice=nice)
     bad = result.get("non_finite") or [[] for _ in result["artifacts"]]
-    return [LayerDump(out, i, meta, nf) for i, (meta, nf) in enumerate(zip(result["artifacts"], bad))]
+    dumps = [LayerDump(out, i, meta, nf) for i, (meta, nf) in enumerate(zip(result["artifacts"], bad))]
+    errors = [LayerErrors(dumps[c.reference], dumps[c.candidate], **got)
+              for c, got in zip(compare, result.get("compared", []))]
+    return dumps, errors
+
+
+def compare_layers(ref: LayerTensors, cand: LayerTensors, c: Comparison | dict) -> dict[str, Any]:
+    """`LayerErrors`' figures of `cand` against `ref` (the dump child's side): sensitivity, first failing layer,
+    first non-finite op."""
+    from kdeploy.profiles import Tolerance
+
+    c = Comparison(**c) if isinstance(c, dict) else c
+    order = c.order if c.order is not None else list(ref.meta)
+    failing = None
+    if c.tolerance is not None:
+        failing = first_failing_layer(ref, cand, order, Tolerance(**c.tolerance), c.reference_name, c.precision)
+    return {"sensitivity": sensitivity(ref, cand, order), "first_failing": failing,
+            "first_non_finite": first_non_finite(cand, ref)}
 
 
 def _rel_rmse(ref64: np.ndarray, got64: np.ndarray) -> float:
     rng = float(ref64.max() - ref64.min()) or 1.0
-    return float(np.sqrt(np.mean((got64 - ref64) ** 2)) / rng)
+    return float(np.sqrt(sum_squares(got64 - ref64) / max(ref64.size, 1)) / rng)
 
 
 def sensitivity(float_t: LayerTensors, cand: LayerTensors, order: list[str]) -> list[dict[str, Any]]:

@@ -2,12 +2,13 @@
 
 `python -m kdeploy.debug.tensors JOB.json` (through `kdeploy.child`) runs each artifact of the
 job with `experimental_preserve_all_tensors=True`, sample by sample (batch 1, so it runs any
-batch-1 graph), and writes, per artifact, the output of the last op of each Keras layer,
-dequantized to float32 (`layers.npz` keyed `<artifact index>/<layer>`) with the op type and
-dtype of that layer's ops in `result.json`, and where non-finite values appear: the ops whose
-float output holds NaN/Inf on some sample, in op order (`non_finite`). With `layers` None (a
-SavedModel: no Keras layers) ops are grouped by their name scope (`names.ScopeNamer`). No
-TensorFlow here.
+batch-1 graph), and takes, per artifact, the output of the last op of each Keras layer,
+dequantized to float32, with the op type and dtype of that layer's ops in `result.json`, and
+where non-finite values appear: the ops whose float output holds NaN/Inf on some sample, in op
+order (`non_finite`). The outputs are written to `out_path` (`layers.npz` keyed `<artifact
+index>/<layer>`) when the job names one, and compared here as the job's `compare` entries ask
+(`attribution.compare_layers`: `compared` in the result). With `layers` None (a SavedModel: no
+Keras layers) ops are grouped by their name scope (`names.ScopeNamer`). No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from kdeploy.child import child_main
+from kdeploy.debug.attribution import LayerTensors, compare_layers
 from kdeploy.debug.names import LayerNamer, ScopeNamer
 
 SKIP_OPS = ("QUANTIZE", "DEQUANTIZE")  # conversions at the edges of kept-float ops, not layers
@@ -58,7 +60,7 @@ def _run(job: dict) -> dict:
         feeds = {k: z[k] for k in z.files}
     namer = ScopeNamer() if job["layers"] is None else LayerNamer(job["model_name"], job["layers"])
     n = min(len(next(iter(feeds.values()))), job["samples"])
-    saved: dict[str, np.ndarray] = {}
+    outputs: list[dict[str, np.ndarray]] = []
     meta = []
     non_finite = []
     for a, art in enumerate(job["artifacts"]):
@@ -87,8 +89,8 @@ def _run(job: dict) -> dict:
                     v = it.get_tensor(t)
                     bad[i] += int(v.size - np.count_nonzero(np.isfinite(v)))
                     size[i] += int(v.size)
-        for layer, r in rows.items():
-            saved[f"{a}/{layer}"] = np.concatenate(r) if r[0].ndim else np.stack(r)
+        outputs.append({layer: np.concatenate(r) if r[0].ndim else np.stack(r) for layer, r in rows.items()})
+        del rows
         meta.append({layer: {"op": graph.ops[idx[-1]].name, "ops": [graph.ops[i].name for i in idx],
                              "input_dtypes": sorted({graph.tensors[t].dtype for i in idx for t in graph.ops[i].inputs
                                                      if t >= 0 and graph.tensors[t].data is None}),
@@ -101,8 +103,14 @@ def _run(job: dict) -> dict:
              "layer": producer.get(graph.ops[i].outputs[0]), "count": c,
              "elements": size[i]}
             for i, c in bad.items() if c][:NON_FINITE_OPS])
-    np.savez(Path(job["out_path"]), **saved)
-    return {"artifacts": meta, "non_finite": non_finite, "samples": n}
+    if job.get("out_path"):
+        np.savez(Path(job["out_path"]), **{f"{a}/{layer}": v for a, out in enumerate(outputs) for layer, v in out.items()})
+    compared = []
+    for c in job.get("compare", []):
+        r, k = c["reference"], c["candidate"]
+        compared.append(compare_layers(LayerTensors(outputs[r], meta[r], non_finite[r]),
+                                       LayerTensors(outputs[k], meta[k], non_finite[k]), c))
+    return {"artifacts": meta, "non_finite": non_finite, "samples": n, "compared": compared}
 
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ class Context:
     progress: Progress
     host: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
-    layer_errors: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> its per-layer tensors' file (run/diagnose)
+    layer_dumps: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> its per-layer tensors' file (run/diagnose)
+    layer_errors: dict[tuple, Any] = field(default_factory=dict)  # (float sha256, sha256, precision, tolerance) -> LayerErrors
+    layer_jobs: int = 0  # tensor dumps run so far (each in a job folder of its own)
     layer_samples: int | None = None  # samples those tensors are taken on, fixed by the first dump (run/diagnose)
     probes: tuple | None = None  # robustness probe inputs and Keras outputs, made once (run/probes)
     parallel: bool | None = None  # RunOptions.parallel

@@ -5,9 +5,11 @@ where NaN/Inf start, and where a runtime crashed.
 describes: the per-layer error of every quantized `.tflite` against the float one
 (`candidates[].sensitivity`) and, for an fp32 `.tflite` that fails its tolerance, the first
 Keras layer whose output is off (`candidates[].first_divergence`). The tensors come from one
-LiteRT child process (`kdeploy.debug.tensors`); results are cached per artifact hash in
-`Context.layer_errors` (the file, read again when needed), so the selective search and the report measure a
-`.tflite` once.
+LiteRT child process (`kdeploy.debug.tensors`), which compares them itself (`layer_errors`: the
+figures, cached per pair of artifact hashes in `Context.layer_errors`, so the selective search's
+ranking and the report's sensitivity of full int8 are one run); where the tensors themselves are
+needed (an fp32 `.tflite` against Keras' layer outputs), the dump writes them once per artifact
+hash (`layer_tensors`, `Context.layer_dumps`: the file, read when needed).
 
 For every precision, a `.tflite` that disagrees also gets `first_divergence` (the first layer
 failing the precision's tolerance: against Keras for fp32, against the fp32 `.tflite`'s tensors
@@ -29,8 +31,7 @@ from kdeploy import taskmetrics
 from kdeploy.child import ChildFailure
 from kdeploy.compare import compare
 from kdeploy.memory import layer_samples_for
-from kdeploy.debug.attribution import (LayerTensors, dump_layers, first_divergence, first_failing_layer,
-                                       first_non_finite, sensitivity)
+from kdeploy.debug.attribution import Comparison, LayerDump, LayerErrors, dump_layers, first_divergence, first_non_finite
 from kdeploy.debug.names import LayerNamer, layer_paths, layer_scopes
 from kdeploy.loading import keras_args
 from kdeploy.subclassed import layer_outputs
@@ -95,29 +96,53 @@ def locate_failure(ctx: Context, path: Path, fmt: str, runtime: str, message: st
     return None if site is None else {"runtime": runtime, **site}
 
 
-def layer_order(ctx: Context, t: LayerTensors) -> list[str]:
+def layer_order(ctx: Context, t: LayerDump) -> list[str]:
     """The layers of per-layer tensors in model order: Keras layers, else (SavedModel) the scopes in op order."""
     return model_layers(ctx) if ctx.model.keras_model is not None else list(t.meta)
 
 
-def layer_tensors(ctx: Context, paths: list[Path], io: dict) -> list[LayerTensors]:
-    """Per-layer tensors of `.tflite` files on the validation inputs, measured once per file content.
+def layer_tensors(ctx: Context, paths: list[Path], io: dict) -> list[LayerDump]:
+    """Per-layer tensors of `.tflite` files on the validation inputs, measured once per file content (`load` reads
+    them).
 
     Raises:
         ChildFailure: the LiteRT tensor dump failed.
     """
     shas = [file_sha256(p) for p in paths]
-    todo = [(p, s) for p, s in zip(paths, shas) if s not in ctx.layer_errors]
+    todo = [(p, s) for p, s in zip(paths, shas) if s not in ctx.layer_dumps]
     if todo:
-        feeds = ctx.work / "layer-feeds.npz"
-        if not feeds.is_file():
-            np.savez(feeds, **ctx.validation.inputs)
-        job_dir = ctx.work / f"layers-{len(ctx.layer_errors)}"
-        km = ctx.model.keras_model
-        got = dump_layers([(p, io) for p, _ in todo], feeds, km.name if km is not None else "", namer_layers(ctx),
-                          job_dir, layer_samples(ctx, paths[0]), ctx.profile.timing.timeout_s)
-        ctx.layer_errors.update({s: t for (_, s), t in zip(todo, got)})
-    return [ctx.layer_errors[s].load() for s in shas]
+        got, _ = _dump(ctx, [p for p, _ in todo], io, paths[0])
+        ctx.layer_dumps.update({s: t for (_, s), t in zip(todo, got)})
+    return [ctx.layer_dumps[s] for s in shas]
+
+
+def layer_errors(ctx: Context, ref: Path, cand: Path, io: dict, tol, precision: str) -> LayerErrors:
+    """The per-layer error of `.tflite` `cand` against the float `.tflite` `ref` on the validation inputs (sensitivity,
+    first layer failing `tol`, first non-finite op), compared in the dump child: measured once per pair of file
+    contents and tolerance.
+
+    Raises:
+        ChildFailure: the LiteRT tensor dump failed.
+    """
+    key = (file_sha256(ref), file_sha256(cand), precision, repr(tol.model_dump()))
+    if key not in ctx.layer_errors:
+        order = model_layers(ctx) if ctx.model.keras_model is not None else None
+        _, (errors,) = _dump(ctx, [ref, cand], io, ref, [Comparison(0, 1, order, tol.model_dump(), precision)])
+        ctx.layer_errors[key] = errors
+    return ctx.layer_errors[key]
+
+
+def _dump(ctx: Context, paths: list[Path], io: dict, float_path: Path,
+          compare: list[Comparison] = ()) -> tuple[list[LayerDump], list[LayerErrors]]:
+    """The tensor dump child on `paths` (written only where no comparison is asked for), in a job folder of its own."""
+    feeds = ctx.work / "layer-feeds.npz"
+    if not feeds.is_file():
+        np.savez(feeds, **ctx.validation.inputs)
+    ctx.layer_jobs += 1
+    km = ctx.model.keras_model
+    return dump_layers([(p, io) for p in paths], feeds, km.name if km is not None else "", namer_layers(ctx),
+                       ctx.work / f"layers-{ctx.layer_jobs}", layer_samples(ctx, float_path),
+                       ctx.profile.timing.timeout_s, compare=compare, write=not compare)
 
 
 def layer_samples(ctx: Context, float_path: Path) -> int:
@@ -179,12 +204,11 @@ def _layers_off(ctx: Context, c: Candidate, b: Build, art, ref: Path | None) -> 
         ChildFailure: the LiteRT tensor dump failed.
     """
     if art.precision != "fp32" and ref is not None:
-        float_t, cand = layer_tensors(ctx, [ref, art.path], art.io)
-        order = layer_order(ctx, float_t)
-        c.sensitivity = sensitivity(float_t, cand, order)
-        tol = b.tolerance or ctx.profile.tolerances[art.precision]
-        c.first_divergence = first_failing_layer(float_t, cand, order, tol, "fp32 .tflite", art.precision)
-        c.first_non_finite = _inputs(first_non_finite(cand, float_t), "validation")
+        errors = layer_errors(ctx, ref, art.path, art.io, b.tolerance or ctx.profile.tolerances[art.precision],
+                              art.precision)
+        c.sensitivity = errors.sensitivity
+        c.first_divergence = errors.first_failing
+        c.first_non_finite = _inputs(errors.first_non_finite, "validation")
     elif art.precision == "fp32" and not _fidelity_passed(c):
         if ctx.model.keras_model is not None:
             c.first_divergence = _first_divergence(ctx, b, art)
@@ -242,10 +266,9 @@ def _probe_non_finite(ctx: Context, c: Candidate, art, ref: Path | None, bad: st
     np.savez(feeds, **probes[bad][1])
     paths = [art.path] if ref is None or art.path == ref else [ref, art.path]
     km = ctx.model.keras_model
-    dumps = dump_layers([(p, art.io) for p in paths], feeds, km.name if km is not None else "", namer_layers(ctx),
-                        ctx.work / f"layers-{c.name}-{bad}", len(next(iter(probes[bad][1].values()))),
-                        ctx.profile.timing.timeout_s)
-    t = [d.load() for d in dumps]
+    t, _ = dump_layers([(p, art.io) for p in paths], feeds, km.name if km is not None else "", namer_layers(ctx),
+                       ctx.work / f"layers-{c.name}-{bad}", len(next(iter(probes[bad][1].values()))),
+                       ctx.profile.timing.timeout_s, write=False)  # where NaN/Inf start: no tensors needed
     return _inputs(first_non_finite(t[-1], t[0] if len(t) == 2 else None), f"robustness probe '{bad}'")
 
 
@@ -271,5 +294,6 @@ def _first_divergence(ctx: Context, b: Build, art) -> dict | None:
         keras_outputs = layer_outputs(km, layer_paths(km), keras_args(km, feeds, ctx.model))
         order = model_layers(ctx)
     (tfl,) = layer_tensors(ctx, [art.path], art.io)
-    found = first_divergence(keras_outputs, tfl, order, tol.atol or 0.0, tol.rtol or 0.0, tol.max_peak_err or 0.0)
+    found = first_divergence(keras_outputs, tfl.load(), order, tol.atol or 0.0, tol.rtol or 0.0,
+                             tol.max_peak_err or 0.0)
     return found

@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 from kdeploy.artifacts import Artifact
-from kdeploy.debug.attribution import ranked_layers, sensitivity
+from kdeploy.debug.attribution import ranked_layers
 from kdeploy.debug.locate import crash_site, describe, matching_node, parse_failure
 from kdeploy.errors import ConversionError
 from kdeploy.recipes import selective_recipe
 from kdeploy.run.context import Build, Context
 from kdeploy.run.convert import CALIBRATED_INT8, ReferenceModel, add_onnx_twin, keeps_tflite, reference_float
-from kdeploy.run.diagnose import layer_namer, layer_order, layer_tensors
+from kdeploy.run.diagnose import layer_errors, layer_namer, layer_order, layer_tensors
 from kdeploy.run.judge import failed_text, judge, runs_tflite_only  # noqa: F401 (judge: calibrate imports it here)
 
 _QUANTIZER = threading.Lock()
@@ -71,10 +71,12 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
                                                         "there is no op to keep in float")
         return []
     float_path = reference_float(ctx, ref)
+    tol = prof.tolerances["int8"]  # the figures are the report's sensitivity of full int8 too (`diagnose`: one dump)
     if crashed:  # the crashing int8 has no tensors to dump
         (float_t,) = layer_tensors(ctx, [float_path], int8.io)
     else:
-        float_t, full = layer_tensors(ctx, [float_path, int8.path], int8.io)
+        errors = layer_errors(ctx, float_path, int8.path, int8.io, tol, "int8")
+        float_t = errors.reference
     order = layer_order(ctx, float_t)
     first_detail = detail
     sites: list[dict] = []  # where full int8 (and each try after it) crashed
@@ -98,10 +100,10 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
     crash_kept = list(kept)
     if best is None:
         if start is not int8:
-            (full,) = layer_tensors(ctx, [start.path], start.io)
-        rows = sensitivity(float_t, full, order)
+            errors = layer_errors(ctx, float_path, start.path, start.io, tol, "int8")
+        rows = errors.sensitivity
         if prof.full_integer:
-            ctx.finding("error", "int8-breaking-layers", _breaking(ctx, rows, full.meta, detail))
+            ctx.finding("error", "int8-breaking-layers", _breaking(ctx, rows, errors.candidate.meta, detail))
             return []
     else:
         rows = []
