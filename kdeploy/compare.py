@@ -77,37 +77,35 @@ def metrics(ref: np.ndarray, got: np.ndarray, kind: str, threshold: float = 0.5)
     """Error metrics of `got` against `ref` (same shape, batch first); decisions of sigmoid outputs at `threshold`."""
     if ref.shape != got.shape:
         raise ValueError(f"output shape {got.shape} differs from reference {ref.shape}")
-    # Figures in float64, with as few full-size temporaries as the figures allow: a hidden layer's output
-    # (`debug.attribution`, MobileNetV2's first blocks: ~10M values) is compared this way too.
-    ref64 = ref.astype(np.float64)
-    got64 = got.astype(np.float64)
-    finite = bool(np.all(np.isfinite(got64)) and np.all(np.isfinite(ref64)))
+    # Figures in float64 without float64 copies of the inputs (a hidden layer's output is compared this way too,
+    # `debug.attribution`: MobileNetV2's first blocks hold ~10M values): each operation casts as it goes.
+    finite = bool(np.all(np.isfinite(got)) and np.all(np.isfinite(ref)))
     if not finite:
         nan = float("nan")
         return OutputMetrics(nan, nan, nan, nan, nan, nan, nan, None, False)
-    d = np.subtract(got64, ref64)
+    d = np.subtract(got, ref, dtype=np.float64)
     np.abs(d, out=d)
-    lo, hi = (float(ref64.min()), float(ref64.max())) if ref64.size else (0.0, 0.0)
+    lo, hi = (float(ref.min()), float(ref.max())) if ref.size else (0.0, 0.0)
     rng = hi - lo
     max_abs = float(d.max()) if d.size else 0.0
     mean_abs = float(d.mean()) if d.size else 0.0
-    cos = cosines(ref64, got64)
+    cos = cosines(ref, got)
     top1 = None
     if kind == "multiclass":  # along the last (class) axis: per sample, or per location of a map
-        top1 = agreement_of(*decisions(ref64, got64, kind))[0] if d.size else 1.0
+        top1 = agreement_of(*decisions(ref, got, kind))[0] if d.size else 1.0
     elif kind == "binary":
-        top1 = agreement_of(*decisions(ref64, got64, kind))[0]
+        top1 = agreement_of(*decisions(ref, got, kind))[0]
     agree = n_dec = None
     if kind in DECISION_KINDS and d.size:
-        agree, n_dec = agreement_of(*decisions(ref64, got64, kind, threshold))
+        agree, n_dec = agreement_of(*decisions(ref, got, kind, threshold))
     magnitude = max(hi, -lo, rng)  # the larger of max |ref| and its range
-    ref_rms = float(np.sqrt(sum_squares(ref64) / ref64.size)) if ref64.size else 0.0
+    ref_rms = float(np.sqrt(sum_squares(ref) / ref.size)) if ref.size else 0.0
     rmse = float(np.sqrt(sum_squares(d) / d.size)) if d.size else 0.0
     max_rel = 0.0
     if d.size:
-        rel = np.abs(ref64, out=ref64)  # ref64 is this function's own copy: its last use
+        rel = np.abs(ref, dtype=np.float64)
         rel += 1e-8
-        max_rel = float(np.divide(d, rel, out=rel).max())
+        max_rel = float(np.divide(d, rel, out=d).max())  # d's last use
     return OutputMetrics(
         max_abs_err=max_abs,
         mean_abs_err=mean_abs,
@@ -126,9 +124,9 @@ def metrics(ref: np.ndarray, got: np.ndarray, kind: str, threshold: float = 0.5)
 
 
 def sum_squares(x: np.ndarray) -> float:
-    """Sum of squares without a temporary the size of `x`."""
+    """Sum of squares, accumulated in float64, without a temporary the size of `x`."""
     flat = x.reshape(-1)
-    return float(np.dot(flat, flat))
+    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
 
 
 def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
@@ -141,9 +139,10 @@ def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     b = got.reshape(len(got), -1)
     if a.shape[1] == 1:
         a, b = a.T, b.T
-    na = np.sqrt(np.einsum("ij,ij->i", a, a))  # per-row dot products: no temporary the size of the batch
-    nb = np.sqrt(np.einsum("ij,ij->i", b, b))
-    dot = np.einsum("ij,ij->i", a, b)
+    # per-row dot products in float64, cast as they go: no temporary the size of the batch
+    na = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64))
+    nb = np.sqrt(np.einsum("ij,ij->i", b, b, dtype=np.float64))
+    dot = np.einsum("ij,ij->i", a, b, dtype=np.float64)
     tiny = 1e-6 * max(float(na.max(initial=0.0)), float(nb.max(initial=0.0)))
     both_zero = (na <= tiny) & (nb <= tiny)
     cos = np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))

@@ -129,9 +129,9 @@ def compare_layers(ref: LayerTensors, cand: LayerTensors, c: Comparison | dict) 
             "first_non_finite": first_non_finite(cand, ref)}
 
 
-def _rel_rmse(ref64: np.ndarray, got64: np.ndarray) -> float:
-    rng = float(ref64.max() - ref64.min()) or 1.0
-    return float(np.sqrt(sum_squares(got64 - ref64) / max(ref64.size, 1)) / rng)
+def _rel_rmse(ref: np.ndarray, got: np.ndarray) -> float:
+    rng = float(ref.max()) - float(ref.min()) or 1.0
+    return float(np.sqrt(sum_squares(np.subtract(got, ref, dtype=np.float64)) / max(ref.size, 1)) / rng)
 
 
 def sensitivity(float_t: LayerTensors, cand: LayerTensors, order: list[str]) -> list[dict[str, Any]]:
@@ -148,9 +148,8 @@ def sensitivity(float_t: LayerTensors, cand: LayerTensors, order: list[str]) -> 
         f, c = float_t.outputs.get(layer), cand.outputs.get(layer)
         if f is None or c is None or f.shape != c.shape or not np.all(np.isfinite(c)):
             continue
-        f64, c64 = f.astype(np.float64), c.astype(np.float64)  # once per layer, for both figures
-        rel[layer] = _rel_rmse(f64, c64)
-        cos[layer] = float(cosines(f64, c64).mean())
+        rel[layer] = _rel_rmse(f, c)  # both in float64, cast as they go
+        cos[layer] = float(cosines(f, c).mean())
     loss = {layer: 1.0 - c for layer, c in cos.items()}
     added = {layer: max(0.0, v - max((loss.get(p, 0.0) for p in cand.meta[layer]["fed_by"]), default=0.0))
              for layer, v in loss.items()}
@@ -240,7 +239,7 @@ def first_failing_layer(ref: LayerTensors, cand: LayerTensors, order: list[str],
                          reference=reference, precision=precision)
         if res.passed:
             continue
-        d = np.abs(c.astype(np.float64).reshape(-1) - f.astype(np.float64).reshape(-1))
+        d = np.abs(np.subtract(c.reshape(-1), f.reshape(-1), dtype=np.float64))
         tolerance = None
         if tol.atol is not None or tol.rtol is not None:
             allowed = (tol.atol or 0.0) + (tol.rtol or 0.0) * np.abs(f.astype(np.float64).reshape(-1))

@@ -49,6 +49,18 @@ def layer_ops(graph, namer: LayerNamer) -> tuple[dict[str, list[int]], dict[int,
     return out, producer_layer
 
 
+def _keep(kept: dict[str, np.ndarray], layer: str, s: int, n: int, value: np.ndarray) -> None:
+    """Sample `s` of `n` of a layer's output into its array (allocated at the first sample), as float32: samples
+    stacked along the first axis (a value without one: a vector of one per sample)."""
+    value = np.asarray(value, dtype=np.float32)
+    if value.ndim == 0:
+        value = value.reshape(1)
+    rows = value.shape[0]
+    if layer not in kept:
+        kept[layer] = np.empty((n * rows, *value.shape[1:]), np.float32)
+    kept[layer][s * rows : (s + 1) * rows] = value
+
+
 def _run(job: dict) -> dict:
     from ai_edge_litert.interpreter import OpResolverType
 
@@ -73,7 +85,7 @@ def _run(job: dict) -> dict:
                               experimental_preserve_all_tensors=True,
                               experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         last = {layer: graph.ops[idx[-1]].outputs[0] for layer, idx in ops.items()}
-        rows: dict[str, list[np.ndarray]] = {layer: [] for layer in last}
+        kept: dict[str, np.ndarray] = {}  # layer -> its outputs on every sample, filled in place (no list to join)
         float_outs = [(i, op.outputs[0]) for i, op in enumerate(graph.ops)
                       if op.outputs and graph.tensors[op.outputs[0]].dtype in ("float32", "float16")]
         bad = dict.fromkeys((i for i, _ in float_outs), 0)
@@ -84,13 +96,12 @@ def _run(job: dict) -> dict:
             for s in range(n):
                 runner.infer({k: v[s : s + 1] for k, v in feeds.items()})
                 for layer, t in last.items():
-                    rows[layer].append(dequantize(it.get_tensor(t), *details[t]["quantization"]).astype(np.float32))
+                    _keep(kept, layer, s, n, dequantize(it.get_tensor(t), *details[t]["quantization"]))
                 for i, t in float_outs:
                     v = it.get_tensor(t)
                     bad[i] += int(v.size - np.count_nonzero(np.isfinite(v)))
                     size[i] += int(v.size)
-        outputs.append({layer: np.concatenate(r) if r[0].ndim else np.stack(r) for layer, r in rows.items()})
-        del rows
+        outputs.append(kept)
         meta.append({layer: {"op": graph.ops[idx[-1]].name, "ops": [graph.ops[i].name for i in idx],
                              "input_dtypes": sorted({graph.tensors[t].dtype for i in idx for t in graph.ops[i].inputs
                                                      if t >= 0 and graph.tensors[t].data is None}),
