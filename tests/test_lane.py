@@ -67,6 +67,41 @@ def test_evaluation_runs_made_ahead_are_not_made_again(tmp_path):
     assert fidelity(lane) == fidelity(one) and fidelity(one)
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the lane runs on a multi-core host only")
+def test_the_diagnosis_made_ahead_is_the_diagnosis(tmp_path, monkeypatch):
+    """Without labels, a quantized `.tflite` whose deployed fidelity run (made ahead) fails may get its per-layer
+    errors measured ahead (whichever of the ranking, the runs made ahead and the diagnosis comes first measures
+    them, once); the report's diagnosis is the one a single process makes."""
+    import numpy as np
+
+    from kdeploy.debug import attribution
+
+    dumps: list[list[str]] = []
+    real = attribution.run_child
+
+    def counted(module, job, *args, **kw):
+        dumps.append([a["path"].rsplit("/", 1)[-1] for a in job["artifacts"]])
+        return real(module, job, *args, **kw)
+
+    monkeypatch.setattr(attribution, "run_child", counted)
+    data = tmp_path / "cancer-x.npz"  # no labels: no task budget can accept the failing int8 afterwards
+    np.savez(data, x=np.load(FIXTURES / "cancer.npz")["x"])
+    runs = {}
+    for parallel in (False, True):
+        lines: list[str] = []
+        dumps.clear()
+        report = optimize(FIXTURES / "cancer_mlp.keras", target="cpu-edge", data=data, cache=False,
+                          out=tmp_path / f"out-{parallel}", parallel=parallel,
+                          progress=lambda stage, detail="": lines.append(f"{stage} {detail}"))
+        runs[parallel] = report, lines, list(dumps)
+    (one, one_lines, one_dumps), (lane, lines, lane_dumps) = runs[False], runs[True]
+    assert not any("ahead)" in line for line in one_lines), [x for x in one_lines if "ahead" in x]
+    assert lane_dumps.count(["fp32.tflite", "int8.tflite"]) == one_dumps.count(["fp32.tflite", "int8.tflite"]) == 1
+    diagnosis = lambda r: {c.name: (c.sensitivity, c.first_divergence, c.first_non_finite) for c in r.candidates}
+    assert diagnosis(lane) == diagnosis(one) and diagnosis(one)["int8"][0], diagnosis(one)
+    assert [c.name for c in lane.candidates if c.passed] == [c.name for c in one.candidates if c.passed]
+
+
 def test_a_child_started_nicer_runs_at_a_lower_priority(tmp_path, monkeypatch):
     """`run_child(nice=...)`: the runs made ahead yield the CPU to the build beside them."""
     from kdeploy.child import run_child

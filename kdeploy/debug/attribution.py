@@ -86,7 +86,7 @@ class Comparison:
 
 def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name: str, layers: Any,
                 job_dir: Path, samples: int, timeout_s: float, compare: list[Comparison] = (),
-                write: bool = True, nice: int = 0) -> tuple[list[LayerDump], list[LayerErrors]]:
+                write: bool = True, nice: int = 0, on_start=None) -> tuple[list[LayerDump], list[LayerErrors]]:
     """Runs the LiteRT tensor dump child on `artifacts` ((path, io) pairs): one LayerDump each (in `job_dir`), and
     the comparisons asked for, made in the child.
 
@@ -95,7 +95,7 @@ def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name
             by name scope, `names.ScopeNamer`).
         compare: comparisons between the dumped artifacts, made in the child (`compare_layers`).
         write: write the tensors (`LayerDump.load`); False where the comparisons are all that is wanted.
-        nice: the child's CPU priority below this process' (`child.run_child`).
+        nice, on_start: as `child.run_child` takes them (a lower CPU priority; the child's Popen, to end it).
 
     Raises:
         ChildFailure: the child crashed, hung or raised.
@@ -107,7 +107,7 @@ def dump_layers(artifacts: list[tuple[Path, dict]], feeds_path: Path, model_name
            "model_name": model_name, "layers": layers, "samples": samples, "out_path": str(out) if out else None,
            "compare": [asdict(c) for c in compare]}
     result = run_child("kdeploy.debug.tensors", job, job_dir, timeout_s=timeout_s, what="the LiteRT tensor dump",
-                       nice=nice)
+                       nice=nice, on_start=on_start)
     bad = result.get("non_finite") or [[] for _ in result["artifacts"]]
     dumps = [LayerDump(out, i, meta, nf) for i, (meta, nf) in enumerate(zip(result["artifacts"], bad))]
     errors = [LayerErrors(dumps[c.reference], dumps[c.candidate], **got)

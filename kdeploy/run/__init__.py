@@ -234,5 +234,5 @@ def _cached_or_fresh(opts: RunOptions, prof: TargetProfile, build: Callable[[Con
         discard_staging(ctx.staging)
         raise
     finally:
-        ctx.stop_ahead()  # (on a failure before evaluation) no run made ahead outlives the run's folders
+        ctx.stop_ahead(kill=True)  # (on a failure or an interruption before evaluation) no run outlives the run
         shutil.rmtree(ctx.work, ignore_errors=True)

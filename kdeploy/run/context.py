@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -90,6 +91,7 @@ class Context:
     layer_dumps: dict[str, Any] = field(default_factory=dict)  # .tflite sha256 -> its per-layer tensors' file (run/diagnose)
     layer_errors: dict[tuple, Any] = field(default_factory=dict)  # (float sha256, sha256, precision, tolerance) -> LayerErrors
     layer_jobs: int = 0  # tensor dumps run so far (each in a job folder of its own)
+    dump_lock: threading.Lock = field(default_factory=threading.Lock)  # one tensor dump at a time (run/diagnose)
     layer_samples: int | None = None  # samples those tensors are taken on, fixed by the first dump (run/diagnose)
     probes: tuple | None = None  # robustness probe inputs and Keras outputs, made once (run/probes)
     parallel: bool | None = None  # RunOptions.parallel
@@ -99,7 +101,8 @@ class Context:
     # evaluation's runs made ahead of it: (artifact path, sha256, runtime) -> (outputs, result) or the RuntimeFailure
     # (run/evaluate.RunsAhead, and full int8's judge run)
     prefetched: dict[tuple[str, str, str], Any] = field(default_factory=dict)
-    stop_ahead: Callable[[], None] = lambda: None  # stops the runs made ahead (run/build starts them; evaluate stops)
+    # stops the runs made ahead, `kill=True` ending the one in progress (run/build starts them; evaluate stops them)
+    stop_ahead: Callable[..., None] = lambda **_: None
 
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))

@@ -109,32 +109,49 @@ def layer_tensors(ctx: Context, paths: list[Path], io: dict) -> list[LayerDump]:
         ChildFailure: the LiteRT tensor dump failed.
     """
     shas = [file_sha256(p) for p in paths]
-    todo = [(p, s) for p, s in zip(paths, shas) if s not in ctx.layer_dumps]
-    if todo:
-        got, _ = _dump(ctx, [p for p, _ in todo], io, paths[0])
-        ctx.layer_dumps.update({s: t for (_, s), t in zip(todo, got)})
+    with ctx.dump_lock:
+        todo = [(p, s) for p, s in zip(paths, shas) if s not in ctx.layer_dumps]
+        if todo:
+            got, _ = _dump(ctx, [p for p, _ in todo], io, paths[0])
+            ctx.layer_dumps.update({s: t for (_, s), t in zip(todo, got)})
     return [ctx.layer_dumps[s] for s in shas]
 
 
-def layer_errors(ctx: Context, ref: Path, cand: Path, io: dict, tol, precision: str) -> LayerErrors:
+def layer_errors(ctx: Context, ref: Path, cand: Path, io: dict, tol, precision: str, nice: int = 0,
+                 on_start=None) -> LayerErrors:
     """The per-layer error of `.tflite` `cand` against the float `.tflite` `ref` on the validation inputs (sensitivity,
     first layer failing `tol`, first non-finite op), compared in the dump child: measured once per pair of file
-    contents and tolerance.
+    contents and tolerance (also from the runs made ahead, `evaluate.RunsAhead`, at `nice`).
 
     Raises:
         ChildFailure: the LiteRT tensor dump failed.
     """
-    key = (file_sha256(ref), file_sha256(cand), precision, repr(tol.model_dump()))
-    if key not in ctx.layer_errors:
-        order = model_layers(ctx) if ctx.model.keras_model is not None else None
-        _, (errors,) = _dump(ctx, [ref, cand], io, ref, [Comparison(0, 1, order, tol.model_dump(), precision)])
-        ctx.layer_errors[key] = errors
+    key = _errors_key(ref, cand, tol, precision)
+    with ctx.dump_lock:  # measured by whichever thread asks first; the other waits and takes it
+        if key not in ctx.layer_errors:
+            order = model_layers(ctx) if ctx.model.keras_model is not None else None
+            _, (errors,) = _dump(ctx, [ref, cand], io, ref, [Comparison(0, 1, order, tol.model_dump(), precision)],
+                                 nice, on_start)
+            ctx.layer_errors[key] = errors
     return ctx.layer_errors[key]
 
 
-def _dump(ctx: Context, paths: list[Path], io: dict, float_path: Path,
-          compare: list[Comparison] = ()) -> tuple[list[LayerDump], list[LayerErrors]]:
-    """The tensor dump child on `paths` (written only where no comparison is asked for), in a job folder of its own."""
+def has_layer_errors(ctx: Context, ref: Path, cand: Path, tol, precision: str) -> bool:
+    """Whether `layer_errors` of these arguments are measured already."""
+    return _errors_key(ref, cand, tol, precision) in ctx.layer_errors
+
+
+def _errors_key(ref: Path, cand: Path, tol, precision: str) -> tuple:
+    return file_sha256(ref), file_sha256(cand), precision, repr(tol.model_dump())
+
+
+def _dump(ctx: Context, paths: list[Path], io: dict, float_path: Path, compare: list[Comparison] = (),
+          nice: int = 0, on_start=None) -> tuple[list[LayerDump], list[LayerErrors]]:
+    """The tensor dump child on `paths` (written only where no comparison is asked for), in a job folder of its own.
+
+    The callers hold `Context.dump_lock`: one dump at a time (the runs made ahead dump too, and two dumps side by
+    side would double the largest memory of the run's children), each measured once.
+    """
     feeds = ctx.work / "layer-feeds.npz"
     if not feeds.is_file():
         np.savez(feeds, **ctx.validation.inputs)
@@ -142,7 +159,7 @@ def _dump(ctx: Context, paths: list[Path], io: dict, float_path: Path,
     km = ctx.model.keras_model
     return dump_layers([(p, io) for p in paths], feeds, km.name if km is not None else "", namer_layers(ctx),
                        ctx.work / f"layers-{ctx.layer_jobs}", layer_samples(ctx, float_path),
-                       ctx.profile.timing.timeout_s, compare=compare, write=not compare)
+                       ctx.profile.timing.timeout_s, compare=compare, write=not compare, nice=nice, on_start=on_start)
 
 
 def layer_samples(ctx: Context, float_path: Path) -> int:

@@ -57,7 +57,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
        (`kdeploy.run.select.select`).
     """
     m, prof = ctx.model, ctx.profile
-    ctx.stop_ahead()  # the runs made ahead (`RunsAhead`): their results are taken below
+    ctx.stop_ahead(runs_only=True)  # the runs made ahead (`RunsAhead`): their results are taken below
     feeds_path = _write_feeds(ctx)
     batches = _batches(ctx, finding=True)
     names = [t.name for t in m.outputs]
@@ -104,8 +104,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
         if runtime in ran:
             ran[runtime].append((c, art))
         tol = b.tolerance or prof.tolerances[art.precision]
-        for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=runtime,
-                         reference="keras", precision=art.precision):
+        for f in fidelity(ctx, b, art, runtime, outs):
             add_fidelity(c, f, tol, gates=runtime in prof.runtimes)
         for probe, got in result.get("probes", {}).items():
             desc, _, ref = probes[probe]
@@ -115,6 +114,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     # Without labels no task budget can accept a failed fidelity check afterwards (`task_checks`): such a
     # candidate is out of the selection, and its latency is timed for the report only.
     failed = set() if ctx.validation.labels else {c.name for c in candidates if any(not k.passed for k in c.checks)}
+    ctx.stop_ahead()  # a diagnosis made ahead ends before the timing, which runs alone
     with timing_lock() as waited:  # batch jobs on one host time (and re-measure) one at a time
         for runtime, entries in ran.items():
             time_candidates(ctx, runtime, entries, batches, feeds_path, measured_on, failed)
@@ -205,6 +205,13 @@ def _batches(ctx: Context, finding: bool) -> list[int]:
     return batches
 
 
+def fidelity(ctx: Context, b: Build, art: Artifact, runtime: str, outs: list[np.ndarray]) -> list:
+    """The `FidelityResult`s of `art`'s outputs on `runtime` against Keras, at the build's tolerance."""
+    tol = b.tolerance or ctx.profile.tolerances[art.precision]
+    return compare(ctx.reference, outs, names=[t.name for t in ctx.model.outputs], kinds=ctx.model.output_kinds,
+                   tol=tol, runtime=runtime, reference="keras", precision=art.precision)
+
+
 def fidelity_job(ctx: Context, art: Artifact, runtime: str, probes: bool = True, fidelity: bool = True) -> RunJob:
     """Evaluation's run of `art` on `runtime`: fidelity on the validation inputs, memory, and the robustness probes
     on the target's first runtime (the ladder's judge makes the same run, or its parts: `probes`, `fidelity` off)."""
@@ -240,21 +247,37 @@ class RunsAhead:
     they come. `evaluate` stops it first (the run in progress finishes) and takes the results
     from `Context.prefetched` (keyed by artifact path, sha256 and runtime) instead of running
     them again. Latency is never measured here: the timing runs alone, after.
+
+    With every run made and time left, the per-layer errors of each quantized `.tflite` whose
+    fidelity on the deployed runtime already fails are measured too (`diagnose.layer_errors`,
+    cached: the diagnosis after the timing takes them). Without labels only: with them a task
+    budget may still accept the candidate, which then needs no diagnosis.
     """
 
     def __init__(self, ctx: Context, builds: list[Build]):
         self.ctx, self.builds = ctx, builds
         self._stop = threading.Event()
         self._skip: set[tuple[str, str, str]] = set()  # runs that raised something other than a RuntimeFailure
+        self._child = None  # the run in progress (its Popen), so that `stop(kill=True)` can end it
+        self._diagnosed: set[str] = set()  # sha256 of the artifacts whose fidelity was looked at for `_failing`
+        self._diagnosing = False  # a diagnosis (not a run) is in progress
+        self._killed = False
         _write_feeds(ctx)
         probe_inputs(ctx)  # Keras' probe outputs and their inputs file, made here before the thread reads them
         self._thread = threading.Thread(target=self._work, name="kdeploy-runs-ahead", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """No new run; waits for the one in progress (its result is kept)."""
+    def stop(self, kill: bool = False, runs_only: bool = False) -> None:
+        """Nothing new; waits for the work in progress (its result is kept), or with `kill` (the run failed or was
+        interrupted) ends it. With `runs_only`, a diagnosis in progress goes on (evaluation's own runs go beside it;
+        the timing, which runs alone, calls `stop()` again first)."""
         self._stop.set()
-        self._thread.join()
+        child = self._child
+        if kill and child is not None and child.poll() is None:
+            self._killed = True
+            child.kill()
+        if not (runs_only and self._diagnosing):
+            self._thread.join()
 
     def _next(self) -> tuple[Build, Artifact, str] | None:
         for runtime in self.ctx.wanted_runtimes:
@@ -266,11 +289,52 @@ class RunsAhead:
                         return b, a, runtime
         return None
 
+    def _failing(self) -> tuple[Build, Artifact] | None:
+        """A quantized `.tflite` whose deployed fidelity run (made ahead) fails and whose layers are not measured."""
+        ctx = self.ctx
+        deployed = ctx.profile.runtimes[0]
+        if ctx.validation.labels or RUNTIME_FORMATS[deployed] != "tflite" or ctx.lane_busy():
+            return None  # (beside the lane's tf2onnx, a dump would set the run's peak memory)
+        for b in list(self.builds):
+            for a in list(b.artifacts):
+                got = ctx.prefetched.get((str(a.path), a.sha256, deployed))
+                if (a.format != "tflite" or a.precision == "fp32" or a.sha256 in self._diagnosed
+                        or got is None or isinstance(got, RuntimeFailure)):
+                    continue
+                self._diagnosed.add(a.sha256)
+                if not all(fidelity(ctx, b, a, deployed, got[0])):
+                    return b, a
+        return None
+
+    def _diagnose(self, b: Build, art: Artifact) -> None:
+        from kdeploy.child import ChildFailure
+        from kdeploy.run.diagnose import float_tflite, has_layer_errors, layer_errors
+
+        ref, tol = float_tflite(self.ctx), b.tolerance or self.ctx.profile.tolerances[art.precision]
+        if ref is None or has_layer_errors(self.ctx, ref, art.path, tol, art.precision):
+            return
+        self.ctx.progress("diagnose", f"{b.name}: per-layer error (ahead)")
+        try:
+            layer_errors(self.ctx, ref, art.path, art.io, tol, art.precision, nice=AHEAD_NICE,
+                         on_start=lambda proc: setattr(self, "_child", proc))
+        except ChildFailure:
+            pass  # the diagnosis measures it again and reports why not
+
     def _work(self) -> None:
         ctx = self.ctx
         while not self._stop.is_set():
             todo = self._next()
             if todo is None:
+                failing = self._failing()
+                if failing is not None:
+                    self._diagnosing = True
+                    try:
+                        self._diagnose(*failing)
+                    except Exception:  # e.g. the memory guard's stop (raised by progress): the diagnosis runs it
+                        return
+                    finally:
+                        self._diagnosing = False
+                    continue
                 self._stop.wait(AHEAD_POLL_S)
                 continue
             b, art, runtime = todo
@@ -278,8 +342,11 @@ class RunsAhead:
             try:
                 ctx.progress("run", f"{b.name} on {runtime} ({_role(ctx, runtime)}, ahead)")
                 got = run_isolated(fidelity_job(ctx, art, runtime), _job_dir(ctx, b, runtime),
-                                   timeout_s=ctx.profile.timing.timeout_s, nice=AHEAD_NICE)
+                                   timeout_s=ctx.profile.timing.timeout_s, nice=AHEAD_NICE,
+                                   on_start=lambda proc: setattr(self, "_child", proc))
             except RuntimeFailure as e:
+                if self._killed:
+                    return  # ended by `stop`: no verdict
                 got = e
             except Exception:  # e.g. the memory guard's stop (raised by progress): evaluation runs it itself and
                 self._skip.add(key)  # meets the error where it can report it

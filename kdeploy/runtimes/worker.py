@@ -195,9 +195,9 @@ class RuntimeFailure(Exception):
     """The runtime crashed, hung or raised; the message says which and how."""
 
 
-def run_isolated(job: Job | dict, job_dir: Path, timeout_s: float = 600.0,
-                 nice: int = 0) -> tuple[list[np.ndarray], dict]:
-    """Runs `job` in a child process (`kdeploy.child.run_child`), at `nice` more niceness than this one.
+def run_isolated(job: Job | dict, job_dir: Path, timeout_s: float = 600.0, nice: int = 0,
+                 on_start=None) -> tuple[list[np.ndarray], dict]:
+    """Runs `job` in a child process (`kdeploy.child.run_child`, whose `nice` and `on_start` these are).
 
     Returns:
         (outputs in model order ([] when the job skipped fidelity), result dict with latency,
@@ -214,7 +214,7 @@ def run_isolated(job: Job | dict, job_dir: Path, timeout_s: float = 600.0,
     subject = Path(job.artifact_path).name if isinstance(job, RunJob) else None
     try:
         result = run_child("kdeploy.runtimes.worker", job_to_dict(job), job_dir, timeout_s=timeout_s,
-                           what=job.runtime, subject=subject, nice=nice)
+                           what=job.runtime, subject=subject, nice=nice, on_start=on_start)
     except ChildFailure as e:
         raise RuntimeFailure(str(e)) from None
     outputs: list[np.ndarray] = []
