@@ -107,11 +107,15 @@ def remeasure(ctx: Context, c: Candidate, b: Build, lat: LatencyOut) -> LatencyO
     return new
 
 
+NOISE_MARGIN_CAP = 0.5  # a noisy row's cv widens the re-measure margin up to half the limit, no further
+
+
 def settle_budget_latency(ctx: Context, c: Candidate, b: Build) -> str:
     """Re-measures the latency row the budget rests on while it is near its limit; returns a note for the check.
 
-    The margin widens to the row's cv when it is noisy; a re-measured row may lose its place to
-    another thread count, which is then re-measured too (each row at most once).
+    The margin widens to the row's cv when it is noisy (at most to NOISE_MARGIN_CAP: a 12 µs call's cv
+    above 1, timer resolution, made every value below twice the limit "near" it); a re-measured row may
+    lose its place to another thread count, which is then re-measured too (each row at most once).
     """
     prof, bud = ctx.profile, ctx.profile.budgets
     pct = bud.latency_percentile
@@ -120,8 +124,8 @@ def settle_budget_latency(ctx: Context, c: Candidate, b: Build) -> str:
         return ""
     v = getattr(lat, f"{pct}_ms")
     note = f"; timed round-robin with {', '.join(lat.interleaved_with)}" if lat.interleaved_with else ""
-    while near_limit(v, bud.max_latency_ms, max(prof.timing.remeasure_margin, lat.cv if lat.noisy else 0.0)) \
-            and not lat.remeasured:
+    while near_limit(v, bud.max_latency_ms, max(prof.timing.remeasure_margin, min(lat.cv, NOISE_MARGIN_CAP)
+                                                if lat.noisy else 0.0)) and not lat.remeasured:
         first = v
         again = remeasure(ctx, c, b, lat)
         if again is lat:
