@@ -104,6 +104,10 @@ class Context:
     # stops the runs made ahead, `kill=True` ending the one in progress (run/build starts them; evaluate stops them)
     stop_ahead: Callable[..., None] = lambda **_: None
 
+    def tolerance(self, b: Build, precision: str) -> Tolerance:
+        """The tolerance `b`'s artifacts of `precision` are held to: the recipe's own, else the profile's for it."""
+        return b.tolerance or self.profile.tolerances[precision]
+
     def finding(self, severity: str, code: str, message: str) -> None:
         self.findings.append(Finding(severity=severity, code=code, message=message))
 

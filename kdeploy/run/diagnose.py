@@ -54,7 +54,7 @@ def task_checks(ctx: Context, c: Candidate, b: Build, outputs: dict[str, list[np
     task = taskmetrics.budget_checks(c.task_metrics, prof.budgets.max_accuracy_drop, prof.budgets.max_mae_increase,
                                      prof.budgets.max_relative_accuracy_drop)
     c.checks += task
-    tol = b.tolerance or prof.tolerances[b.precision]
+    tol = ctx.tolerance(b, b.precision)
     if tol.min_top1 is None:
         return
     loose = tol.model_copy(update={"min_top1": None})
@@ -221,8 +221,7 @@ def _layers_off(ctx: Context, c: Candidate, b: Build, art, ref: Path | None) -> 
         ChildFailure: the LiteRT tensor dump failed.
     """
     if art.precision != "fp32" and ref is not None:
-        errors = layer_errors(ctx, ref, art.path, art.io, b.tolerance or ctx.profile.tolerances[art.precision],
-                              art.precision)
+        errors = layer_errors(ctx, ref, art.path, art.io, ctx.tolerance(b, art.precision), art.precision)
         c.sensitivity = errors.sensitivity
         c.first_divergence = errors.first_failing
         c.first_non_finite = _inputs(errors.first_non_finite, "validation")
@@ -298,7 +297,7 @@ def _first_divergence(ctx: Context, b: Build, art) -> dict | None:
     import keras
 
     km = ctx.model.keras_model
-    tol = b.tolerance or ctx.profile.tolerances["fp32"]
+    tol = ctx.tolerance(b, "fp32")
     n = layer_samples(ctx, art.path)
     feeds = [ctx.validation.inputs[t.name][:n] for t in ctx.model.inputs]
     if ctx.model.symbolic:

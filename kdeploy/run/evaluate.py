@@ -103,7 +103,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
         peak_not_reset |= not result.get("peak_reset", True)
         if runtime in ran:
             ran[runtime].append((c, art))
-        tol = b.tolerance or prof.tolerances[art.precision]
+        tol = ctx.tolerance(b, art.precision)
         for f in fidelity(ctx, b, art, runtime, outs):
             add_fidelity(c, f, tol, gates=runtime in prof.runtimes)
         for probe, got in result.get("probes", {}).items():
@@ -207,7 +207,7 @@ def _batches(ctx: Context, finding: bool) -> list[int]:
 
 def fidelity(ctx: Context, b: Build, art: Artifact, runtime: str, outs: list[np.ndarray]) -> list:
     """The `FidelityResult`s of `art`'s outputs on `runtime` against Keras, at the build's tolerance."""
-    tol = b.tolerance or ctx.profile.tolerances[art.precision]
+    tol = ctx.tolerance(b, art.precision)
     return compare(ctx.reference, outs, names=[t.name for t in ctx.model.outputs], kinds=ctx.model.output_kinds,
                    tol=tol, runtime=runtime, reference="keras", precision=art.precision)
 
@@ -310,7 +310,7 @@ class RunsAhead:
         from kdeploy.child import ChildFailure
         from kdeploy.run.diagnose import float_tflite, has_layer_errors, layer_errors
 
-        ref, tol = float_tflite(self.ctx), b.tolerance or self.ctx.profile.tolerances[art.precision]
+        ref, tol = float_tflite(self.ctx), self.ctx.tolerance(b, art.precision)
         if ref is None or has_layer_errors(self.ctx, ref, art.path, tol, art.precision):
             return
         self.ctx.progress("diagnose", f"{b.name}: per-layer error (ahead)")
