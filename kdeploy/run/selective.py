@@ -71,7 +71,8 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
                                                         "there is no op to keep in float")
         return []
     float_path = reference_float(ctx, ref)
-    tol = prof.tolerances["int8"]  # the figures are the report's sensitivity of full int8 too (`diagnose`: one dump)
+    # the figures are the report's sensitivity of full int8 too (`diagnose`: one dump, at the same tolerance)
+    tol = ctx.tolerance(next(b for b in builds if b.name == "int8"), "int8")
     if crashed:  # the crashing int8 has no tensors to dump
         (float_t,) = layer_tensors(ctx, [float_path], int8.io)
     else:
