@@ -103,18 +103,24 @@ def test_the_diagnosis_made_ahead_is_the_diagnosis(tmp_path, monkeypatch):
 
 
 def test_a_child_started_nicer_runs_at_a_lower_priority(tmp_path, monkeypatch):
-    """`run_child(nice=...)`: the runs made ahead yield the CPU to the build beside them."""
+    """`run_child(nice=...)`: the runs made ahead yield the CPU to the build beside them. Every child's numpy
+    leaves huge pages alone (`child.PROCESS_ENV`) unless the user set it otherwise."""
     from kdeploy.child import run_child
 
     (tmp_path / "nice_probe.py").write_text(
-        "import os, sys\nfrom kdeploy.child import child_main\n"
-        "child_main(sys.argv[1:], lambda job: {'nice': os.getpriority(os.PRIO_PROCESS, 0)})\n")
+        "import os, sys\nfrom kdeploy.child import child_main\nfrom numpy._core import multiarray\n"
+        "child_main(sys.argv[1:], lambda job: {'nice': os.getpriority(os.PRIO_PROCESS, 0),"
+        " 'huge_pages': multiarray._get_madvise_hugepage()})\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
     base = os.getpriority(os.PRIO_PROCESS, 0)
     same = run_child("nice_probe", {}, tmp_path / "same", timeout_s=60, what="probe")
     nicer = run_child("nice_probe", {}, tmp_path / "nicer", timeout_s=60, what="probe", nice=5)
     assert same["nice"] == base
     assert nicer["nice"] == min(base + 5, 19)
+    assert same["huge_pages"] is False
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+    assert run_child("nice_probe", {}, tmp_path / "user", timeout_s=60, what="probe")["huge_pages"] is True
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the lane runs on a multi-core host only")
