@@ -63,13 +63,15 @@ def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: 
     env = {**PROCESS_ENV, **os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
     killed = threading.Event()
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", module, str(job_file)], stdout=subprocess.PIPE, stderr=err,
-                                text=True, env=env)
-        if nice:
-            try:
-                os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + nice)
-            except OSError:  # not permitted here: the child runs at this process' priority
-                pass
+        proc = _forked(module, job_file, err, env, nice)
+        if proc is None:
+            proc = subprocess.Popen([sys.executable, "-m", module, str(job_file)], stdout=subprocess.PIPE, stderr=err,
+                                    text=True, env=env)
+            if nice:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+                except OSError:  # not permitted here: the child runs at this process' priority
+                    pass
         if on_start is not None:
             on_start(proc)
 
@@ -94,6 +96,7 @@ def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: 
             raise
         finally:
             timer.cancel()
+            proc.stdout.close()
     if killed.is_set():
         raise ChildFailure(f"{what} did not finish within {timeout_s:.0f} s (killed{timeout_hint})")
     if proc.returncode < 0:
@@ -109,6 +112,23 @@ def run_child(module: str, job: dict, job_dir: Path, *, timeout_s: float, what: 
     if "error" in result:
         raise ChildFailure(f"{what} raised {result['error']}")
     return result
+
+
+def _forked(module: str, job_file: Path, err, env: dict, nice: int):
+    """The child as a fork of the fork server (`kdeploy.forkserver`: its modules imported already), or None where
+    the server does not run `module` or cannot start (then the caller starts `python -m module`)."""
+    from kdeploy.forkserver import SERVER
+
+    r, w = os.pipe()
+    try:
+        proc = SERVER.spawn(module, str(job_file), w, err.fileno(), env, nice)
+    finally:
+        os.close(w)
+    if proc is None:
+        os.close(r)
+        return None
+    proc.stdout = os.fdopen(r, "r", errors="replace")
+    return proc
 
 
 def child_main(argv: list[str], run: Callable[[dict], dict]) -> NoReturn:
