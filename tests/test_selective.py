@@ -136,3 +136,29 @@ def test_layer_errors_compared_in_the_dump_equal_those_of_the_written_tensors(tm
     assert expected is not None and errors.first_failing == expected  # a tolerance int8 cannot meet: a layer fails
     assert errors.first_non_finite == first_non_finite(cand, ref)
     assert errors.reference.meta == ref.meta and errors.candidate.meta == cand.meta
+
+
+def test_evaluation_takes_the_search_s_runs_of_the_candidate_it_chose(tmp_path, monkeypatch):
+    """The try that passed ran int8-mixed's bytes on LiteRT (validation inputs, then the probes): evaluation takes
+    those runs (`Context.reuse_runs`) instead of making them again, with the figures a fresh run gives."""
+    from kdeploy.run import optimize
+    from kdeploy.run.context import Context
+
+    def run(tag: str):
+        lines: list[str] = []
+        report = optimize(FIXTURES / "cancer_mlp.keras", target="cpu-edge", data=FIXTURES / "cancer.npz",
+                          out=tmp_path / tag, cache=False, parallel=False,
+                          progress=lambda stage, detail="": lines.append(detail) if stage == "run" else None)
+        mixed = report.candidate("int8-mixed")
+        assert mixed.passed, mixed.checks
+        figures = ([(f.runtime, f.max_abs_err, f.cosine_mean, f.top1_agreement) for f in mixed.fidelity],
+                   [(r.probe, r.runtime, r.cosine_mean, r.top1_agreement) for r in mixed.robustness])
+        return figures, lines
+
+    reused, lines = run("reused")
+    assert not any(line.startswith("int8-mixed on litert") for line in lines), lines
+    assert any(line.startswith("int8-mixed on onnxruntime") for line in lines), lines  # its twin: a run of its own
+    monkeypatch.setattr(Context, "reuse_runs", lambda self, src, dst: None)
+    fresh, lines = run("fresh")
+    assert any(line.startswith("int8-mixed on litert") for line in lines), lines
+    assert reused == fresh and reused[1]

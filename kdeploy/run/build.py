@@ -57,7 +57,8 @@ def build_candidates(ctx: Context) -> Built:
                 finished.append(True)
                 # evaluation's runs of the artifacts built so far (the lane's too, as they come), from here on
                 # beside the build, at a lower priority (`evaluate.RunsAhead`); `evaluate` stops them
-                ctx.stop_ahead = RunsAhead(ctx, builds).stop
+                ahead = RunsAhead(ctx, builds)
+                ctx.stop_ahead, ctx.run_ahead = ahead.stop, ahead.add
                 _lane_builds(ctx, ref, recipes, lane, builds, kept, seen)
 
         # The int8 repair ladder, where full int8 fails (`run.ladder`): recalibration, float layers, training,

@@ -20,6 +20,7 @@ other candidate. When none passes, a finding lists the attempts and the next rep
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -165,14 +166,17 @@ def _candidate(ctx: Context, ref: ReferenceModel, method: str, art: Artifact, at
                                 "attempts": attempts, "seconds": round(time.perf_counter() - started, 3)}}
     dest = ctx.staging / "artifacts" / f"{CALIBRATED_INT8}.tflite"
     dest.parent.mkdir(parents=True, exist_ok=True)
+    judged = dataclasses.replace(art)
     shutil.move(art.path, dest)
     art.path = dest
     art.measure()
+    ctx.reuse_runs(judged, art)  # the attempt judged these bytes: evaluation takes those runs
     if keeps_tflite(ctx):
         b.artifacts.append(art)
     ctx.finding("info", "int8-calibrated",
                 f"full int8 fails ({why}); recalibrated ({method}: {last['ranges']}, {last['samples']} samples) it "
                 f"passes on litert ({last['detail']}): candidate {CALIBRATED_INT8}. Tried: {summary(attempts)}")
+    ctx.run_ahead(b)  # its .tflite runs while its ONNX twin converts
     add_onnx_twin(ctx, b, recipe, art, ref)
     release_tflite(ctx, b, art)
     return b

@@ -103,6 +103,14 @@ class Context:
     prefetched: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     # stops the runs made ahead, `kill=True` ending the one in progress (run/build starts them; evaluate stops them)
     stop_ahead: Callable[..., None] = lambda **_: None
+    # hands a build made after them (a repair's candidate) to the runs made ahead, its artifacts run as they come
+    run_ahead: Callable[[Build], None] = lambda b: None
+
+    def reuse_runs(self, src: Artifact, dst: Artifact) -> None:
+        """`dst` holds `src`'s bytes (an `Artifact` copied or moved): the runs made of `src` stand for it."""
+        for (path, sha, runtime), got in list(self.prefetched.items()):
+            if path == str(src.path) and sha is not None and sha == src.sha256 == dst.sha256:
+                self.prefetched.setdefault((str(dst.path), dst.sha256, runtime), got)
 
     def tolerance(self, b: Build, precision: str) -> Tolerance:
         """The tolerance `b`'s artifacts of `precision` are held to: the recipe's own, else the profile's for it."""

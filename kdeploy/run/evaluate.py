@@ -246,7 +246,8 @@ class RunsAhead:
     competing with it. Artifacts the build adds later (the lane's ONNX twins) are picked up as
     they come. `evaluate` stops it first (the run in progress finishes) and takes the results
     from `Context.prefetched` (keyed by artifact path, sha256 and runtime) instead of running
-    them again. Latency is never measured here: the timing runs alone, after.
+    them again. Latency is never measured here: the timing runs alone, after. A repair step hands its
+    candidate over (`add`, `Context.run_ahead`): its `.tflite` runs while its ONNX twin converts.
 
     With every run made and time left, the per-layer errors of each quantized `.tflite` whose
     fidelity on the deployed runtime already fails are measured too (`diagnose.layer_errors`,
@@ -256,6 +257,7 @@ class RunsAhead:
 
     def __init__(self, ctx: Context, builds: list[Build]):
         self.ctx, self.builds = ctx, builds
+        self._added: list[Build] = []  # builds made after these (`add`)
         self._stop = threading.Event()
         self._skip: set[tuple[str, str, str]] = set()  # runs that raised something other than a RuntimeFailure
         self._child = None  # the run in progress (its Popen), so that `stop(kill=True)` can end it
@@ -279,9 +281,16 @@ class RunsAhead:
         if not (runs_only and self._diagnosing):
             self._thread.join()
 
+    def add(self, b: Build) -> None:
+        """`b` (made after the builds given, e.g. by a repair step) is run too: its artifacts as they are added."""
+        self._added.append(b)
+
+    def _all(self) -> list[Build]:
+        return [*self.builds, *self._added]
+
     def _next(self) -> tuple[Build, Artifact, str] | None:
         for runtime in self.ctx.wanted_runtimes:
-            for b in list(self.builds):
+            for b in self._all():
                 for a in list(b.artifacts):
                     key = (str(a.path), a.sha256, runtime)
                     if (RUNTIME_FORMATS[runtime] == a.format and a.sha256 and key not in self.ctx.prefetched
@@ -295,7 +304,7 @@ class RunsAhead:
         deployed = ctx.profile.runtimes[0]
         if ctx.validation.labels or RUNTIME_FORMATS[deployed] != "tflite" or ctx.lane_busy():
             return None  # (beside the lane's tf2onnx, a dump would set the run's peak memory)
-        for b in list(self.builds):
+        for b in self._all():
             for a in list(b.artifacts):
                 got = ctx.prefetched.get((str(a.path), a.sha256, deployed))
                 if (a.format != "tflite" or a.precision == "fp32" or a.sha256 in self._diagnosed

@@ -81,6 +81,7 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
     c = Candidate(name=art.path.stem, recipe={}, passed=False)
     b = Build(c.name, precision, {})
     outputs: dict[str, list[np.ndarray]] = {}
+    results: dict[str, dict] = {}
     by_format: dict[str, Artifact | None] = {"tflite": art}
     for rt in runtimes:
         deployed = rt in prof.runtimes
@@ -99,7 +100,7 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
             if deployed:
                 return False, f"{failed_text(rt)} {e}"
             continue  # as evaluation: a cross-check that cannot run it is no verdict
-        outputs[rt] = outs
+        outputs[rt], results[rt] = outs, result
         c.memory[rt] = result["memory"]
         if same_as_evaluation:
             ctx.prefetched.setdefault((str(a.path), a.sha256, rt), (outs, result))
@@ -121,6 +122,9 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
         except RuntimeFailure as e:  # a crash on a probe fails like one on the validation inputs
             return False, f"{failed_text(first)} {e}"
         _robustness(ctx, c, probes, first, result)
+        if first in results:  # the two runs are evaluation's one run of this file, in two children
+            ctx.prefetched.setdefault((str(a.path), a.sha256, first),
+                                      (outputs[first], {**results[first], "probes": result["probes"]}))
     order = [rt for rt in ctx.wanted_runtimes if rt in outputs]
     for rt in order[1:] if gate else []:
         for f in compare(outputs[order[0]], outputs[rt], names=names, kinds=m.output_kinds, tol=tol, runtime=rt,

@@ -144,8 +144,10 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
     tfl.path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best.path, tfl.path)
     tfl.measure()
+    ctx.reuse_runs(best, tfl)  # the search judged these bytes: evaluation takes those runs
     if keeps_tflite(ctx):
         b.artifacts.append(tfl)
+    ctx.run_ahead(b)  # its .tflite runs while its ONNX twin converts
     add_onnx_twin(ctx, b, recipe, tfl, ref)
     if not keeps_tflite(ctx):
         tfl.path.unlink(missing_ok=True)
