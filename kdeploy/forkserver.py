@@ -165,6 +165,10 @@ def _serve(fd: int) -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a runtime that is not installed is imported (and fails) in the child
             pass
+    import gc
+
+    gc.collect()
+    gc.freeze()  # a child's collections leave the imported objects (and their pages, shared with this process) alone
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends the jobs; this ends with it
     sock = socket.socket(fileno=fd)
     wake_r, wake_w = os.pipe()

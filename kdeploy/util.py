@@ -163,6 +163,24 @@ def release_memory() -> None:
         pass
 
 
+def freeze_heap() -> bool:
+    """Moves every object alive now out of the garbage collector's sight (`gc.freeze`) until `gc.unfreeze()`.
+
+    With TensorFlow, Keras and the model loaded, each full collection walked ~0.3 s of objects that
+    live as long as the run (8 in a MobileNetV2 run: 2.4 s of the parent's critical path, in
+    `release_memory`, besides the automatic ones); frozen, a collection walks only what was made
+    since. The caller collects first and calls `gc.unfreeze()` when its work is done (True
+    returned). Returns False, freezing nothing, where something in this process froze objects
+    already (it owns the frozen set).
+    """
+    import gc
+
+    if gc.get_freeze_count():
+        return False
+    gc.freeze()
+    return True
+
+
 def one_line(e: object, limit: int = 300) -> str:
     """An exception's (or any text's) message on one line, at most `limit` characters."""
     return " ".join(str(e).split())[:limit]

@@ -52,3 +52,18 @@ def test_layer_samples_for_bounds_the_per_layer_tensors_kept():
     n = layer_samples_for(big, 64)
     assert 1 <= n < 64 and n * big <= LAYER_TENSOR_BYTES
     assert layer_samples_for(LAYER_TENSOR_BYTES * 4, 64) == 1  # never none
+
+
+def test_the_run_freezes_what_it_loaded_for_the_collector_and_thaws_it_after(tmp_path):
+    """`util.freeze_heap`: during the build the collector skips the frameworks and the model (frozen after
+    `prepare`); once the run returns, nothing stays frozen (a caller's later garbage is collectable)."""
+    import gc
+
+    from kdeploy.run import optimize
+
+    frozen_during: list[int] = []
+    optimize(FIXTURES / "iris_legacy.h5", target="cpu-edge", data=FIXTURES / "iris.npz", out=tmp_path / "out",
+             cache=False, progress=lambda stage, detail="": frozen_during.append(gc.get_freeze_count())
+             if stage == "convert" else None)
+    assert frozen_during and min(frozen_during) > 10_000, frozen_during[:3]
+    assert gc.get_freeze_count() == 0

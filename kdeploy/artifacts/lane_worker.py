@@ -82,6 +82,9 @@ def run(job: dict) -> dict:
 
     import tensorflow  # noqa: F401 - imported while the parent exports the SavedModel, not after
 
+    from kdeploy.util import freeze_heap
+
+    freeze_heap()  # this process' frameworks: each conversion's `release_memory` collects only what it made
     markers = Path(job["markers"])
     if not _wait(markers, REFERENCE):
         return {"results": {t["name"]: {"skipped": True} for t in job["tasks"]}}

@@ -9,6 +9,7 @@ produced it. Data flows one way: nothing below `kdeploy.run` imports it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from kdeploy.run.evaluate import evaluate, retime
 from kdeploy.run.host import describe_host
 from kdeploy.run.prepare import check_inputs, prepare
 from kdeploy.run.select import select
+from kdeploy.util import freeze_heap
 
 
 def optimize(
@@ -210,6 +212,7 @@ def _cached_or_fresh(opts: RunOptions, prof: TargetProfile, build: Callable[[Con
                 discard_staging(staging)
                 raise
     ctx = prepare(opts, prof, Path(opts.out) if opts.out is not None else None)
+    frozen = freeze_heap()  # the frameworks and the model (prepare collected last): collections skip them
     try:
         if entry is not None:  # --retime: the cached artifacts and figures, latency measured again
             cached = reuse.cached_report(entry, ctx.staging)
@@ -236,3 +239,5 @@ def _cached_or_fresh(opts: RunOptions, prof: TargetProfile, build: Callable[[Con
     finally:
         ctx.stop_ahead(kill=True)  # (on a failure or an interruption before evaluation) no run outlives the run
         shutil.rmtree(ctx.work, ignore_errors=True)
+        if frozen:
+            gc.unfreeze()  # what the run held is collectable again once the caller drops it

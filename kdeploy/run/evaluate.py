@@ -249,8 +249,9 @@ class RunsAhead:
     them again. Latency is never measured here: the timing runs alone, after. A repair step hands its
     candidate over (`add`, `Context.run_ahead`): its `.tflite` runs while its ONNX twin converts.
 
-    With every run made and time left, the per-layer errors of each quantized `.tflite` whose
-    fidelity on the deployed runtime already fails are measured too (`diagnose.layer_errors`,
+    Once the deployed runtimes' runs are made (before the cross-checks: the diagnosis is the longest of
+    this work, and evaluation makes the runs left two at a time), the per-layer errors of each quantized
+    `.tflite` whose fidelity on the deployed runtime already fails are measured too (`diagnose.layer_errors`,
     cached: the diagnosis after the timing takes them). Without labels only: with them a task
     budget may still accept the candidate, which then needs no diagnosis.
     """
@@ -288,8 +289,9 @@ class RunsAhead:
     def _all(self) -> list[Build]:
         return [*self.builds, *self._added]
 
-    def _next(self) -> tuple[Build, Artifact, str] | None:
-        for runtime in self.ctx.wanted_runtimes:
+    def _next(self, deployed_only: bool = False) -> tuple[Build, Artifact, str] | None:
+        wanted = self.ctx.profile.runtimes if deployed_only else self.ctx.wanted_runtimes
+        for runtime in [rt for rt in self.ctx.wanted_runtimes if rt in wanted]:
             for b in self._all():
                 for a in list(b.artifacts):
                     key = (str(a.path), a.sha256, runtime)
@@ -302,8 +304,9 @@ class RunsAhead:
         """A quantized `.tflite` whose deployed fidelity run (made ahead) fails and whose layers are not measured."""
         ctx = self.ctx
         deployed = ctx.profile.runtimes[0]
-        if ctx.validation.labels or RUNTIME_FORMATS[deployed] != "tflite" or ctx.lane_busy():
-            return None  # (beside the lane's tf2onnx, a dump would set the run's peak memory)
+        if ctx.validation.labels or RUNTIME_FORMATS[deployed] != "tflite" or ctx.lane_busy() or ctx.dump_lock.locked():
+            return None  # (beside the lane's tf2onnx, a dump would set the run's peak memory; while the search's ranking
+            # dumps, waiting for it would idle this thread: runs meanwhile, the diagnosis after)
         for b in self._all():
             for a in list(b.artifacts):
                 got = ctx.prefetched.get((str(a.path), a.sha256, deployed))
@@ -332,7 +335,9 @@ class RunsAhead:
     def _work(self) -> None:
         ctx = self.ctx
         while not self._stop.is_set():
-            todo = self._next()
+            # the deployed runtimes' runs, then the per-layer errors of what they fail, then the cross-checks: the
+            # diagnosis is the longest of this work, and evaluation makes what is left two runs at a time
+            todo = self._next(deployed_only=True)
             if todo is None:
                 failing = self._failing()
                 if failing is not None:
@@ -344,6 +349,8 @@ class RunsAhead:
                     finally:
                         self._diagnosing = False
                     continue
+                todo = self._next()
+            if todo is None:
                 self._stop.wait(AHEAD_POLL_S)
                 continue
             b, art, runtime = todo
