@@ -146,20 +146,25 @@ def _errors_key(ref: Path, cand: Path, tol, precision: str) -> tuple:
 
 
 def _dump(ctx: Context, paths: list[Path], io: dict, float_path: Path, compare: list[Comparison] = (),
-          nice: int = 0, on_start=None) -> tuple[list[LayerDump], list[LayerErrors]]:
-    """The tensor dump child on `paths` (written only where no comparison is asked for), in a job folder of its own.
+          nice: int = 0, on_start=None, feeds: tuple[Path, int] | None = None,
+          write: bool | None = None) -> tuple[list[LayerDump], list[LayerErrors]]:
+    """The tensor dump child on `paths`, in a job folder of its own: on the validation inputs (`layer_samples` of
+    them), or on `feeds` (an inputs file, its sample count); tensors written unless `write` is False (default:
+    only where no comparison is asked for).
 
     The callers hold `Context.dump_lock`: one dump at a time (the runs made ahead dump too, and two dumps side by
     side would double the largest memory of the run's children), each measured once.
     """
-    feeds = ctx.work / "layer-feeds.npz"
-    if not feeds.is_file():
-        np.savez(feeds, **ctx.validation.inputs)
+    if feeds is None:
+        path = ctx.work / "layer-feeds.npz"
+        if not path.is_file():
+            np.savez(path, **ctx.validation.inputs)
+        feeds = path, layer_samples(ctx, float_path)
     ctx.layer_jobs += 1
     km = ctx.model.keras_model
-    return dump_layers([(p, io) for p in paths], feeds, km.name if km is not None else "", namer_layers(ctx),
-                       ctx.work / f"layers-{ctx.layer_jobs}", layer_samples(ctx, float_path),
-                       ctx.profile.timing.timeout_s, compare=compare, write=not compare, nice=nice, on_start=on_start)
+    return dump_layers([(p, io) for p in paths], feeds[0], km.name if km is not None else "", namer_layers(ctx),
+                       ctx.work / f"layers-{ctx.layer_jobs}", feeds[1], ctx.profile.timing.timeout_s, compare=compare,
+                       write=not compare if write is None else write, nice=nice, on_start=on_start)
 
 
 def layer_samples(ctx: Context, float_path: Path) -> int:
@@ -281,10 +286,9 @@ def _probe_non_finite(ctx: Context, c: Candidate, art, ref: Path | None, bad: st
     feeds = ctx.work / f"probe-{bad}-feeds.npz"
     np.savez(feeds, **probes[bad][1])
     paths = [art.path] if ref is None or art.path == ref else [ref, art.path]
-    km = ctx.model.keras_model
-    t, _ = dump_layers([(p, art.io) for p in paths], feeds, km.name if km is not None else "", namer_layers(ctx),
-                       ctx.work / f"layers-{c.name}-{bad}", len(next(iter(probes[bad][1].values()))),
-                       ctx.profile.timing.timeout_s, write=False)  # where NaN/Inf start: no tensors needed
+    with ctx.dump_lock:  # where NaN/Inf start: no tensors needed
+        t, _ = _dump(ctx, paths, art.io, paths[0], feeds=(feeds, len(next(iter(probes[bad][1].values())))),
+                     write=False)
     return _inputs(first_non_finite(t[-1], t[0] if len(t) == 2 else None), f"robustness probe '{bad}'")
 
 
