@@ -108,9 +108,12 @@ class Context:
 
     def reuse_runs(self, src: Artifact, dst: Artifact) -> None:
         """`dst` holds `src`'s bytes (an `Artifact` copied or moved): the runs made of `src` stand for it."""
-        for (path, sha, runtime), got in list(self.prefetched.items()):
-            if path == str(src.path) and sha is not None and sha == src.sha256 == dst.sha256:
-                self.prefetched.setdefault((str(dst.path), dst.sha256, runtime), got)
+        if src.sha256 is None or src.sha256 != dst.sha256:
+            return
+        for runtime in self.wanted_runtimes:
+            got = self.prefetched.get(run_key(src, runtime))
+            if got is not None:
+                self.prefetched.setdefault(run_key(dst, runtime), got)
 
     def tolerance(self, b: Build, precision: str) -> Tolerance:
         """The tolerance `b`'s artifacts of `precision` are held to: the recipe's own, else the profile's for it."""
@@ -123,3 +126,8 @@ class Context:
     def wanted_runtimes(self) -> list[str]:
         """Deployed runtimes first, then cross-checks, each once."""
         return list(dict.fromkeys([*self.profile.runtimes, *self.profile.crosscheck_runtimes]))
+
+
+def run_key(a: Artifact, runtime: str) -> tuple[str, str | None, str]:
+    """`Context.prefetched`'s key: a run of `a` (its path and bytes) on `runtime`."""
+    return str(a.path), a.sha256, runtime

@@ -26,7 +26,7 @@ from kdeploy.report.figures import budget_row
 from kdeploy.report.model import ArtifactOut, Candidate, Check, RobustnessOut
 from kdeploy.robustness import agreement
 from kdeploy.run.checks import add_consistency, add_fidelity, budget_checks, is_latency_check, latency_check
-from kdeploy.run.context import Build, Context
+from kdeploy.run.context import Build, Context, run_key
 from kdeploy.run.diagnose import task_checks
 from kdeploy.run.lock import timing_lock
 from kdeploy.run.probes import probe_inputs
@@ -76,7 +76,7 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
             for runtime in (rt for rt in ctx.wanted_runtimes if RUNTIME_FORMATS[rt] == art.format):
                 runs.append((c, b, art, runtime, fidelity_job(ctx, art, runtime), _job_dir(ctx, b, runtime)))
     labels = [f"{c.name} on {rt} ({_role(ctx, rt)})" for c, _, _, rt, _, _ in runs]
-    ahead = [ctx.prefetched.get((str(art.path), art.sha256, rt)) for _, _, art, rt, _, _ in runs]
+    ahead = [ctx.prefetched.get(run_key(art, rt)) for _, _, art, rt, _, _ in runs]
     todo = [i for i, got in enumerate(ahead) if got is None]
     fresh = iter(_run_parallel(ctx, [(labels[i], runs[i][4], runs[i][5]) for i in todo]))
     results = [next(fresh) if got is None else got for got in ahead]
@@ -294,7 +294,7 @@ class RunsAhead:
         for runtime in [rt for rt in self.ctx.wanted_runtimes if rt in wanted]:
             for b in self._all():
                 for a in list(b.artifacts):
-                    key = (str(a.path), a.sha256, runtime)
+                    key = run_key(a, runtime)
                     if (RUNTIME_FORMATS[runtime] == a.format and a.sha256 and key not in self.ctx.prefetched
                             and key not in self._skip and a.path.is_file()):
                         return b, a, runtime
@@ -309,7 +309,7 @@ class RunsAhead:
             # dumps, waiting for it would idle this thread: runs meanwhile, the diagnosis after)
         for b in self._all():
             for a in list(b.artifacts):
-                got = ctx.prefetched.get((str(a.path), a.sha256, deployed))
+                got = ctx.prefetched.get(run_key(a, deployed))
                 if (a.format != "tflite" or a.precision == "fp32" or a.sha256 in self._diagnosed
                         or got is None or isinstance(got, RuntimeFailure)):
                     continue
@@ -354,7 +354,7 @@ class RunsAhead:
                 self._stop.wait(AHEAD_POLL_S)
                 continue
             b, art, runtime = todo
-            key = (str(art.path), art.sha256, runtime)
+            key = run_key(art, runtime)
             try:
                 ctx.progress("run", f"{b.name} on {runtime} ({_role(ctx, runtime)}, ahead)")
                 got = run_isolated(fidelity_job(ctx, art, runtime), _job_dir(ctx, b, runtime),

@@ -32,7 +32,7 @@ from kdeploy.errors import ConversionError
 from kdeploy.report.model import ArtifactOut, Candidate, RobustnessOut
 from kdeploy.robustness import agreement
 from kdeploy.run.checks import add_consistency, add_fidelity, budget_checks, is_latency_check
-from kdeploy.run.context import Build, Context
+from kdeploy.run.context import Build, Context, run_key
 from kdeploy.run.diagnose import task_checks
 from kdeploy.runtimes import RUNTIME_FORMATS
 
@@ -103,7 +103,7 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
         outputs[rt], results[rt] = outs, result
         c.memory[rt] = result["memory"]
         if same_as_evaluation:
-            ctx.prefetched.setdefault((str(a.path), a.sha256, rt), (outs, result))
+            ctx.prefetched.setdefault(run_key(a, rt), (outs, result))
         if deployed:
             for f in compare(ctx.reference, outs, names=names, kinds=m.output_kinds, tol=tol, runtime=rt,
                              reference="keras", precision=precision):
@@ -123,8 +123,7 @@ def judge(ctx: Context, art: Artifact, skip_probes_on_failure: bool = False) -> 
             return False, f"{failed_text(first)} {e}"
         _robustness(ctx, c, probes, first, result)
         if first in results:  # the two runs are evaluation's one run of this file, in two children
-            ctx.prefetched.setdefault((str(a.path), a.sha256, first),
-                                      (outputs[first], {**results[first], "probes": result["probes"]}))
+            ctx.prefetched.setdefault(run_key(a, first), (outputs[first], {**results[first], "probes": result["probes"]}))
     order = [rt for rt in ctx.wanted_runtimes if rt in outputs]
     for rt in order[1:] if gate else []:
         for f in compare(outputs[order[0]], outputs[rt], names=names, kinds=m.output_kinds, tol=tol, runtime=rt,
