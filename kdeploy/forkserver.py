@@ -74,7 +74,7 @@ class Server:
             reply = self._replies.pop(rid, None)
             if reply is None or "pid" not in reply:
                 return None
-            child = ForkedChild(reply["pid"], self)
+            child = ForkedChild(reply["pid"])
             self._forked[child.pid] = child
             if child.pid in self._exited:
                 child._done(self._exited.pop(child.pid))
@@ -127,11 +127,10 @@ class Server:
 class ForkedChild:
     """What `kdeploy.child.run_child` uses of a Popen, for a child of the fork server."""
 
-    def __init__(self, pid: int, server: Server) -> None:
+    def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self.stdout = None  # the parent's end of the child's stdout (`kdeploy.child` sets it)
-        self._server = server
         self._exited = threading.Event()
 
     def _done(self, status: int | None) -> None:
