@@ -138,9 +138,9 @@ def test_a_crashed_lane_costs_no_candidate(tmp_path, monkeypatch):
     assert _summary(crashed) == _summary(one) and all(c.passed for c in crashed.candidates)
 
 
-def test_lane_converts_only_the_dynamic_range_tflite():
+def test_lane_converts_the_uncalibrated_quantized_tflite_files():
     taken = [r.name for r in ptq_recipes(resolve_profile("cpu-edge")) if ConversionLane.converts(r)]
-    assert taken == ["dynamic"]  # fp32 stays (the inspection reads it, int8 calibrates from it); fp16 beside int8
+    assert taken == ["dynamic", "fp16"]  # fp32 stays (the inspection reads it, int8 calibrates from it), int8 too
 
 
 @pytest.mark.parametrize("params, fits", [(15_000, False), (3_500_000, True), (7_200_000, False), (25_600_000, False),

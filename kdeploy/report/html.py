@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kdeploy.artifacts import GZIP_LEVEL
 from kdeploy.report.figures import (
     as_dict,
     budget_latency_ms,
@@ -214,7 +215,7 @@ def render(report: Any) -> str:
         f"◆ mean. The budget applies to {pct} on {_e(primary_runtime(rd) or '?')}.</figcaption>"
         f"{latency_plot(rd, colors)}</figure>",
         "<h2>Size</h2>",
-        f"<figure><figcaption>Every artifact of every candidate: raw file size and gzip -9 size.</figcaption>"
+        f"<figure><figcaption>Every artifact of every candidate: raw file size and gzip -{GZIP_LEVEL} size.</figcaption>"
         f"{size_plot(rd, colors)}</figure>",
         "<h2>Latency, size and fidelity</h2>",
         f"<figure><figcaption>Deployable artifact of each candidate. Down and left is better; the dashed line is the "

@@ -8,6 +8,7 @@ import math
 from html import escape
 from typing import Any, Iterable
 
+from kdeploy.artifacts import GZIP_LEVEL
 from kdeploy.profiling import pareto_front
 from kdeploy.report.figures import (budget_latency_ms, fidelity_label, fmt_bytes, fmt_ms, latency_percentile,
                                     primary_artifact, primary_runtime)
@@ -183,7 +184,7 @@ def size_plot(rd: dict, colors: dict[str, str]) -> str:
     svg = _Svg(width, height, label)
     sx = _Scale(0, hi, left, width - right)
     axis_y = head + row_h * len(rows) + 4
-    _x_axis(svg, sx, axis_y, _byte_ticks(0, hi), lambda t: fmt_bytes(t), "bytes (dark: raw file, light: gzip -9)",
+    _x_axis(svg, sx, axis_y, _byte_ticks(0, hi), lambda t: fmt_bytes(t), f"bytes (dark: raw file, light: gzip -{GZIP_LEVEL})",
             head - 6)
     for i, (name, a) in enumerate(rows):
         y = head + i * row_h

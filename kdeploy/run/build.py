@@ -43,9 +43,14 @@ def build_candidates(ctx: Context) -> Built:
     if lane is not None:
         ctx.lane_busy = lane.busy
     try:
-        ref, reference_artifacts, conversion = _reference(ctx)
+        try:
+            ref, reference_artifacts, conversion = _reference(ctx)
+        except Exception:
+            ctx.reference  # noqa: B018 - a model that fails on the inputs says so (exit 2) before the export's error
+            raise
         if lane is not None:
             lane.reference(ref)
+        ctx.reference  # noqa: B018 - Keras' outputs, taken while the lane converts the SavedModel
         builds, kept, seen = _ptq_builds(ctx, ref, recipes, lane)
         _resolve_kinds(ctx, kept)
         # What needs only this process' candidates (fp32, the calibrated ones) runs while the lane finishes.

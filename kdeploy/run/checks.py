@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdeploy.artifacts import GZIP_LEVEL
 from kdeploy.compare import FidelityResult
 from kdeploy.profiles import TargetProfile, Tolerance
 from kdeploy.report.figures import budget_row, deployed_artifact
@@ -92,7 +93,7 @@ def budget_checks(c: Candidate, b: Build, prof: TargetProfile, latency_note: str
                                   passed=art.size_bytes <= bud.max_size_bytes, detail=f"{art.path} (flash / download)"))
         if bud.max_gzip_bytes is not None:
             c.checks.append(Check(name="gzip_bytes", value=art.gzip_bytes, limit=bud.max_gzip_bytes,
-                                  passed=art.gzip_bytes <= bud.max_gzip_bytes, detail=f"{art.path}, gzip -9"))
+                                  passed=art.gzip_bytes <= bud.max_gzip_bytes, detail=f"{art.path}, gzip -{GZIP_LEVEL}"))
     deployed = prof.runtimes[0]
     latency_check(c, prof, latency_note)
     if bud.max_memory_mb is not None:

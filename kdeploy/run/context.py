@@ -81,7 +81,7 @@ class Context:
     data: Dataset
     calibration: Dataset
     validation: Dataset
-    reference: list[np.ndarray]
+    take_reference: Callable[[Context], list[np.ndarray]]  # Keras' outputs on `validation` (`reference` calls it once)
     staging: Path
     work: Path
     seed: int
@@ -105,6 +105,21 @@ class Context:
     stop_ahead: Callable[..., None] = lambda **_: None
     # hands a build made after them (a repair's candidate) to the runs made ahead, its artifacts run as they come
     run_ahead: Callable[[Build], None] = lambda b: None
+    _reference: list[np.ndarray] | None = field(default=None, init=False, repr=False)
+    _reference_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def reference(self) -> list[np.ndarray]:
+        """Keras' outputs on the validation inputs, taken on first use: `run.build` takes them right after
+        exporting the SavedModel, so the conversion lane converts while they are computed.
+
+        Raises:
+            UsageError: the Keras model fails on these inputs (exit 2).
+        """
+        with self._reference_lock:
+            if self._reference is None:
+                self._reference = self.take_reference(self)
+            return self._reference
 
     def reuse_runs(self, src: Artifact, dst: Artifact) -> None:
         """`dst` holds `src`'s bytes (an `Artifact` copied or moved): the runs made of `src` stand for it."""

@@ -68,21 +68,13 @@ def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None) -> Con
     spare = None
     if "int8" in prof.precisions and prof.calibration.enabled:  # the calibration repair's extra samples (run.calibrate)
         spare, val = hold_back(val, prof.calibration.extra_samples, prof.calibration.min_validation_samples, opts.seed)
-    progress("reference", f"Keras outputs on {len(val)} validation samples")
-    try:
-        reference = m.predict(val.inputs, batch_size=batch_size_for(val.inputs, REFERENCE_BATCH))
-    except Exception as e:  # the model refuses these inputs (an index out of range, a shape it cannot take)
-        where = ("synthetic inputs (no --data given); pass --data with real inputs" if ds.synthetic
-                 else f"the inputs of {opts.data}; check their ranges and shapes")
-        raise UsageError(f"the Keras model failed on {where}: {first_error_line(e)}") from None
-    release_memory()  # the batch activations are freed; hand their pages back before the conversions
     staging = make_staging(out_path)
     work = None
     try:  # from here on the caller cleans up through ctx; until then, this does (Ctrl-C, SIGTERM)
         work = Path(tempfile.mkdtemp(prefix="kdeploy-work-"))
-        ctx = Context(m, prof, ds, cal, val, reference, staging, work, opts.seed, progress, describe_host(),
+        ctx = Context(m, prof, ds, cal, val, _reference, staging, work, opts.seed, progress, describe_host(),
                       parallel=opts.parallel, spare=spare)
-        _findings(ctx, reference)
+        _findings(ctx)
     except BaseException:
         discard_staging(staging)
         if work is not None:
@@ -91,7 +83,26 @@ def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None) -> Con
     return ctx
 
 
-def _findings(ctx: Context, reference: list[np.ndarray]) -> None:
+def _reference(ctx: Context) -> list[np.ndarray]:
+    """Keras' outputs on the validation inputs (`Context.reference`), and a finding where they are not finite."""
+    m, val = ctx.model, ctx.validation
+    ctx.progress("reference", f"Keras outputs on {len(val)} validation samples")
+    try:
+        reference = m.predict(val.inputs, batch_size=batch_size_for(val.inputs, REFERENCE_BATCH))
+    except Exception as e:  # the model refuses these inputs (an index out of range, a shape it cannot take)
+        where = ("synthetic inputs (no --data given); pass --data with real inputs" if ctx.data.synthetic
+                 else f"the inputs of {ctx.data.source}; check their ranges and shapes")
+        raise UsageError(f"the Keras model failed on {where}: {first_error_line(e)}") from None
+    release_memory()  # the batch activations are freed; hand their pages back before the next conversion
+    bad = [t.name for t, r in zip(m.outputs, reference) if not np.all(np.isfinite(r))]
+    if bad:
+        ctx.finding("error", "reference-non-finite",
+                    f"the Keras model itself produces NaN/Inf on the validation inputs (outputs {bad}); "
+                    "no candidate can be judged against it")
+    return reference
+
+
+def _findings(ctx: Context) -> None:
     m, ds, prof = ctx.model, ctx.data, ctx.profile
     for sev, code, msg in m.findings:
         ctx.finding(sev, code, msg)
@@ -101,11 +112,6 @@ def _findings(ctx: Context, reference: list[np.ndarray]) -> None:
                     "and int8 calibration are not representative of real inputs")
     if not ds.synthetic and {"int8", "int16x8"} & set(prof.precisions):
         input_spread_findings(ctx)
-    bad = [t.name for t, r in zip(m.outputs, reference) if not np.all(np.isfinite(r))]
-    if bad:
-        ctx.finding("error", "reference-non-finite",
-                    f"the Keras model itself produces NaN/Inf on the validation inputs (outputs {bad}); "
-                    "no candidate can be judged against it")
 
 
 def input_spread_findings(ctx: Context) -> None:
