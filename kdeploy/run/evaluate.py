@@ -249,11 +249,12 @@ class RunsAhead:
     them again. Latency is never measured here: the timing runs alone, after. A repair step hands its
     candidate over (`add`, `Context.run_ahead`): its `.tflite` runs while its ONNX twin converts.
 
-    Once the deployed runtimes' runs are made (before the cross-checks: the diagnosis is the longest of
-    this work, and evaluation makes the runs left two at a time), the per-layer errors of each quantized
-    `.tflite` whose fidelity on the deployed runtime already fails are measured too (`diagnose.layer_errors`,
-    cached: the diagnosis after the timing takes them). Without labels only: with them a task
-    budget may still accept the candidate, which then needs no diagnosis.
+    As soon as a quantized `.tflite`'s fidelity run on the deployed runtime fails, its per-layer errors
+    are measured (`diagnose.layer_errors`, cached: the diagnosis after the timing takes them), before
+    the other runs: it is the longest of this work and one process, while evaluation makes the runs
+    left two at a time (started last, the diagnosis of MobileNetV2-224's dynamic range kept
+    evaluation waiting 1.1 s). Without labels only: with them a task budget may still accept the
+    candidate, which then needs no diagnosis.
     """
 
     def __init__(self, ctx: Context, builds: list[Build]):
@@ -335,21 +336,20 @@ class RunsAhead:
     def _work(self) -> None:
         ctx = self.ctx
         while not self._stop.is_set():
-            # the deployed runtimes' runs, then the per-layer errors of what they fail, then the cross-checks: the
-            # diagnosis is the longest of this work, and evaluation makes what is left two runs at a time
-            todo = self._next(deployed_only=True)
-            if todo is None:
-                failing = self._failing()
-                if failing is not None:
-                    self._diagnosing = True
-                    try:
-                        self._diagnose(*failing)
-                    except Exception:  # e.g. the memory guard's stop (raised by progress): the diagnosis runs it
-                        return
-                    finally:
-                        self._diagnosing = False
-                    continue
-                todo = self._next()
+            # the per-layer errors of what a deployed run fails, as soon as it fails, then the deployed runtimes'
+            # runs, then the cross-checks: the diagnosis is the longest of this work (one process), and evaluation
+            # makes what is left two runs at a time
+            failing = self._failing()
+            if failing is not None:
+                self._diagnosing = True
+                try:
+                    self._diagnose(*failing)
+                except Exception:  # e.g. the memory guard's stop (raised by progress): the diagnosis runs it
+                    return
+                finally:
+                    self._diagnosing = False
+                continue
+            todo = self._next(deployed_only=True) or self._next()
             if todo is None:
                 self._stop.wait(AHEAD_POLL_S)
                 continue

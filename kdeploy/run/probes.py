@@ -42,15 +42,20 @@ def _make(ctx: Context) -> Probes:
     if any(not np.all(np.isfinite(r)) for r in ctx.reference):
         return {}, None  # the reference itself is broken; a finding already says so
     sets = make_probes(ctx.validation.inputs, ctx.data.inputs, prof.robustness, ctx.seed)
-    probes = {}
-    flat = {}
-    for name, (desc, feeds) in sets.items():
-        ctx.progress("probe", f"Keras outputs on robustness probe '{name}'")
-        probes[name] = (desc, feeds, ctx.model.predict(feeds, batch_size=batch_size_for(feeds, REFERENCE_BATCH)))
-        flat.update({f"{name}/{k}": v for k, v in feeds.items()})
-    release_memory()  # Keras' batch activations, before the runtime children start
-    if not probes:
+    if not sets:
         return {}, None
+    ctx.progress("probe", f"Keras outputs on robustness probes {', '.join(sets)}")
+    # one predict for all of them: Keras' per-call cost, and its batches the size of the reference's (`LoadedModel`)
+    names = [t.name for t in ctx.model.inputs]
+    joined = {k: np.concatenate([feeds[k] for _, feeds in sets.values()]) for k in names}
+    outs = ctx.model.predict(joined, batch_size=batch_size_for(joined, REFERENCE_BATCH))
+    probes, flat, start = {}, {}, 0
+    for name, (desc, feeds) in sets.items():
+        n = len(feeds[names[0]])
+        probes[name] = (desc, feeds, [o[start:start + n] for o in outs])
+        flat.update({f"{name}/{k}": v for k, v in feeds.items()})
+        start += n
+    release_memory()  # Keras' batch activations, before the runtime children start
     path = ctx.work / "probes.npz"
     np.savez(path, **flat)
     return probes, path
