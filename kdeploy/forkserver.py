@@ -80,6 +80,15 @@ class Server:
                 child._done(self._exited.pop(child.pid))
             return child
 
+    def warm(self) -> None:
+        """Starts the server now (its imports take a core the caller leaves idle, as it loads a model), where
+        `spawn` would use it."""
+        if os.name != "posix" or os.environ.get("KDEPLOY_NO_FORKSERVER"):
+            return
+        with self._lock:
+            if not self._dead and self._sock is None:
+                self._start()
+
     def _start(self) -> bool:
         import subprocess
 

@@ -211,3 +211,12 @@ LANE_MAX_WEIGHT_BYTES = 16 << 20
 def lane_fits(model) -> bool:
     """True when `model` (a LoadedModel) has the weights the conversion lane pays off for by default."""
     return model.params is not None and LANE_MIN_WEIGHT_BYTES <= model.params * 4 <= LANE_MAX_WEIGHT_BYTES
+
+
+def lane_may_fit(path: str | Path) -> bool:
+    """Before loading: whether a Keras model file's size (its weights, mostly) is near `lane_fits`' range (a
+    quarter either side: the config, or float16 weights); `lane_fits` decides once the model is loaded."""
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() not in (".keras", ".h5", ".hdf5"):
+        return False
+    return LANE_MIN_WEIGHT_BYTES * 0.75 <= p.stat().st_size <= LANE_MAX_WEIGHT_BYTES * 1.25

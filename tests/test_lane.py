@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from kdeploy.errors import UsageError
 from kdeploy.memory import LANE_MAX_WEIGHT_BYTES, LANE_MIN_WEIGHT_BYTES, lane_fits
 from kdeploy.recipes import ptq_recipes
 from kdeploy.profiles import resolve_profile
@@ -149,3 +150,43 @@ def test_lane_by_default_only_where_it_pays_off(params, fits):
     """Too small: its start costs more than it saves; too large: a second converter's copies of the weights."""
     assert LANE_MIN_WEIGHT_BYTES <= 3_500_000 * 4 <= LANE_MAX_WEIGHT_BYTES  # MobileNetV2 is in, as measured
     assert lane_fits(SimpleNamespace(params=params)) is fits
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the lane runs on a multi-core host only")
+def test_the_lane_starts_before_the_model_loads_and_ends_with_the_run(tmp_path, monkeypatch):
+    """`ConversionLane.early`: the lane's TensorFlow import takes the core the parent's load leaves idle; the build
+    gives it its tasks. A run that fails while loading leaves no lane process behind."""
+    started: list[ConversionLane] = []
+    init = ConversionLane.__init__
+
+    def recorded(self, work):
+        init(self, work)
+        started.append(self)
+        events.append("lane started")
+
+    monkeypatch.setattr(ConversionLane, "__init__", recorded)
+    events: list[str] = []
+    profile = make_profile(tmp_path, precisions=["fp32", "dynamic"], robustness={"enabled": False})
+    report = optimize(FIXTURES / "digits_cnn.keras", profile=profile, data=FIXTURES / "digits.npz", cache=False,
+                      out=tmp_path / "o", parallel=True,
+                      progress=lambda stage, detail="": events.append(stage if stage != "convert" else detail))
+    assert events.index("lane started") < events.index("load") and len(started) == 1, events
+    assert "TFLite dynamic (lane)" in events and report.candidate("dynamic").passed
+    assert started[0].proc.poll() is not None
+
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"PK\x03\x04 not a keras archive")
+    with pytest.raises(UsageError):
+        optimize(broken, profile=profile, data=FIXTURES / "digits.npz", cache=False, out=tmp_path / "b", parallel=True)
+    assert len(started) == 2 and not started[1].thread.is_alive()
+    assert started[1].proc is None or started[1].proc.poll() is not None
+
+
+def test_lane_may_start_early_for_model_files_near_its_weight_range(tmp_path):
+    from kdeploy.memory import lane_may_fit
+
+    for size, fits in ((1 << 20, False), (8 << 20, True), (40 << 20, False)):
+        (tmp_path / "m.keras").write_bytes(b"\0" * size)
+        assert lane_may_fit(tmp_path / "m.keras") is fits
+    (tmp_path / "saved").mkdir()
+    assert not lane_may_fit(tmp_path / "saved")  # a SavedModel folder: the lane starts with the build

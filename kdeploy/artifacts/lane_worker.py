@@ -1,8 +1,9 @@
 """The conversion lane's child side: converts some recipes' `.tflite` files and the ONNX twins beside the parent.
 
 `python -m kdeploy.artifacts.lane_worker JOB.json` (through `kdeploy.child.run_child`). The child
-imports TensorFlow at once, then waits for the parent's reference SavedModel (`<markers>/reference.ready`,
-holding its path and signature output keys). The job lists one task per recipe:
+imports TensorFlow at once (the parent may start it before loading the model), then waits for its
+tasks (`<markers>/tasks.ready`) and for the parent's reference SavedModel (`<markers>/reference.ready`,
+holding its path and signature output keys). The tasks are one per recipe:
 
 - `tflite` true: the child converts the recipe's `.tflite` itself (precisions without
   calibration data), then its ONNX twin when `route` is set;
@@ -32,6 +33,7 @@ from kdeploy.util import release_memory
 
 POLL_S = 0.05
 REFERENCE = "reference"  # marker: the SavedModel is exported (its content: path and signature output keys)
+TASKS = "tasks"  # marker: the tasks (its content: input names, layer namer, one task per recipe)
 
 
 def _marked(markers: Path, name: str) -> bool | None:
@@ -86,6 +88,9 @@ def run(job: dict) -> dict:
 
     freeze_heap()  # this process' frameworks: each conversion's `release_memory` collects only what it made
     markers = Path(job["markers"])
+    if not _wait(markers, TASKS):  # started before the model loaded: its tasks come once it has
+        return {"results": {}}
+    job = {**job, **json.loads((markers / f"{TASKS}.ready").read_text())}
     if not _wait(markers, REFERENCE):
         return {"results": {t["name"]: {"skipped": True} for t in job["tasks"]}}
     ref = json.loads((markers / f"{REFERENCE}.ready").read_text())

@@ -211,7 +211,7 @@ def _cached_or_fresh(opts: RunOptions, prof: TargetProfile, build: Callable[[Con
             except BaseException:
                 discard_staging(staging)
                 raise
-    ctx = prepare(opts, prof, Path(opts.out) if opts.out is not None else None)
+    ctx = prepare(opts, prof, Path(opts.out) if opts.out is not None else None, lane=build is None and entry is None)
     frozen = freeze_heap()  # the frameworks and the model (prepare collected last): collections skip them
     try:
         if entry is not None:  # --retime: the cached artifacts and figures, latency measured again
@@ -238,6 +238,8 @@ def _cached_or_fresh(opts: RunOptions, prof: TargetProfile, build: Callable[[Con
         raise
     finally:
         ctx.stop_ahead(kill=True)  # (on a failure or an interruption before evaluation) no run outlives the run
+        if ctx.lane is not None:  # started early, never taken by a build
+            ctx.lane.close()
         shutil.rmtree(ctx.work, ignore_errors=True)
         if frozen:
             gc.unfreeze()  # what the run held is collectable again once the caller drops it

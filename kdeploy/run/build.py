@@ -39,8 +39,15 @@ def build_candidates(ctx: Context) -> Built:
 
     m, prof = ctx.model, ctx.profile
     recipes = ptq_recipes(prof)
-    lane = ConversionLane(ctx, recipes) if ConversionLane.applies(ctx, recipes) else None
+    lane, ctx.lane = ctx.lane, None  # started before the model loaded (`ConversionLane.early`), or None
+    if not ConversionLane.applies(ctx, recipes):
+        if lane is not None:
+            lane.close()
+        lane = None
+    elif lane is None:
+        lane = ConversionLane(ctx.work)
     if lane is not None:
+        lane.assign(ctx, recipes)
         ctx.lane_busy = lane.busy
     try:
         try:

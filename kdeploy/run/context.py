@@ -97,6 +97,7 @@ class Context:
     parallel: bool | None = None  # RunOptions.parallel
     spare: Dataset | None = None  # held back from validation for the calibration repair (data.hold_back), or None
     repair: dict[str, Any] | None = None  # the int8 repair ladder's record (run/ladder), the report's `repair`
+    lane: Any = None  # the conversion lane started before the model loaded (`ConversionLane.early`; run/build takes it)
     lane_busy: Callable[[], bool] = lambda: False  # whether the conversion lane's child still works (run/build)
     # evaluation's runs made ahead of it: (artifact path, sha256, runtime) -> (outputs, result) or the RuntimeFailure
     # (run/evaluate.RunsAhead, and full int8's judge run)

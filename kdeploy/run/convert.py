@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kdeploy.artifacts import Artifact
 from kdeploy.errors import ConversionError
+from kdeploy.profiles import TargetProfile
 from kdeploy.recipes import Recipe, tolerance_for
 from kdeploy.run.context import Build, Context
 from kdeploy.runtimes import RUNTIME_FORMATS
@@ -194,31 +195,61 @@ class ConversionLane:
     and judges full int8; the lane's intermediates never sit in the parent. (Since the reference
     outputs come after the export, the lane starts converting ~2.6 s sooner, and float16 moved
     here: on MobileNetV2-224 the parent's conversions end at 20.0 s of the run instead of 23.7 s.)
-    The child starts (and imports TensorFlow) while the parent exports the reference SavedModel;
-    `reference` tells it the SavedModel is there;
+    The child starts (and imports TensorFlow) before the model loads (`early`), else as the build
+    begins; `assign` gives it its tasks, `reference` tells it the SavedModel is there;
     `ready` / `skip` tell it, recipe by recipe, whether a parent's `.tflite` exists; `finish`
     waits and returns each recipe's `LaneResult`.
     """
 
-    def __init__(self, ctx: Context, recipes: list[Recipe]):
+    def __init__(self, work: Path):
+        """Starts the child (it imports TensorFlow, then waits for its tasks: `assign`)."""
         import threading
 
-        self.ctx = ctx
-        self.recipes = {r.name: r for r in recipes if self.converts(r) or r.onnx in ("savedmodel", "tflite")}
-        self.dir = ctx.work / "lane"
+        self.ctx: Context | None = None
+        self.recipes: dict[str, Recipe] = {}
+        self.dir = work / "lane"
         self.markers = self.dir / "markers"
         self.markers.mkdir(parents=True, exist_ok=True)
         self.result: dict | Exception | None = None
         self.failure: str | None = None  # why the child failed (crash, kill, exception), once `finish` saw it
         self.proc = None
+        self.thread = threading.Thread(target=self._run, args=({"markers": str(self.markers)},), name="kdeploy-lane",
+                                       daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def early(cls, model_path: Path, prof: TargetProfile, parallel: bool | None, work: Path) -> ConversionLane | None:
+        """The lane started before the model loads, where it will likely be wanted (`applies`, the model file's size
+        for `memory.lane_fits`): its TensorFlow import then takes the core the parent's own import and load leave
+        idle (4 s of CPU that beside the SavedModel export slowed it by 0.8 s on MobileNetV2-224). `build` assigns
+        its tasks, or closes it where the loaded model says it does not pay off."""
+        from kdeploy.memory import lane_may_fit
+        from kdeploy.recipes import ptq_recipes
+
+        if parallel is False or (os.cpu_count() or 1) < 2 or not _lane_has_work(prof, ptq_recipes(prof)):
+            return None
+        if parallel is None and not lane_may_fit(model_path):
+            return None
+        return cls(work)
+
+    def assign(self, ctx: Context, recipes: list[Recipe]) -> None:
+        """The child's tasks: the recipes it converts or makes twins of (it starts once `reference` says the
+        SavedModel is there)."""
+        import json
+
+        from kdeploy.artifacts.lane_worker import TASKS
+
+        self.ctx = ctx
+        self.recipes = {r.name: r for r in recipes if self.converts(r) or r.onnx in ("savedmodel", "tflite")}
         twins = "onnxruntime" in ctx.wanted_runtimes
-        job = {"inputs": [t.name for t in ctx.model.inputs], "markers": str(self.markers), "namer": namer_job(ctx),
+        job = {"inputs": [t.name for t in ctx.model.inputs], "namer": namer_job(ctx),
                "tasks": [{"name": r.name, "precision": r.precision, "tflite": self.converts(r),
                           "route": r.onnx if twins and r.onnx in ("savedmodel", "tflite") else None,
                           "src": str(ctx.staging / "artifacts" / f"{r.name}.tflite"),
                           "out": str(ctx.staging / "artifacts" / f"{r.name}.onnx")} for r in self.recipes.values()]}
-        self.thread = threading.Thread(target=self._run, args=(job,), name="kdeploy-lane", daemon=True)
-        self.thread.start()
+        tmp = self.markers / f"{TASKS}.tmp"
+        tmp.write_text(json.dumps(job))
+        tmp.rename(self.markers / f"{TASKS}.ready")
 
     @staticmethod
     def converts(recipe: Recipe) -> bool:
@@ -233,10 +264,7 @@ class ConversionLane:
         TensorFlow process to cost little memory beside the time it saves."""
         from kdeploy.memory import lane_fits
 
-        if ctx.parallel is False or (os.cpu_count() or 1) < 2:
-            return False
-        twins = "onnxruntime" in ctx.wanted_runtimes and any(r.onnx in ("savedmodel", "tflite") for r in recipes)
-        if not (twins or any(ConversionLane.converts(r) for r in recipes)):
+        if ctx.parallel is False or (os.cpu_count() or 1) < 2 or not _lane_has_work(ctx.profile, recipes):
             return False
         return ctx.parallel is True or lane_fits(ctx.model)
 
@@ -249,7 +277,7 @@ class ConversionLane:
         try:
             self.result = run_child("kdeploy.artifacts.lane_worker", job, self.dir, what="the conversion lane child",
                                     timeout_s=LANE_TIMEOUT_S, on_start=started,
-                                    on_progress=lambda text: self.ctx.progress("convert", f"{text} (lane)"))
+                                    on_progress=lambda text: self.ctx and self.ctx.progress("convert", f"{text} (lane)"))
         except BaseException as e:  # re-raised in the calling thread by `finish` (Ctrl-C included)
             self.result = e
 
@@ -307,9 +335,18 @@ class ConversionLane:
         """Stops the child if it still runs (an error or interruption in the parent)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-        for name in [*self.recipes, "reference"]:
+        from kdeploy.artifacts.lane_worker import REFERENCE, TASKS
+
+        for name in [*self.recipes, REFERENCE, TASKS]:
             (self.markers / f"{name}.skip").touch()
         self.thread.join(timeout=10)
+
+
+def _lane_has_work(prof: TargetProfile, recipes: list[Recipe]) -> bool:
+    """Whether the profile's recipes give the lane something: a `.tflite` it converts, or ONNX twins."""
+    runtimes = [*prof.runtimes, *prof.crosscheck_runtimes]
+    twins = "onnxruntime" in runtimes and any(r.onnx in ("savedmodel", "tflite") for r in recipes)
+    return twins or any(ConversionLane.converts(r) for r in recipes)
 
 
 def _artifact(fields: dict | None) -> Artifact | None:

@@ -11,12 +11,14 @@ import numpy as np
 
 from kdeploy.data import data_signature, hold_back, load_data, split, synthetic_data
 from kdeploy.errors import UsageError
+from kdeploy.forkserver import SERVER
 from kdeploy.inspection.rules import input_spread, static_batch_inputs
 from kdeploy.loading import load_custom_objects, load_model
 from kdeploy.memory import batch_size_for
 from kdeploy.profiles import TargetProfile, resolve_profile
 from kdeploy.report.model import check_out_dir, discard_staging, make_staging
-from kdeploy.run.context import Context, RunOptions, no_progress
+from kdeploy.run.context import Context, Progress, RunOptions, no_progress
+from kdeploy.run.convert import ConversionLane
 from kdeploy.run.host import describe_host
 from kdeploy.util import first_error_line, release_memory
 
@@ -45,17 +47,40 @@ def check_inputs(opts: RunOptions) -> tuple[TargetProfile, Path | None]:
     return prof, out_path
 
 
-def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None) -> Context:
-    """Loads the model safely, reads and splits the data and takes Keras' outputs (after `check_inputs`).
+def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None, lane: bool = False) -> Context:
+    """Loads the model safely, reads and splits the data (after `check_inputs`); Keras' outputs are taken on first
+    use (`Context.reference`).
+
+    Args:
+        lane: start the conversion lane before loading, where it will likely be wanted (`ConversionLane.early`;
+            `optimize`'s build takes it as `Context.lane`).
 
     Returns:
-        The run context (its staging and work folders exist; the caller removes them).
+        The run context (its staging and work folders exist; the caller removes them, and closes `lane`).
 
     Raises:
         UsageError: bad data or model (exit 2).
     """
     progress = opts.progress or no_progress
     custom = load_custom_objects(opts.custom_objects) if opts.custom_objects else None
+    work = Path(tempfile.mkdtemp(prefix="kdeploy-work-"))
+    early = None
+    SERVER.warm()  # the runtime children's fork server imports its runtimes while this process loads the model
+    try:
+        if lane:
+            early = ConversionLane.early(Path(opts.model), prof, opts.parallel, work)
+        ctx = _load(opts, prof, out_path, custom, work, progress)
+    except BaseException:
+        if early is not None:
+            early.close()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    ctx.lane = early
+    return ctx
+
+
+def _load(opts: RunOptions, prof: TargetProfile, out_path: Path | None, custom, work: Path,
+          progress: Progress) -> Context:
     progress("load", str(opts.model))
     m = load_model(opts.model, trust_custom_code=opts.trust_custom_code, custom_objects=custom,
                    input_shapes=opts.input_shapes, seed=opts.seed,
@@ -69,16 +94,12 @@ def prepare(opts: RunOptions, prof: TargetProfile, out_path: Path | None) -> Con
     if "int8" in prof.precisions and prof.calibration.enabled:  # the calibration repair's extra samples (run.calibrate)
         spare, val = hold_back(val, prof.calibration.extra_samples, prof.calibration.min_validation_samples, opts.seed)
     staging = make_staging(out_path)
-    work = None
     try:  # from here on the caller cleans up through ctx; until then, this does (Ctrl-C, SIGTERM)
-        work = Path(tempfile.mkdtemp(prefix="kdeploy-work-"))
         ctx = Context(m, prof, ds, cal, val, _reference, staging, work, opts.seed, progress, describe_host(),
                       parallel=opts.parallel, spare=spare)
         _findings(ctx)
     except BaseException:
         discard_staging(staging)
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
         raise
     return ctx
 
