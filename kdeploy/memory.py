@@ -101,6 +101,10 @@ def tree_memory_mb(pid: int | None = None, measure: str = "pss") -> float:
 BATCH_INPUT_BYTES = 4 << 20
 
 
+# Keras predict's batch for small inputs (the reference outputs, the probes'); bounded by memory: `batch_size_for`
+REFERENCE_BATCH = 256
+
+
 def batch_size_for(inputs: dict, cap: int) -> int:
     """Samples per batch so that one batch of `inputs` (name -> (N, ...) arrays) stays within BATCH_INPUT_BYTES.
 

@@ -14,7 +14,7 @@ from kdeploy.errors import UsageError
 from kdeploy.forkserver import SERVER
 from kdeploy.inspection.rules import input_spread, static_batch_inputs
 from kdeploy.loading import load_custom_objects, load_model
-from kdeploy.memory import batch_size_for
+from kdeploy.memory import REFERENCE_BATCH, batch_size_for
 from kdeploy.profiles import TargetProfile, resolve_profile
 from kdeploy.report.model import check_out_dir, discard_staging, make_staging
 from kdeploy.run.context import Context, Progress, RunOptions, no_progress
@@ -23,7 +23,6 @@ from kdeploy.run.host import describe_host
 from kdeploy.util import first_error_line, release_memory
 
 SYNTHETIC_SAMPLES = 128
-REFERENCE_BATCH = 256  # Keras predict's batch for small inputs (bounded by memory: `batch_size_for`)
 
 
 def check_inputs(opts: RunOptions) -> tuple[TargetProfile, Path | None]:

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdeploy.memory import batch_size_for
+from kdeploy.memory import REFERENCE_BATCH, batch_size_for
 from kdeploy.robustness import make_probes
 from kdeploy.run.context import Context
-from kdeploy.run.prepare import REFERENCE_BATCH
 from kdeploy.util import release_memory
 
 Probes = tuple[dict[str, tuple[str, dict, list]], Path | None]
