@@ -63,6 +63,10 @@ def _pss_kb(pid: int) -> int | None:
     return None
 
 
+# In the fork server's command line (`python -m kdeploy.forkserver FD`): its children share it and are jobs
+FORK_SERVER_ARG = b"\0kdeploy.forkserver\0"
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -80,14 +84,15 @@ def tree_memory_mb(pid: int | None = None, measure: str = "pss") -> float:
             counted once per process).
 
     A child that has not exec'd yet (same command line as its parent: the moment between fork
-    and exec, when it still shows the parent's memory) is not counted.
+    and exec, when it still shows the parent's memory) is not counted; a child of the fork server
+    (`kdeploy.forkserver`: it runs its job without exec'ing) is.
     """
     pid = os.getpid() if pid is None else pid
     total, todo = 0, [(pid, None)]
     while todo:
         p, parent_cmd = todo.pop()
         cmd = _cmdline(p)
-        if parent_cmd is not None and cmd == parent_cmd:
+        if parent_cmd is not None and cmd == parent_cmd and FORK_SERVER_ARG not in cmd:
             continue
         kb = _pss_kb(p) if measure == "pss" else None
         total += kb if kb is not None else _status_kb(p, "VmRSS")

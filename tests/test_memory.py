@@ -25,6 +25,27 @@ def test_tree_memory_counts_child_processes_too():
         child.wait()
 
 
+def test_tree_memory_counts_the_fork_server_s_children_not_a_child_before_its_exec():
+    """A fork server's child never execs (same command line as the server) and runs a job: counted. Any other child
+    with its parent's command line is between fork and exec, still showing its parent's pages: not counted."""
+    code = ("import os, sys, time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); pid = os.fork(); "
+            "b[::4096] = b'y' * len(b[::4096]) if pid == 0 else b''; print('ok', flush=True) if pid else None; "
+            "time.sleep(60)")  # the child writes its pages: 300 MB of its own
+    rss = {}
+    for tag in ("kdeploy.forkserver", "other"):
+        proc = subprocess.Popen([sys.executable, "-c", code, tag], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ok"
+            __import__("time").sleep(1.0)  # the child's writes
+            rss[tag] = tree_memory_mb(proc.pid, "rss")
+        finally:
+            for pid in descendants(proc.pid):
+                __import__("os").kill(pid, 9)
+            proc.kill()
+            proc.wait()
+    assert rss["kdeploy.forkserver"] >= rss["other"] + 250, rss
+
+
 def test_max_memory_stops_the_run_with_exit_3_and_the_figure(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "kdeploy", "optimize", str(FIXTURES / "cancer_mlp.keras"),
