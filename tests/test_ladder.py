@@ -287,13 +287,11 @@ def test_integer_steps_are_not_tried_where_decisions_are_below_int8_softmax_reso
     monkeypatch.setattr(ladder, "judge", lambda c, art: (False, "top1=0"))
     monkeypatch.setattr(ladder, "_run", lambda c, r, b, step, verdict, row: ran.append(step.step) or
                         row.update(tried=True, seconds=1.0) or [])
-    monkeypatch.setattr(ladder, "full_int8_errors", lambda c, r, b, detail: ran.append("int8 per-layer errors"))
     flat = _flat_ctx("cpu-edge", 1e-4)
     assert "64 of 64 decisions of output predictions" in ladder.below_int8_resolution(flat)
     ladder.repair_ladder(flat, None, [int8], before_steps=lambda: ran.append("lane finished"))
     steps = {s["step"]: s for s in flat.repair["steps"]}
-    # full int8's per-layer errors beside the lane; the search's conversions and ONNX twin after the lane's
-    assert ran == ["int8 per-layer errors", "lane finished", "selective"]
+    assert ran == ["lane finished", "selective"]  # its per-layer tensors and ONNX twin after the lane's conversions
     for name in ("calibration", "qat"):
         assert not steps[name]["tried"] and steps[name]["detail"].startswith("not tried: cannot help: 64 of 64")
     assert "calibration not tried; selective fails (1.0 s); qat not tried" in ladder.summary(flat.repair)
@@ -301,12 +299,12 @@ def test_integer_steps_are_not_tried_where_decisions_are_below_int8_softmax_reso
     onnx_judged = _flat_ctx("cpu-server", 1e-4)  # ONNX Runtime deployed: each try converts to ONNX, after the lane
     ran.clear()
     ladder.repair_ladder(onnx_judged, None, [int8], before_steps=lambda: ran.append("lane finished"))
-    assert ran == ["int8 per-layer errors", "lane finished", "selective"]
+    assert ran == ["lane finished", "selective"]
 
     labelled = _flat_ctx("cpu-edge", 1e-4, labels=True)  # labels judge the task: QAT may make its own margins
     ran.clear()
     ladder.repair_ladder(labelled, None, [int8], before_steps=lambda: ran.append("lane finished"))
-    assert ran == ["int8 per-layer errors", "lane finished", "selective", "qat"]
+    assert ran == ["lane finished", "selective", "qat"]
     assert {s["step"]: s["tried"] for s in labelled.repair["steps"]} == {"calibration": False, "selective": True,
                                                                         "qat": True}
 
@@ -314,7 +312,7 @@ def test_integer_steps_are_not_tried_where_decisions_are_below_int8_softmax_reso
     assert ladder.below_int8_resolution(confident) is None
     ran.clear()
     ladder.repair_ladder(confident, None, [int8], before_steps=lambda: ran.append("lane finished"))
-    assert ran == ["int8 per-layer errors", "lane finished", "calibration", "selective", "qat"]
+    assert ran == ["lane finished", "calibration", "selective", "qat"]
 
 
 def test_mcu_finding_says_why_qat_was_not_tried_below_int8_resolution(monkeypatch):
@@ -332,7 +330,6 @@ def test_mcu_finding_says_why_qat_was_not_tried_below_int8_resolution(monkeypatc
         row["detail"] = "not tried: target runs integer kernels only"
 
     monkeypatch.setattr(ladder, "_name_breaking_layers", breaking)
-    monkeypatch.setattr(ladder, "full_int8_errors", lambda *a: None)  # no .tflite here to take tensors of
     monkeypatch.setattr(ladder, "_run", lambda *a: pytest.fail("no integer step may run"))
     ladder.repair_ladder(ctx, None, [int8])
     msg = next(f.message for f in ctx.findings if f.code == "int8-breaking-layers")

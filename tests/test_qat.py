@@ -275,7 +275,6 @@ def test_ladder_hands_full_int8_verdict_to_qat_without_judging_again(monkeypatch
     monkeypatch.setattr("kdeploy.run.calibrate.calibration_builds", lambda c, r, b, verdict: got.append(verdict) or [])
     monkeypatch.setattr("kdeploy.run.selective.selective_builds", lambda c, r, b, verdict, **kw: got.append(verdict) or [])
     monkeypatch.setattr("kdeploy.run.qat.qat_builds", lambda c, r, why: got.append(why) or [])
-    monkeypatch.setattr(ladder, "full_int8_errors", lambda *a: None)  # no .tflite here to take tensors of
 
     assert ladder.repair_ladder(ctx, None, []) == [] and ctx.repair is None  # no int8 .tflite: nothing to repair
     assert ladder.repair_ladder(ctx, None, [int8]) == []

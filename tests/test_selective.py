@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -164,23 +162,3 @@ def test_evaluation_takes_the_search_s_runs_of_the_candidate_it_chose(tmp_path, 
     fresh, lines = run("fresh")
     assert any(line.startswith("int8-mixed on litert") for line in lines), lines
     assert reused == fresh and reused[1]
-
-
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the lane runs on a multi-core host only")
-def test_the_ladder_ranks_layers_beside_the_lane_and_converts_after_it(tmp_path, monkeypatch):
-    """Full int8's per-layer errors (the search's ranking, the diagnosis) are measured while the conversion lane
-    may still convert, once; the ladder's conversions (calibration's, the search's) wait for the lane."""
-    from kdeploy.run import optimize, selective
-    from kdeploy.run.convert import ConversionLane
-
-    events: list[str] = []
-    errors, finish, tried = selective.layer_errors, ConversionLane.finish, selective._try
-    monkeypatch.setattr(selective, "layer_errors", lambda *a, **k: events.append("ranking") or errors(*a, **k))
-    monkeypatch.setattr(ConversionLane, "finish", lambda self: events.append("lane finished") or finish(self))
-    monkeypatch.setattr(selective, "_try", lambda *a, **k: events.append("try") or tried(*a, **k))
-    report = optimize(FIXTURES / "cancer_mlp.keras", target="cpu-edge", data=FIXTURES / "cancer.npz",
-                      out=tmp_path / "o", cache=False, parallel=True)
-    assert report.candidate("int8-mixed").passed
-    assert events[:2] == ["ranking", "lane finished"] and "try" in events[2:], events
-    mixed = report.candidate("int8-mixed").recipe["search"]
-    assert mixed["ranking"].endswith("measured once") and report.candidate("int8").sensitivity

@@ -28,13 +28,11 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from kdeploy.child import ChildFailure
 from kdeploy.recipes import RepairStep, repair_steps
 from kdeploy.report.model import Candidate
 from kdeploy.run.context import Build, Context
 from kdeploy.run.convert import ReferenceModel
 from kdeploy.run.judge import judge
-from kdeploy.run.selective import full_int8_errors
 from kdeploy.runtimes import RUNTIME_FORMATS
 
 # TFLite's int8 softmax output has a fixed quantization (scale 1/256, zero point -128, TFLite's
@@ -50,12 +48,10 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
     Args:
         builds: the post-training builds (full int8's `.tflite` among them).
         before_steps: called once before the first step tried (build.py finishes its conversion lane
-            there): calibration's conversions, the selective search's tries and its candidate's ONNX
-            twin, QAT's training child.
-            Full int8's judge and its per-layer errors (`selective.full_int8_errors`: the search's
-            ranking, the report's diagnosis) run beside the lane: with float16 and the ONNX twins in
-            the lane, it finished ~2 s after them on MobileNetV2-224, and the per-layer tensors beside
-            it left the peak memory as it was (PSS 1.82-1.83 GB vs 1.80-1.90 GB after it).
+            there): calibration's conversions, the selective search's per-layer tensors (beside the
+            lane's last tf2onnx conversions they set the run's peak: MobileNetV2-224 2.45 GB PSS,
+            1.23x the bare script's, counting the fork server's children) and its candidate's ONNX
+            twin, QAT's training child. Full int8's judge runs beside the lane.
     """
     prof = ctx.profile
     int8 = next((a for b in builds if b.name == "int8" for a in b.artifacts if a.format == "tflite"), None)
@@ -70,10 +66,6 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
     ctx.repair = record
     if passed:
         return []
-    try:  # beside the lane, before any step: the selective search's ranking and full int8's diagnosis read it
-        full_int8_errors(ctx, ref, builds, detail)
-    except ChildFailure:
-        pass  # the search and the diagnosis measure it again and say what failed
     out: list[Build] = []
     unresolved = below_int8_resolution(ctx)
     labelled = unresolved is not None and _labelled(ctx)
@@ -89,7 +81,7 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
             _name_breaking_layers(ctx, ref, builds, (passed, detail), row)
             continue
         if skip is None and before_steps is not None:
-            before_steps()  # no conversions or training child beside the lane's
+            before_steps()  # no conversions, per-layer tensors or training child beside the lane's
             before_steps = None
         if skip is not None:
             row["detail"] = f"not tried: {skip}"
