@@ -99,6 +99,7 @@ class Context:
     repair: dict[str, Any] | None = None  # the int8 repair ladder's record (run/ladder), the report's `repair`
     lane: Any = None  # the conversion lane started before the model loaded (`ConversionLane.early`; run/build takes it)
     lane_busy: Callable[[], bool] = lambda: False  # whether the conversion lane's child still works (run/build)
+    searching: bool = False  # the selective search's tries run (their quantizer in this process, their runtime runs)
     # evaluation's runs made ahead of it: (artifact path, sha256, runtime) -> (outputs, result) or the RuntimeFailure
     # (run/evaluate.RunsAhead, and full int8's judge run)
     prefetched: dict[tuple[str, str, str], Any] = field(default_factory=dict)

@@ -112,8 +112,12 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
     if best is None:
         ranking = [x for x in ranked_layers(rows) if x not in kept and float_t.meta.get(x, {}).get("nodes")]
         cap = len(order) - 1 - len(kept)  # every layer in float is the fp32 candidate: one stays int8
-        best, chosen, search = _group_search(ctx, ref, float_t, ranking[:max(cap, 0)], list(kept), nodes, tries,
-                                             started)
+        ctx.searching = True  # no per-layer dump made ahead beside the tries (`evaluate.RunsAhead._failing`)
+        try:
+            best, chosen, search = _group_search(ctx, ref, float_t, ranking[:max(cap, 0)], list(kept), nodes, tries,
+                                                 started)
+        finally:
+            ctx.searching = False
         kept += chosen
     seconds = round(time.perf_counter() - started, 3)
     if best is None:
