@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from kdeploy.artifacts import Artifact
-from kdeploy.debug.attribution import LayerErrors, ranked_layers
+from kdeploy.debug.attribution import ranked_layers
 from kdeploy.debug.locate import crash_site, describe, matching_node, parse_failure
 from kdeploy.errors import ConversionError
 from kdeploy.recipes import selective_recipe
@@ -71,11 +71,12 @@ def selective_builds(ctx: Context, ref: ReferenceModel, builds: list[Build],
                                                         "there is no op to keep in float")
         return []
     float_path = reference_float(ctx, ref)
+    # the figures are the report's sensitivity of full int8 too (`diagnose`: one dump, at the same tolerance)
     tol = ctx.tolerance(next(b for b in builds if b.name == "int8"), "int8")
     if crashed:  # the crashing int8 has no tensors to dump
         (float_t,) = layer_tensors(ctx, [float_path], int8.io)
     else:
-        errors = full_int8_errors(ctx, ref, builds, detail)
+        errors = layer_errors(ctx, float_path, int8.path, int8.io, tol, "int8")
         float_t = errors.reference
     order = layer_order(ctx, float_t)
     first_detail = detail
@@ -430,20 +431,6 @@ def _calibrated(ctx: Context, ref: ReferenceModel) -> Path:
         ctx.progress("selective", "calibrating int8 once for the search")
         path.write_bytes(calibrated(reference_float(ctx, ref), ctx.calibration.inputs))
     return path
-
-
-def full_int8_errors(ctx: Context, ref: ReferenceModel, builds: list[Build], detail: str) -> LayerErrors | None:
-    """Full int8's per-layer errors against the fp32 `.tflite` (LiteRT, validation inputs): the search's ranking
-    and the report's sensitivity of full int8 alike (`diagnose`: one dump, at the same tolerance), measured once.
-
-    Args:
-        detail: full int8's judge detail; None is returned where it crashed or did not run (no tensors).
-    """
-    int8 = next((a for b in builds if b.name == "int8" for a in b.artifacts if a.format == "tflite"), None)
-    if int8 is None or parse_failure(detail) is not None or _did_not_run(ctx, detail):
-        return None
-    tol = ctx.tolerance(next(b for b in builds if b.name == "int8"), "int8")
-    return layer_errors(ctx, reference_float(ctx, ref), int8.path, int8.io, tol, "int8")
 
 
 def _did_not_run(ctx: Context, detail: str) -> bool:
