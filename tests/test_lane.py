@@ -139,9 +139,14 @@ def test_a_crashed_lane_costs_no_candidate(tmp_path, monkeypatch):
     assert _summary(crashed) == _summary(one) and all(c.passed for c in crashed.candidates)
 
 
-def test_lane_converts_the_uncalibrated_quantized_tflite_files():
-    taken = [r.name for r in ptq_recipes(resolve_profile("cpu-edge")) if ConversionLane.converts(r)]
-    assert taken == ["dynamic", "fp16"]  # fp32 stays (the inspection reads it, int8 calibrates from it), int8 too
+def test_lane_converts_dynamic_range_and_float16_where_it_started_early(tmp_path):
+    recipes = ptq_recipes(resolve_profile("cpu-edge"))
+    for early, wanted in ((True, ["dynamic", "fp16"]), (False, ["dynamic"])):
+        lane = ConversionLane(tmp_path / str(early), early=early)
+        try:  # fp32 stays (the inspection reads it, int8 calibrates from it), int8 too
+            assert [r.name for r in recipes if lane.converts(r)] == wanted
+        finally:
+            lane.close()
 
 
 @pytest.mark.parametrize("params, fits", [(15_000, False), (3_500_000, True), (7_200_000, False), (25_600_000, False),
@@ -159,8 +164,8 @@ def test_the_lane_starts_before_the_model_loads_and_ends_with_the_run(tmp_path, 
     started: list[ConversionLane] = []
     init = ConversionLane.__init__
 
-    def recorded(self, work):
-        init(self, work)
+    def recorded(self, work, early=False):
+        init(self, work, early)
         started.append(self)
         events.append("lane started")
 

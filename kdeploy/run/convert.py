@@ -189,22 +189,23 @@ class ConversionLane:
     """A second process beside the parent's TFLite conversions: some recipes' `.tflite` files and the ONNX twins.
 
     Each conversion holds the GIL and keeps one core busy, so only a second process uses a second
-    core. The lane converts the dynamic-range and float16 `.tflite` files and every ONNX twin; the
-    parent exports the SavedModel, takes Keras' reference outputs, converts fp32 (which the
-    inspection reads and int8 is calibrated from) and the calibrated ones (int8, int16x8), inspects
-    and judges full int8; the lane's intermediates never sit in the parent. (Since the reference
-    outputs come after the export, the lane starts converting ~2.6 s sooner, and float16 moved
-    here: on MobileNetV2-224 the parent's conversions end at 20.0 s of the run instead of 23.7 s.)
+    core. The lane converts the dynamic-range `.tflite` (and float16's where it started before the model
+    loaded: `converts`) and every ONNX twin; the parent exports the SavedModel, takes Keras' reference
+    outputs (after the export: the lane converts ~2.6 s sooner), converts fp32 (which the inspection
+    reads and int8 is calibrated from), the calibrated ones (int8, int16x8) and any float16 left to it,
+    inspects and judges full int8; the lane's intermediates never sit in the parent.
     The child starts (and imports TensorFlow) before the model loads (`early`), else as the build
     begins; `assign` gives it its tasks, `reference` tells it the SavedModel is there;
     `ready` / `skip` tell it, recipe by recipe, whether a parent's `.tflite` exists; `finish`
     waits and returns each recipe's `LaneResult`.
     """
 
-    def __init__(self, work: Path):
-        """Starts the child (it imports TensorFlow, then waits for its tasks: `assign`)."""
+    def __init__(self, work: Path, early: bool = False):
+        """Starts the child (it imports TensorFlow, then waits for its tasks: `assign`); `early`: before the model
+        loads (`ConversionLane.early`)."""
         import threading
 
+        self.early_start = early
         self.ctx: Context | None = None
         self.recipes: dict[str, Recipe] = {}
         self.dir = work / "lane"
@@ -230,7 +231,7 @@ class ConversionLane:
             return None
         if parallel is None and not lane_may_fit(model_path):
             return None
-        return cls(work)
+        return cls(work, early=True)
 
     def assign(self, ctx: Context, recipes: list[Recipe]) -> None:
         """The child's tasks: the recipes it converts or makes twins of (it starts once `reference` says the
@@ -251,11 +252,13 @@ class ConversionLane:
         tmp.write_text(json.dumps(job))
         tmp.rename(self.markers / f"{TASKS}.ready")
 
-    @staticmethod
-    def converts(recipe: Recipe) -> bool:
-        """True when the lane converts the recipe's `.tflite` (post-training dynamic range)."""
-        return (recipe.plan is None and recipe.technique == "ptq" and recipe.precision in ("dynamic", "fp16")
-                and not recipe.sparse)
+    def converts(self, recipe: Recipe) -> bool:
+        """True when the lane converts the recipe's `.tflite`: post-training dynamic range, and float16 where the
+        lane started before the model loaded. Started then, it has the time: on MobileNetV2-224 the parent's
+        conversions ended at 20.0 s of the run instead of 23.7 s. Started with the build, it has not: on the
+        zoo's EfficientNetB0 (a 49 MB file, no early start) the parent, whose full int8 passed, waited 16 s for
+        the lane's float16 and its twin (70.7 s, 56.7 s with float16 here)."""
+        return _uncalibrated_ptq(recipe) and (recipe.precision == "dynamic" or self.early_start)
 
     @staticmethod
     def applies(ctx: Context, recipes: list[Recipe]) -> bool:
@@ -346,7 +349,13 @@ def _lane_has_work(prof: TargetProfile, recipes: list[Recipe]) -> bool:
     """Whether the profile's recipes give the lane something: a `.tflite` it converts, or ONNX twins."""
     runtimes = [*prof.runtimes, *prof.crosscheck_runtimes]
     twins = "onnxruntime" in runtimes and any(r.onnx in ("savedmodel", "tflite") for r in recipes)
-    return twins or any(ConversionLane.converts(r) for r in recipes)
+    return twins or any(_uncalibrated_ptq(r) and r.precision == "dynamic" for r in recipes)
+
+
+def _uncalibrated_ptq(recipe: Recipe) -> bool:
+    """A post-training dynamic-range or float16 recipe: its `.tflite` needs no calibration data (the lane's)."""
+    return recipe.plan is None and recipe.technique == "ptq" and recipe.precision in ("dynamic", "fp16") \
+        and not recipe.sparse
 
 
 def _artifact(fields: dict | None) -> Artifact | None:
