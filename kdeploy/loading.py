@@ -75,7 +75,7 @@ class LoadedModel:
             # took 2-5x longer on MobileNetV2 here). Inference mode, as in call_keras.
             xs = [feeds[t.name] for t in self.inputs]
             n = len(xs[0])
-            if any(t.shape[0] is not None for t in _symbolic_inputs(self.keras_model)):
+            if self.symbolic and any(t.shape[0] is not None for t in self.keras_model.inputs):
                 out = self.keras_model.predict(keras_args(self.keras_model, xs, self), batch_size=batch_size, verbose=0)
                 return [np.asarray(o) for o in flatten_outputs(out)]
             # the first call's batch for every call: the probes' 16 samples after the reference's 64 cost MobileNetV2
@@ -94,14 +94,6 @@ class LoadedModel:
             res = self.saved_model.signatures["serving_default"](**{k: tf.constant(v) for k, v in part.items()})
             chunks.append([np.asarray(res[k]) for k in self.signature_outputs])
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.outputs))]
-
-
-def _symbolic_inputs(keras_model: Any) -> list:
-    """The Keras model's symbolic inputs (none for a subclassed model)."""
-    try:
-        return list(keras_model.inputs or [])
-    except (AttributeError, ValueError):  # a subclassed model that was never called on symbolic inputs
-        return []
 
 
 def import_frameworks() -> None:

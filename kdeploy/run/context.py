@@ -142,7 +142,12 @@ class Context:
     @property
     def wanted_runtimes(self) -> list[str]:
         """Deployed runtimes first, then cross-checks, each once."""
-        return list(dict.fromkeys([*self.profile.runtimes, *self.profile.crosscheck_runtimes]))
+        return wanted_runtimes(self.profile)
+
+
+def wanted_runtimes(prof: TargetProfile) -> list[str]:
+    """The profile's deployed runtimes first, then its cross-checks, each once (`Context.wanted_runtimes`)."""
+    return list(dict.fromkeys([*prof.runtimes, *prof.crosscheck_runtimes]))
 
 
 def run_key(a: Artifact, runtime: str) -> tuple[str, str | None, str]:

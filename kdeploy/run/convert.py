@@ -17,7 +17,7 @@ from kdeploy.artifacts import Artifact
 from kdeploy.errors import ConversionError
 from kdeploy.profiles import TargetProfile
 from kdeploy.recipes import Recipe, tolerance_for
-from kdeploy.run.context import Build, Context
+from kdeploy.run.context import Build, Context, wanted_runtimes
 from kdeploy.runtimes import RUNTIME_FORMATS
 
 
@@ -347,8 +347,7 @@ class ConversionLane:
 
 def _lane_has_work(prof: TargetProfile, recipes: list[Recipe]) -> bool:
     """Whether the profile's recipes give the lane something: a `.tflite` it converts, or ONNX twins."""
-    runtimes = [*prof.runtimes, *prof.crosscheck_runtimes]
-    twins = "onnxruntime" in runtimes and any(r.onnx in ("savedmodel", "tflite") for r in recipes)
+    twins = "onnxruntime" in wanted_runtimes(prof) and any(r.onnx in ("savedmodel", "tflite") for r in recipes)
     return twins or any(_uncalibrated_ptq(r) and r.precision == "dynamic" for r in recipes)
 
 
