@@ -225,7 +225,9 @@ def lane_fits(model) -> bool:
 def lane_may_fit(path: str | Path) -> bool:
     """Before loading: whether a Keras model file's size (its weights, mostly) is near `lane_fits`' range (a
     quarter either side: the config, or float16 weights); `lane_fits` decides once the model is loaded."""
+    from kdeploy.loading import H5_SUFFIXES, KERAS_SUFFIXES
+
     p = Path(path)
-    if not p.is_file() or p.suffix.lower() not in (".keras", ".h5", ".hdf5"):
+    if not p.is_file() or p.suffix.lower() not in (*KERAS_SUFFIXES, *H5_SUFFIXES):
         return False
     return LANE_MIN_WEIGHT_BYTES * 0.75 <= p.stat().st_size <= LANE_MAX_WEIGHT_BYTES * 1.25
