@@ -17,8 +17,10 @@ from conftest import FIXTURES, make_profile
 
 
 def _summary(report) -> dict:
-    """Verdicts, artifact bytes and robustness figures (the lane's run makes the probes while the lane converts)."""
-    return {c.name: (c.passed, sorted((a.format, a.sha256) for a in c.artifacts),
+    """Verdicts, artifact bytes and gzip sizes (the parent measures the lane's: `artifacts.gzip_elsewhere`) and
+    robustness figures (the lane's run makes the probes while the lane converts)."""
+    assert all(a.gzip_bytes > 0 for c in report.candidates for a in c.artifacts)
+    return {c.name: (c.passed, sorted((a.format, a.sha256, a.gzip_bytes) for a in c.artifacts),
                      [(r.probe, r.runtime, r.output, r.cosine_mean, r.top1_agreement) for r in c.robustness])
             for c in report.candidates}
 

@@ -77,7 +77,7 @@ def _test_fault(name: str) -> None:
 
 
 def run(job: dict) -> dict:
-    from kdeploy.artifacts import Artifact
+    from kdeploy.artifacts import Artifact, gzip_elsewhere
     from kdeploy.artifacts import onnx as onnx_export
     from kdeploy.artifacts import tflite
     from kdeploy.errors import ConversionError
@@ -87,6 +87,7 @@ def run(job: dict) -> dict:
     from kdeploy.util import freeze_heap
 
     freeze_heap()  # this process' frameworks: each conversion's `release_memory` collects only what it made
+    gzip_elsewhere()  # the parent measures the gzip sizes of what this process makes, beside its own work
     markers = Path(job["markers"])
     if not _wait(markers, TASKS):  # started before the model loaded: its tasks come once it has
         return {"results": {}}

@@ -107,8 +107,8 @@ def build_candidates(ctx: Context) -> Built:
 
 def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: ConversionLane | None,
                 ) -> tuple[list[Build], list[tuple[Build, Artifact]], dict[str, str]]:
-    """The post-training recipes' builds: each `.tflite` and ONNX twin converted here, unless the lane takes it
-    (then `_lane_builds` completes the build).
+    """The post-training recipes' builds: each `.tflite` and ONNX twin converted here, unless a lane runs: then
+    `_lane_builds` completes the builds (the lane's `.tflite` files and twins, and this process' twins).
 
     Returns:
         The builds (in recipe order); (build, its `.tflite`) of each candidate kept so far
@@ -123,7 +123,8 @@ def _ptq_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane: 
         if lane is not None and lane.converts(recipe):
             made[recipe.name] = new_build(ctx, recipe)  # its .tflite comes from the lane (`finish`)
             continue
-        b, tfl = _convert_here(ctx, ref, recipe, seen, twin=lane is None or not lane.takes(recipe))
+        # with a lane, a twin it does not take (a calibrated recipe's) is made in `_lane_builds`, after judging
+        b, tfl = _convert_here(ctx, ref, recipe, seen, twin=lane is None)
         if b is not None:
             made[recipe.name] = b
         if tfl is None:
@@ -160,11 +161,17 @@ def _lane_builds(ctx: Context, ref: ReferenceModel, recipes: list[Recipe], lane:
                  builds: list[Build], kept: list[tuple[Build, Artifact]], seen: dict[str, str]) -> None:
     """Waits for the lane; adds its `.tflite` files and ONNX twins to `builds` and `kept` (in recipe order).
 
-    When the lane's process failed, its share is converted here instead (and a finding says so):
-    a crashed helper must not cost candidates that one process would have made.
+    First the twins of this process' `.tflite` files the lane does not take (the calibrated recipes': ready last,
+    when the lane is still busy and this process idle), while the lane finishes. When the lane's process
+    failed, its share is converted here instead (and a finding says so): a crashed helper must not cost
+    candidates that one process would have made.
     """
-    results = lane.finish()
     by_recipe = {r.name: r for r in recipes}
+    for b, tfl in kept:
+        if not lane.takes(by_recipe[b.name]):
+            add_onnx_twin(ctx, b, by_recipe[b.name], tfl, ref)
+            release_memory()
+    results = lane.finish()
     if lane.failure is not None:
         ctx.finding("warning", "lane-failed", f"the conversion lane failed ({lane.failure}); its conversions "
                                               "were made in this process instead")
