@@ -250,11 +250,12 @@ class RunsAhead:
     candidate over (`add`, `Context.run_ahead`): its `.tflite` runs while its ONNX twin converts.
 
     As soon as a quantized `.tflite`'s fidelity run on the deployed runtime fails, its per-layer errors
-    are measured (`diagnose.layer_errors`, cached: the diagnosis after the timing takes them), before
-    the other runs: it is the longest of this work and one process, while evaluation makes the runs
-    left two at a time (started last, the diagnosis of MobileNetV2-224's dynamic range kept
-    evaluation waiting 1.1 s). Without labels only: with them a task budget may still accept the
-    candidate, which then needs no diagnosis.
+    are measured (`diagnose.layer_errors`, cached: the diagnosis after the timing takes them) on a thread
+    of their own, at the build's priority: the repair ladder's search and the timing wait for them.
+    The runs go on beside it (one dump at a time): made after it, the runs left the failures they find
+    unknown until the search's tries, and the diagnosis of MobileNetV2-224's dynamic range started
+    after the search and kept evaluation waiting 2 s. Without labels only: with them a task budget may
+    still accept the candidate, which then needs no diagnosis.
     """
 
     def __init__(self, ctx: Context, builds: list[Build]):
@@ -263,25 +264,28 @@ class RunsAhead:
         self._stop = threading.Event()
         self._skip: set[tuple[str, str, str]] = set()  # runs that raised something other than a RuntimeFailure
         self._child = None  # the run in progress (its Popen), so that `stop(kill=True)` can end it
+        self._dump_child = None  # the diagnosis' tensor dump in progress (its Popen), likewise
         self._diagnosed: set[str] = set()  # sha256 of the artifacts whose fidelity was looked at for `_failing`
-        self._diagnosing = False  # a diagnosis (not a run) is in progress
         self._killed = False
         _write_feeds(ctx)
         probe_inputs(ctx)  # Keras' probe outputs and their inputs file, made here before the thread reads them
         self._thread = threading.Thread(target=self._work, name="kdeploy-runs-ahead", daemon=True)
         self._thread.start()
+        self._diagnosis = threading.Thread(target=self._diagnose_failing, name="kdeploy-diagnose-ahead", daemon=True)
+        self._diagnosis.start()
 
     def stop(self, kill: bool = False, runs_only: bool = False) -> None:
         """Nothing new; waits for the work in progress (its result is kept), or with `kill` (the run failed or was
         interrupted) ends it. With `runs_only`, a diagnosis in progress goes on (evaluation's own runs go beside it;
         the timing, which runs alone, calls `stop()` again first)."""
         self._stop.set()
-        child = self._child
-        if kill and child is not None and child.poll() is None:
-            self._killed = True
-            child.kill()
-        if not (runs_only and self._diagnosing):
-            self._thread.join()
+        for child in (self._child, self._dump_child) if kill else ():
+            if child is not None and child.poll() is None:
+                self._killed = True
+                child.kill()
+        self._thread.join()
+        if not runs_only:
+            self._diagnosis.join()
 
     def add(self, b: Build) -> None:
         """`b` (made after the builds given, e.g. by a repair step) is run too: its artifacts as they are added."""
@@ -330,27 +334,25 @@ class RunsAhead:
             return
         self.ctx.progress("diagnose", f"{b.name}: per-layer error (ahead)")
         try:
-            layer_errors(self.ctx, ref, art.path, art.io, tol, art.precision, nice=AHEAD_NICE,
-                         on_start=lambda proc: setattr(self, "_child", proc))
+            layer_errors(self.ctx, ref, art.path, art.io, tol, art.precision,
+                         on_start=lambda proc: setattr(self, "_dump_child", proc))
         except ChildFailure:
             pass  # the diagnosis measures it again and reports why not
+        except Exception:  # e.g. the memory guard's stop (raised by progress): the diagnosis runs it, and reports
+            self._stop.set()
+
+    def _diagnose_failing(self) -> None:
+        """The per-layer errors of what a deployed run fails, as soon as it fails (beside the runs)."""
+        while not self._stop.is_set():
+            failing = self._failing()
+            if failing is None:
+                self._stop.wait(AHEAD_POLL_S)
+                continue
+            self._diagnose(*failing)
 
     def _work(self) -> None:
         ctx = self.ctx
-        while not self._stop.is_set():
-            # the per-layer errors of what a deployed run fails, as soon as it fails, then the deployed runtimes'
-            # runs, then the cross-checks: the diagnosis is the longest of this work (one process), and evaluation
-            # makes what is left two runs at a time
-            failing = self._failing()
-            if failing is not None:
-                self._diagnosing = True
-                try:
-                    self._diagnose(*failing)
-                except Exception:  # e.g. the memory guard's stop (raised by progress): the diagnosis runs it
-                    return
-                finally:
-                    self._diagnosing = False
-                continue
+        while not self._stop.is_set():  # the deployed runtimes' runs, then the cross-checks
             todo = self._next(deployed_only=True) or self._next()
             if todo is None:
                 self._stop.wait(AHEAD_POLL_S)
