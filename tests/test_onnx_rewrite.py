@@ -245,3 +245,44 @@ def test_fp32_twin_swaps_routes_when_its_route_leaves_an_op_and_says_so(tmp_path
     monkeypatch.setattr(onnx_export, "from_saved_model", lambda *a, **k: (_ for _ in ()).throw(ConversionError("boom")))
     with pytest.raises(ConversionError, match=r"op TFL_FOO .*; the SavedModel route failed too: boom"):
         onnx_export.twin("tflite", tmp_path / "fp32.onnx", lambda: fp32, tmp_path, None, ["y"])
+
+
+def test_fp16_twin_stores_the_float16_weights_of_its_tflite_with_the_same_values(tmp_path):
+    """tf2onnx folds each float16 weight's DEQUANTIZE into a float32 initializer: the "fp16" ONNX model was the fp32
+    one again in size. `onnx.half_weights` stores them in float16 (a Cast before their uses): half the bytes, and
+    ONNX Runtime computes the very same outputs as with the folded float32 values."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from conftest import FIXTURES
+    from kdeploy.artifacts.flatbuffer import read_tflite_file
+
+    rep = run(tmp_path, FIXTURES / "digits_cnn.keras", ["fp32", "fp16"], "--data", FIXTURES / "digits.npz")
+    arts = {c["name"]: {a["format"]: a for a in c["artifacts"]} for c in rep["candidates"]}
+    out = tmp_path / "out"
+    half = onnx.load(str(out / arts["fp16"]["onnx"]["path"]))
+    n_half = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in half.graph.initializer)
+    n_tflite = sum(t.dtype == "float16" and t.constant for t in read_tflite_file(out / arts["fp16"]["tflite"]["path"]).tensors)
+    assert n_half == n_tflite > 0 and sum(n.op_type == "Cast" for n in half.graph.node) >= n_half
+    assert arts["fp16"]["onnx"]["source"] == "tf2onnx(tflite)+rewrite(float16 weights)"
+    assert arts["fp16"]["onnx"]["size_bytes"] < 0.6 * arts["fp32"]["onnx"]["size_bytes"]
+    # the folded model tf2onnx wrote: every float16 initializer back in float32 under the name its Cast writes
+    casts = {n.input[0]: n.output[0] for n in half.graph.node if n.op_type == "Cast" and n.input[0] in
+             {t.name for t in half.graph.initializer}}
+    folded = onnx.ModelProto()
+    folded.CopyFrom(half)
+    inits = [numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), casts[t.name])
+             if t.name in casts else t for t in half.graph.initializer]
+    nodes = [n for n in half.graph.node if not (n.op_type == "Cast" and n.input[0] in casts)]
+    del folded.graph.initializer[:], folded.graph.node[:]
+    folded.graph.initializer.extend(inits)
+    folded.graph.node.extend(nodes)
+    x = np.load(FIXTURES / "digits.npz")["x"][:32].astype(np.float32)
+    got = []
+    for m in (half, folded):
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        got.append(s.run(None, {s.get_inputs()[0].name: x.reshape(-1, *s.get_inputs()[0].shape[1:])})[0])
+    assert np.array_equal(got[0], got[1])
+    fp16 = next(c for c in rep["candidates"] if c["name"] == "fp16")
+    assert fp16["consistency"] and all(r["passed"] for r in fp16["consistency"]), fp16["consistency"]
