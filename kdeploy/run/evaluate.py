@@ -66,13 +66,15 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
     counted = _count_compute(builds)
     candidates: list[Candidate] = []
     runs = []  # (candidate, build, artifact, runtime, job, job dir)
+    sized: list[tuple[ArtifactOut, Artifact]] = []
     for b in builds:
         c = Candidate(name=b.name, recipe=b.recipe, passed=False, errors=list(b.errors), optimization=b.optimization)
         candidates.append(c)
         for art in b.artifacts:
             c.artifacts.append(ArtifactOut(format=art.format, path=str(art.path.relative_to(ctx.staging)),
                                            precision=art.precision, source=art.source, size_bytes=art.size_bytes,
-                                           gzip_bytes=art.gzip_bytes, sha256=art.sha256, pairing=art.pairing))
+                                           gzip_bytes=0, sha256=art.sha256, pairing=art.pairing))
+            sized.append((c.artifacts[-1], art))  # gzip sizes read after the runs: the last ones are still measured
             for runtime in (rt for rt in ctx.wanted_runtimes if RUNTIME_FORMATS[rt] == art.format):
                 runs.append((c, b, art, runtime, fidelity_job(ctx, art, runtime), _job_dir(ctx, b, runtime)))
     labels = [f"{c.name} on {rt} ({_role(ctx, rt)})" for c, _, _, rt, _, _ in runs]
@@ -110,6 +112,8 @@ def evaluate(ctx: Context, builds: list[Build]) -> list[Candidate]:
             desc, _, ref = probes[probe]
             c.robustness += [RobustnessOut(**row) for row in
                              agreement(probe, desc, runtime, ref, got, names, m.output_kinds, prof.robustness)]
+    for out, art in sized:
+        out.gzip_bytes = art.gzip_bytes
     release_memory()  # the fidelity runs' outputs and the parent's freed heap, before the timing child loads every artifact
     # Without labels no task budget can accept a failed fidelity check afterwards (`task_checks`): such a
     # candidate is out of the selection, and its latency is timed for the report only.

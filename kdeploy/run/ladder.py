@@ -47,8 +47,8 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
 
     Args:
         builds: the post-training builds (full int8's `.tflite` among them).
-        before_steps: called once before the first step tried (build.py finishes its conversion lane
-            there): calibration's conversions, the selective search's per-layer tensors (beside the
+        before_steps: called once before the first step tried, its time not the ladder's (build.py
+            inspects the model and finishes its conversion lane there): calibration's conversions, the selective search's per-layer tensors (beside the
             lane's last tf2onnx conversions they set the run's peak: MobileNetV2-224 2.45 GB PSS,
             1.23x the bare script's, counting the fork server's children) and its candidate's ONNX
             twin, QAT's training child. Full int8's judge runs beside the lane.
@@ -81,8 +81,10 @@ def repair_ladder(ctx: Context, ref: ReferenceModel, builds: list[Build],
             _name_breaking_layers(ctx, ref, builds, (passed, detail), row)
             continue
         if skip is None and before_steps is not None:
+            build_started = time.perf_counter()
             before_steps()  # no conversions, per-layer tensors or training child beside the lane's
             before_steps = None
+            started += time.perf_counter() - build_started  # the build's work, not the ladder's
         if skip is not None:
             row["detail"] = f"not tried: {skip}"
             if step.step == "qat" and unresolved is not None:
