@@ -197,3 +197,34 @@ def test_lane_may_start_early_for_model_files_near_its_weight_range(tmp_path):
         assert lane_may_fit(tmp_path / "m.keras") is fits
     (tmp_path / "saved").mkdir()
     assert not lane_may_fit(tmp_path / "saved")  # a SavedModel folder: the lane starts with the build
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two runs at a time on a multi-core host only")
+def test_evaluation_runs_one_at_a_time_while_a_per_layer_dump_runs(monkeypatch):
+    """A per-layer dump made ahead takes a core and the run's largest memory: evaluation's runs go one at a time
+    beside it (two beside MobileNetV2-224's dump set the run's peak), two at a time otherwise. (The scheduling
+    rule alone: the runner is a stand-in that records how many jobs run at once.)"""
+    import threading
+    import time
+
+    from kdeploy.run import evaluate
+
+    active, seen, lock = [0], [], threading.Lock()
+
+    def run(job, job_dir, timeout_s):
+        with lock:
+            active[0] += 1
+            seen.append(active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return job
+
+    monkeypatch.setattr(evaluate, "run_isolated", run)
+    ctx = SimpleNamespace(profile=SimpleNamespace(timing=SimpleNamespace(timeout_s=60)), dump_lock=threading.Lock(),
+                          progress=lambda *a: None)
+    jobs = [(f"job {i}", i, None) for i in range(4)]
+    with ctx.dump_lock:
+        assert evaluate._run_parallel(ctx, jobs) == [0, 1, 2, 3] and max(seen) == 1
+    seen.clear()
+    assert evaluate._run_parallel(ctx, jobs) == [0, 1, 2, 3] and max(seen) == 2
