@@ -204,11 +204,11 @@ def test_evaluation_runs_one_at_a_time_while_a_per_layer_dump_runs(monkeypatch):
     """A per-layer dump made ahead takes a core and the run's largest memory: evaluation's runs go one at a time
     beside it (two beside MobileNetV2-224's dump set the run's peak), two at a time otherwise. (The scheduling
     rule alone: the runner is a stand-in that records how many jobs run at once.)"""
+    import importlib
     import threading
     import time
 
-    from kdeploy.run import evaluate
-
+    evaluate = importlib.import_module("kdeploy.run.evaluate")  # the module (kdeploy.run's `evaluate` is its function)
     active, seen, lock = [0], [], threading.Lock()
 
     def run(job, job_dir, timeout_s):
