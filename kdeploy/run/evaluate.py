@@ -276,7 +276,8 @@ class RunsAhead:
         self._thread = threading.Thread(target=self._work, name="kdeploy-runs-ahead", daemon=True)
         self._thread.start()
         self._diagnosis = threading.Thread(target=self._diagnose_failing, name="kdeploy-diagnose-ahead", daemon=True)
-        self._diagnosis.start()
+        if self._diagnoses():
+            self._diagnosis.start()
 
     def stop(self, kill: bool = False, runs_only: bool = False) -> None:
         """Nothing new; waits for the work in progress (its result is kept), or with `kill` (the run failed or was
@@ -288,7 +289,7 @@ class RunsAhead:
                 self._killed = True
                 child.kill()
         self._thread.join()
-        if not runs_only:
+        if not runs_only and self._diagnosis.is_alive():
             self._diagnosis.join()
 
     def add(self, b: Build) -> None:
@@ -309,12 +310,15 @@ class RunsAhead:
                         return b, a, runtime
         return None
 
+    def _diagnoses(self) -> bool:
+        """Whether a failing run gets its per-layer errors here: without labels, where a `.tflite` is deployed."""
+        return not self.ctx.validation.labels and RUNTIME_FORMATS[self.ctx.profile.runtimes[0]] == "tflite"
+
     def _failing(self) -> tuple[Build, Artifact] | None:
         """A quantized `.tflite` whose deployed fidelity run (made ahead) fails and whose layers are not measured."""
         ctx = self.ctx
         deployed = ctx.profile.runtimes[0]
-        if (ctx.validation.labels or RUNTIME_FORMATS[deployed] != "tflite" or ctx.lane_busy() or ctx.searching
-                or ctx.dump_lock.locked()):
+        if not self._diagnoses() or ctx.lane_busy() or ctx.searching or ctx.dump_lock.locked():
             return None  # (beside the lane's tf2onnx or the search's tries, a dump would set the run's peak memory:
             # MobileNetV2-224 2.37 GB PSS, 1.19x the bare script's, beside the tries; while the search's ranking dumps,
             # waiting for it would idle this thread: runs meanwhile, the diagnosis after)
