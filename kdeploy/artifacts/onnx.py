@@ -182,8 +182,10 @@ def half_weights(path: Path) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     g = model.graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer):
+        return 0  # weights beside the file (a model past protobuf's 2 GB): left as tf2onnx wrote them
     inputs = {v.name for v in g.input}
     kept, casts = [], []
     for t in g.initializer:
