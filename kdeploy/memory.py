@@ -124,15 +124,20 @@ def _samples_within(per_sample_bytes: float, budget: int, cap: int) -> int:
     return max(1, min(cap, int(budget // max(per_sample_bytes, 1))))
 
 
-# Per-layer tensors (`kdeploy.debug.tensors`) keep every layer's output for every sample, so they are
-# kept for at most this many bytes per artifact: the profile's `selective.samples` (64) of
-# MobileNetV2 at 224x224 held about 10 GB across the tensor dump child and the parent here.
+# Per-layer tensors (`kdeploy.debug.tensors`) keep every layer's output for every sample, so one dump
+# keeps at most this many bytes of them, over the artifacts it holds: the profile's `selective.samples`
+# (64) of MobileNetV2 at 224x224 held about 10 GB across the tensor dump child and the parent here;
+# 256 MB per artifact (9 samples, 485 MB for the float reference and the candidate) made the dump child
+# the run's largest after the parent (~620 MB), above the bare converter script's peak by itself.
 LAYER_TENSOR_BYTES = 256 << 20
+# Artifacts whose tensors a dump holds at once: a comparison's float reference and candidate.
+DUMP_ARTIFACTS = 2
 
 
 def layer_samples_for(per_sample_bytes: float, cap: int) -> int:
-    """Samples whose per-layer tensors (`per_sample_bytes` each) fit in LAYER_TENSOR_BYTES; at most `cap`, at least 1."""
-    return _samples_within(per_sample_bytes, LAYER_TENSOR_BYTES, cap)
+    """Samples whose per-layer tensors (`per_sample_bytes` per artifact) fit in LAYER_TENSOR_BYTES for the
+    DUMP_ARTIFACTS artifacts of a dump; at most `cap`, at least 1."""
+    return _samples_within(per_sample_bytes * DUMP_ARTIFACTS, LAYER_TENSOR_BYTES, cap)
 
 
 def supported() -> bool:

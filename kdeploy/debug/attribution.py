@@ -40,7 +40,7 @@ class LayerTensors:
 class LayerDump:
     """What the dump says of one artifact's layers; `load` reads their outputs where they were written (`path`).
 
-    The tensors of a few artifacts reach hundreds of MB (`memory.LAYER_TENSOR_BYTES` each): held
+    The tensors of a few artifacts reach hundreds of MB (`memory.layer_samples_for` bounds them): held
     from the selective search to the diagnosis they stood under the latency timing's peak
     (ResNet50V2 here), so the run keeps the file and reads it again when needed.
     """
