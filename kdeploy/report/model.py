@@ -200,8 +200,9 @@ class Candidate(_M):
     )
     sensitivity: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="Quantized .tflite candidates: per Keras layer, error against the float .tflite on the validation "
-                    "inputs as {layer, op, metric, value} (added_cosine_loss: what the layer adds to its inputs' "
+        description="Quantized .tflite candidates: per Keras layer, error against the float .tflite on the first validation "
+                    "inputs (the profile's selective.samples, fewer where a dump's tensors would pass 256 MB: 4 for "
+                    "MobileNetV2 at 224x224) as {layer, op, metric, value} (added_cosine_loss: what the layer adds to its inputs' "
                     "1 - cosine, the ranking; rel_rmse: RMSE / float range; cosine_mean), layers worst first")
     task_metrics: list[dict[str, Any]] = Field(
         default_factory=list,
