@@ -39,7 +39,7 @@ def canonicalize_onnx(path: str | Path) -> bool:
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer):
+    if external_weights(g):
         return False
     keep = {v.name for v in g.input} | {v.name for v in g.output}
     qdq_nodes = {node.name for node in g.node if node.op_type in _QDQ_OPS}
@@ -214,3 +214,11 @@ def _rename_dim_params(g) -> None:
         for d in v.type.tensor_type.shape.dim:
             if d.HasField("dim_param") and _COUNTER.search(d.dim_param):
                 d.dim_param = names.setdefault(d.dim_param, f"unk__k{len(names)}")
+
+
+def external_weights(graph) -> bool:
+    """Whether an ONNX graph (loaded with `load_external_data=False`) keeps initializers in files beside it (a model
+    past protobuf's 2 GB): rewriting it in place would inline them, so the rewrites leave such files as they are."""
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)

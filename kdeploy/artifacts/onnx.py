@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from kdeploy.errors import ConversionError
 from kdeploy.artifacts import Artifact
-from kdeploy.artifacts.canonical import canonicalize_onnx
+from kdeploy.artifacts.canonical import canonicalize_onnx, external_weights
 from kdeploy.artifacts.onnx_ops import Unconverted, rewrite_unsupported_ops, teach_fused_activations
 from kdeploy.artifacts.tf2onnx_lean import converting
 from kdeploy.util import first_error_line, native_quiet
@@ -184,7 +184,7 @@ def half_weights(path: Path) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer):
+    if external_weights(g):
         return 0  # weights beside the file (a model past protobuf's 2 GB): left as tf2onnx wrote them
     inputs = {v.name for v in g.input}
     kept, casts = [], []

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from kdeploy.memory import LAYER_TENSOR_BYTES
+
 SCHEMA_VERSION = "1.2"  # 1.1: inspection; model.trusted_package_classes; candidates[].sensitivity, task_metrics,
 # first_divergence; cache; selection.tie. 1.2: artifacts[].pairing; fidelity[].peak_err, rel_rmse, decisions, gates;
 # candidates[].consistency, first_non_finite, crash_sites; first_divergence op/detail/reference; repair (the int8 ladder)
@@ -201,8 +203,9 @@ class Candidate(_M):
     sensitivity: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Quantized .tflite candidates: per Keras layer, error against the float .tflite on the first validation "
-                    "inputs (the profile's selective.samples, fewer where a dump's tensors would pass 256 MB: 4 for "
-                    "MobileNetV2 at 224x224) as {layer, op, metric, value} (added_cosine_loss: what the layer adds to its inputs' "
+                    "inputs (the profile's selective.samples, fewer where a dump's tensors would pass "
+                    f"{LAYER_TENSOR_BYTES >> 20} MiB: 4 for MobileNetV2 at 224x224) "
+                    "as {layer, op, metric, value} (added_cosine_loss: what the layer adds to its inputs' "
                     "1 - cosine, the ranking; rel_rmse: RMSE / float range; cosine_mean), layers worst first")
     task_metrics: list[dict[str, Any]] = Field(
         default_factory=list,
